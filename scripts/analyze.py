@@ -1,0 +1,456 @@
+#!/usr/bin/env python
+"""Turn runs/ into the papers' tables and figures.
+
+    python scripts/analyze.py runs --out results
+
+Reads every run directory under RUNS_DIR (its args.json and TensorBoard event files), groups runs by algorithm,
+configuration, environment and seed, and writes to --out:
+- results.csv      one row per run: status, final score (mean of the last 5% of training episodes), final eval
+                   return, final value (mean of the last 5% of probes) of every representation metric.
+- aggregates.csv   per algorithm and configuration: mean / median / IQM with 95% stratified-bootstrap CIs of
+                   baseline-normalised (DQN/PPO, HR papers eq. 5) and human-normalised (Atari) scores, raw return (DMC).
+- tables.md        the aggregates, HR papers' Table 1 (dormant fraction without/with HR next to the predicted p^2 and
+                   1-(1-p)^2) and Table 2 (baseline, +HR, +widen, +2HR), and the runs left out.
+- curves_<algo>.png           learning curves, IQM over runs and games with 95% CI bands, per configuration.
+- representation_<algo>.png   score, dormant fraction and srank of `latent` over training (the papers' Fig. 2 layout).
+- dominance_<algo>.png        largest activation score against return, srank and dormant share, one point per
+                              configuration averaged over seeds and tasks (dominance paper's Fig. 9).
+
+Only finished runs (runs/NAME/finished, written by the scripts on a clean exit) enter the numbers; runs still going
+or stopped are counted and listed in tables.md, never mixed in.
+
+Baseline normalisation (HR papers, App. D.1): per game, lo/hi are the lowest and highest points of the ReLU
+configuration's learning curves (all seeds, whole training; curves are episode returns averaged in --curve-points
+windows), so lo is about the random-policy score.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+
+SCRIPT_ALGO = {"dqn_atari_hr": "dqn", "ppo_atari_hr": "ppo", "pqn_atari_hr": "pqn", "drq_dmc_dominance": "drq"}
+KNOWN_CONFIGS = {"relu", "tanh", "tanh_ln", "hr_tanh", "hr_relu", "widen_relu", "widen_tanh", "2hr_tanh", "hadamax",
+                 "crelu", "redo", "none", "ln", "lnwd", "hlgauss", "reset", "prune"}
+RUNNING_WINDOW_S = 15 * 60  # an unfinished run whose event file changed this recently counts as still running
+
+
+@dataclass
+class RunData:
+    path: str
+    name: str
+    args: dict
+    algo: str
+    config: str
+    env_id: str
+    seed: int
+    status: str
+    scalars: dict = field(default_factory=dict)  # tag -> (steps array, values array)
+
+    @property
+    def last_step(self) -> int:
+        return max((int(s[-1]) for s, _ in self.scalars.values() if len(s)), default=0)
+
+
+def read_event_scalars(run_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    merged: dict[str, dict[int, float]] = defaultdict(dict)
+    files = sorted(glob.glob(os.path.join(run_dir, "events.out.tfevents.*")), key=os.path.getmtime)
+    for f in files:  # later files (a resumed run) override earlier values at the same step
+        acc = EventAccumulator(f, size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags().get("scalars", []):
+            events = acc.Scalars(tag)
+            if tag in ("charts/episodic_return", "eval/episodic_return", "charts/episodic_length"):
+                # several episodes can end at the same step: keep them all
+                merged[tag].update({(e.step, i): e.value for i, e in enumerate(events)})
+            else:
+                merged[tag].update({(e.step, 0): e.value for e in events})
+    out = {}
+    for tag, values in merged.items():
+        keys = sorted(values)
+        out[tag] = (np.array([k[0] for k in keys], dtype=np.int64), np.array([values[k] for k in keys], dtype=float))
+    return out
+
+
+def config_label(args: dict, algo: str) -> str:
+    """The sweep's configuration name (its --exp-name) or one derived from the flags for hand-made runs."""
+    name = str(args.get("exp_name", ""))
+    if name in KNOWN_CONFIGS or (algo == "drq" and name.startswith("hr_")):
+        return name
+    if algo == "drq":
+        return ("hr_" if args.get("hr") else "") + str(args.get("mitigation", "none"))
+    if args.get("encoder") == "hadamax":
+        return "hadamax"
+    if args.get("redo"):
+        return "redo"
+    act = str(args.get("activation", "relu"))
+    parts = []
+    if args.get("hr"):
+        parts.append("2hr" if int(args.get("hidden_layers", 1)) >= 2 else "hr")
+    elif int(args.get("hidden_dim", 512)) > 512:
+        parts.append("widen")
+    parts.append(act)
+    if args.get("layernorm") and algo in ("dqn", "ppo"):
+        parts.append("ln")
+    return "_".join(parts)
+
+
+def load_run(run_dir: str, now: float) -> RunData | None:
+    args_path = os.path.join(run_dir, "args.json")
+    if not os.path.exists(args_path):
+        return None
+    with open(args_path) as f:
+        args = json.load(f)
+    name = os.path.basename(run_dir.rstrip("/"))
+    script = str(args.get("script", "")).replace(".py", "")
+    algo = SCRIPT_ALGO.get(script) or SCRIPT_ALGO.get(str(args.get("exp_name", ""))) or name.split("__")[0]
+    events = glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
+    if os.path.exists(os.path.join(run_dir, "finished")):
+        status = "finished"
+    elif events and now - max(os.path.getmtime(e) for e in events) < RUNNING_WINDOW_S:
+        status = "running"
+    else:
+        status = "stopped"
+    run = RunData(run_dir, name, args, algo, config_label(args, algo), str(args.get("env_id", "?")),
+                  int(args.get("seed", 0)), status)
+    run.scalars = read_event_scalars(run_dir) if events else {}
+    return run
+
+
+def last_fraction_mean(values: np.ndarray, fraction: float = 0.05) -> float:
+    if len(values) == 0:
+        return math.nan
+    k = max(1, int(math.ceil(fraction * len(values))))
+    return float(np.mean(values[-k:]))
+
+
+def game_of(run: RunData) -> str:
+    if run.algo == "drq":
+        return run.env_id
+    try:
+        return common.atari_game_name(run.env_id)
+    except ValueError:
+        return run.env_id
+
+
+def curve(run: RunData, grid: np.ndarray, tag: str = "charts/episodic_return") -> np.ndarray:
+    """Mean of the tag's values in each window (grid[i-1], grid[i]], carried forward over empty windows."""
+    steps, values = run.scalars.get(tag, (np.array([]), np.array([])))
+    out = np.full(len(grid), np.nan)
+    last = np.nan
+    lo = -np.inf
+    for i, hi in enumerate(grid):
+        sel = (steps > lo) & (steps <= hi)
+        if sel.any():
+            last = float(values[sel].mean())
+        out[i] = last
+        lo = hi
+    return out
+
+
+def normaliser(algo: str, runs: list[RunData], grid_of) -> tuple[str, dict]:
+    """(kind, {game: (lo, hi)}): baseline-normalised for DQN/PPO (ReLU curves' min/max), human for PQN, raw for DMC."""
+    if algo in ("dqn", "ppo"):
+        bounds = {}
+        for game in sorted({game_of(r) for r in runs}):
+            relu = [curve(r, grid_of(r)) for r in runs if game_of(r) == game and r.config == "relu"]
+            vals = np.concatenate(relu) if relu else np.array([])
+            vals = vals[~np.isnan(vals)]
+            if vals.size and vals.max() > vals.min():
+                bounds[game] = (float(vals.min()), float(vals.max()))
+        return "baseline_normalized", bounds
+    if algo == "pqn" or algo not in ("drq",):
+        bounds = {}
+        for game in {game_of(r) for r in runs}:
+            if game in common.ATARI_RANDOM_HUMAN:
+                bounds[game] = common.ATARI_RANDOM_HUMAN[game]
+        return "human_normalized", bounds
+    return "return", {}
+
+
+def normalise(score, game: str, kind: str, bounds: dict):
+    if kind == "return":
+        return score
+    if game not in bounds:
+        return math.nan if np.isscalar(score) else np.full(np.shape(score), np.nan)
+    lo, hi = bounds[game]
+    return (np.asarray(score, dtype=float) - lo) / (hi - lo)
+
+
+def task_means(values_by_task: dict[str, list[float]]) -> list[np.ndarray]:
+    return [np.asarray(v, dtype=float) for _, v in sorted(values_by_task.items()) if len(v)]
+
+
+def mean_of_task_means(tasks):
+    return float(np.mean([np.mean(t) for t in tasks]))
+
+
+def median_of_task_means(tasks):
+    return float(np.median([np.mean(t) for t in tasks]))
+
+
+STATISTICS = {"mean": mean_of_task_means, "median": median_of_task_means, "iqm": common.iqm}
+
+
+def aggregate(values_by_task: dict[str, list[float]], reps: int, seed: int) -> dict[str, tuple[float, float, float]]:
+    tasks = task_means(values_by_task)
+    if not tasks:
+        return {}
+    return {name: common.bootstrap_ci(tasks, stat, reps=reps, alpha=0.05, seed=seed) for name, stat in STATISTICS.items()}
+
+
+def fmt_ci(v):
+    point, lo, hi = v
+    return f"{point:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs_dir", help="directory holding one sub-directory per run (e.g. runs)")
+    p.add_argument("--out", default="results", help="output directory")
+    p.add_argument("--reps", type=int, default=2000, help="bootstrap resamples for the aggregate CIs")
+    p.add_argument("--curve-reps", type=int, default=200, help="bootstrap resamples per curve point")
+    p.add_argument("--curve-points", type=int, default=50, help="points per learning curve")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--layer", default="latent", help="layer whose metrics the Fig. 2 layout and Table 1 show")
+    p.add_argument("--dominance-layer", default=None,
+                   help="layer for the dominance scatter (default: fc1 for DrQ, the layer before the critic's "
+                        "penultimate one, as in the dominance paper; latent otherwise)")
+    a = p.parse_args(argv)
+    if not os.path.isdir(a.runs_dir):
+        sys.exit(f"error: runs_dir {a.runs_dir!r} is not a directory")
+    os.makedirs(a.out, exist_ok=True)
+    now = time.time()
+    runs = [r for d in sorted(glob.glob(os.path.join(a.runs_dir, "*", ""))) if (r := load_run(d, now)) is not None]
+    done = [r for r in runs if r.status == "finished" and "charts/episodic_return" in r.scalars]
+    left_out = [r for r in runs if r not in done]
+    print(f"{len(runs)} runs found: {len(done)} finished, {len(left_out)} left out")
+
+    metric_tags = sorted({t for r in done for t in r.scalars if t.startswith("representation/")})
+    rows = []
+    for r in done:
+        row = {"run": r.name, "algo": r.algo, "config": r.config, "env_id": r.env_id, "game": game_of(r),
+               "seed": r.seed, "status": r.status, "last_step": r.last_step,
+               "episodes": len(r.scalars["charts/episodic_return"][1]),
+               "final_score": last_fraction_mean(r.scalars["charts/episodic_return"][1]),
+               "final_eval": float(np.mean(r.scalars["eval/episodic_return"][1][-10:]))
+               if "eval/episodic_return" in r.scalars else math.nan}
+        for tag in metric_tags:
+            row[tag] = last_fraction_mean(r.scalars[tag][1]) if tag in r.scalars else math.nan
+        rows.append(row)
+
+    by_algo = defaultdict(list)
+    for r in done:
+        by_algo[r.algo].append(r)
+    grids = {}
+    for algo, rs in by_algo.items():
+        horizon = min(max(r.last_step, int(r.args.get("total_timesteps", 0))) for r in rs)
+        grids[algo] = np.linspace(horizon / a.curve_points, horizon, a.curve_points)
+
+    agg_rows, tables = [], ["# Results", ""]
+    for algo, rs in sorted(by_algo.items()):
+        kind, bounds = normaliser(algo, rs, lambda r: grids[r.algo])
+        kinds = [kind] + (["human_normalized"] if algo in ("dqn", "ppo") else [])
+        human_bounds = normaliser("pqn", rs, None)[1]
+        for row in rows:
+            if row["algo"] == algo:
+                row[kind] = normalise(row["final_score"], row["game"], kind, bounds)
+                if "human_normalized" in kinds:
+                    row["human_normalized"] = normalise(row["final_score"], row["game"], "human_normalized",
+                                                        human_bounds)
+        tables += [f"## {algo.upper()}", "", f"Scores: final score per run, normalised as `{kind}`; "
+                   "per-task means, then mean / median / IQM across tasks, 95% stratified-bootstrap CI.", ""]
+        tables += ["| config | runs | tasks | score | mean | median | IQM |", "|---|---|---|---|---|---|---|"]
+        for config in sorted({r.config for r in rs}):
+            for k in kinds:
+                per_task = defaultdict(list)
+                for row in rows:
+                    if row["algo"] == algo and row["config"] == config and not math.isnan(row.get(k, math.nan)):
+                        per_task[row["game"]].append(row[k])
+                res = aggregate(per_task, a.reps, a.seed)
+                if not res:
+                    continue
+                n = sum(len(v) for v in per_task.values())
+                for stat, (pt, lo, hi) in res.items():
+                    agg_rows.append({"algo": algo, "config": config, "score": k, "statistic": stat, "value": pt,
+                                     "ci_low": lo, "ci_high": hi, "tasks": len(per_task), "runs": n})
+                tables.append(f"| {config} | {n} | {len(per_task)} | {k} | {fmt_ci(res['mean'])} | "
+                              f"{fmt_ci(res['median'])} | {fmt_ci(res['iqm'])} |")
+        tables.append("")
+        tables += table1(rows, algo, a.layer) + table2(rows, algo, kind)
+        plot_curves(rs, grids[algo], kind, bounds, algo, a)
+        plot_representation(rs, grids[algo], kind, bounds, algo, a)
+        plot_dominance(rows, algo, a)
+
+    tables += ["## Runs left out (not finished)", "", f"{len(left_out)} runs."]
+    tables += [f"- `{r.name}`: {r.status}, last step {r.last_step}" for r in left_out]
+    write_csv(os.path.join(a.out, "results.csv"), rows)
+    write_csv(os.path.join(a.out, "aggregates.csv"), agg_rows)
+    with open(os.path.join(a.out, "tables.md"), "w") as f:
+        f.write("\n".join(tables) + "\n")
+    print(f"wrote {a.out}/results.csv, aggregates.csv, tables.md and figures")
+    return 0
+
+
+def per_game_mean(rows, algo, config, key):
+    per_task = defaultdict(list)
+    for row in rows:
+        if row["algo"] == algo and row["config"] == config and not math.isnan(row.get(key, math.nan)):
+            per_task[row["game"]].append(row[key])
+    return float(np.mean([np.mean(v) for v in per_task.values()])) if per_task else math.nan
+
+
+def table1(rows, algo, layer):
+    """HR papers' Table 1: dormant fraction of `layer` without and with HR, next to the independence prediction."""
+    key = f"representation/{layer}/dormant_kde"
+    lines = []
+    for act, base, hr, predict, formula in (("tanh", "tanh", "hr_tanh", lambda p: p * p, "p^2"),
+                                            ("ReLU", "relu", "hr_relu", lambda p: 1 - (1 - p) ** 2, "1-(1-p)^2")):
+        p = per_game_mean(rows, algo, base, key)
+        q = per_game_mean(rows, algo, hr, key)
+        if not (math.isnan(p) or math.isnan(q)):
+            lines.append(f"| {act} | {p:.3f} | {q:.3f} | {formula} = {predict(p):.3f} |")
+    if not lines:
+        return []
+    return [f"### Table 1 ({algo.upper()}): dormant fraction of `{layer}` (KDE test, final)", "",
+            "| activation | without HR (p) | with HR (measured) | with HR (predicted) |", "|---|---|---|---|",
+            *lines, ""]
+
+
+def table2(rows, algo, kind):
+    """HR papers' Table 2: baseline, +HR, +widen, +2HR (mean normalised score over games)."""
+    lines = []
+    for act in ("tanh", "relu"):
+        cells = [per_game_mean(rows, algo, c, kind) for c in (act, f"hr_{act}", f"widen_{act}", f"2hr_{act}")]
+        if sum(not math.isnan(c) for c in cells) >= 2:
+            lines.append(f"| {act} | " + " | ".join("—" if math.isnan(c) else f"{c:.3f}" for c in cells) + " |")
+    if not lines:
+        return []
+    return [f"### Table 2 ({algo.upper()}): mean `{kind}` score", "",
+            "| activation | baseline | + HR | + widen | + 2HR |", "|---|---|---|---|---|", *lines, ""]
+
+
+def write_csv(path, rows):
+    keys = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys or ["empty"])
+        w.writeheader()
+        for row in rows:
+            w.writerow(row)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _color(config: str, configs: list[str]):
+    import matplotlib
+
+    return matplotlib.colormaps["tab10"](sorted(configs).index(config) % 10)
+
+
+def _band(ax, x, per_task_curves: dict[str, list[np.ndarray]], reps, seed, label, stat=common.iqm, color=None):
+    ys, los, his = [], [], []
+    for i in range(len(x)):
+        tasks = {g: [c[i] for c in cs if not math.isnan(c[i])] for g, cs in per_task_curves.items()}
+        tasks = {g: v for g, v in tasks.items() if v}
+        if not tasks:
+            ys.append(np.nan), los.append(np.nan), his.append(np.nan)
+            continue
+        pt, lo, hi = common.bootstrap_ci(task_means(tasks), stat, reps=reps, seed=seed)
+        ys.append(pt), los.append(lo), his.append(hi)
+    line, = ax.plot(x, ys, label=label, color=color, marker="o", markersize=2.5)
+    ax.fill_between(x, los, his, alpha=0.2, color=line.get_color())
+
+
+def _curves_by_config(rs, grid, tag, transform=lambda r, c: c):
+    out = defaultdict(lambda: defaultdict(list))
+    for r in rs:
+        if tag in r.scalars:
+            out[r.config][game_of(r)].append(transform(r, curve(r, grid, tag)))
+    return out
+
+
+def plot_curves(rs, grid, kind, bounds, algo, a):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    curves = _curves_by_config(rs, grid, "charts/episodic_return",
+                               lambda r, c: normalise(c, game_of(r), kind, bounds))
+    configs = sorted({r.config for r in rs})
+    for config, per_task in sorted(curves.items()):
+        _band(ax, grid, per_task, a.curve_reps, a.seed, config, color=_color(config, configs))
+    ax.set(xlabel="environment steps", ylabel=f"IQM {kind.replace('_', '-')} score", title=f"{algo.upper()}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(a.out, f"curves_{algo}.png"), dpi=120)
+    plt.close(fig)
+
+
+def plot_representation(rs, grid, kind, bounds, algo, a):
+    plt = _plt()
+    panels = [("charts/episodic_return", f"{kind.replace('_', '-')} score"),
+              (f"representation/{a.layer}/dormant_kde", f"dormant fraction ({a.layer})"),
+              (f"representation/{a.layer}/srank", f"effective rank ({a.layer})")]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for ax, (tag, ylabel) in zip(axes, panels):
+        transform = (lambda r, c: normalise(c, game_of(r), kind, bounds)) if tag.startswith("charts/") \
+            else (lambda r, c: c)
+        configs = sorted({r.config for r in rs})
+        for config, per_task in sorted(_curves_by_config(rs, grid, tag, transform).items()):
+            _band(ax, grid, per_task, a.curve_reps, a.seed, config, stat=mean_of_task_means,
+                  color=_color(config, configs))
+        ax.set(xlabel="environment steps", ylabel=ylabel)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{algo.upper()}: mean over games and seeds, 95% bootstrap CI")
+    fig.tight_layout()
+    fig.savefig(os.path.join(a.out, f"representation_{algo}.png"), dpi=120)
+    plt.close(fig)
+
+
+def plot_dominance(rows, algo, a):
+    layer = a.dominance_layer or ("fc1" if algo == "drq" else "latent")
+    x_key = f"representation/{layer}/max_score"
+    mine = [r for r in rows if r["algo"] == algo and not math.isnan(r.get(x_key, math.nan))]
+    if not mine:
+        return
+    plt = _plt()
+    ys = [("final_score", "return"), (f"representation/{layer}/srank", "srank"),
+          (f"representation/{layer}/dormant_score", "dormant share")]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, (key, label) in zip(axes, ys):
+        for config in sorted({r["config"] for r in mine}):
+            x = per_game_mean(mine, algo, config, x_key)
+            y = per_game_mean(mine, algo, config, key)
+            ax.scatter([x], [y], label=config)
+            ax.annotate(config, (x, y), fontsize=7)
+        ax.set(xlabel=f"largest activation score ({layer})", ylabel=label)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{algo.upper()}: one point per configuration, averaged over seeds and tasks")
+    fig.tight_layout()
+    fig.savefig(os.path.join(a.out, f"dominance_{algo}.png"), dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Sweep launchers: the commands they print, skip/resume of earlier runs, GPU spreading, the SLURM array."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+import sweep  # noqa: E402
+
+
+def launcher(name, *args, cwd, env=None):
+    full_env = {k: v for k, v in os.environ.items() if k not in ("ALGO", "GAMES", "CONFIGS", "SEEDS", "EXTRA", "N")}
+    full_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + full_env["PATH"]  # `python` = this venv
+    full_env.update(env or {})
+    proc = subprocess.run(["bash", os.path.join(REPO, "scripts", name), *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return [line for line in proc.stdout.splitlines() if line and not line.startswith("#")], proc.stdout
+
+
+def test_atari8_dry_run_prints_200_commands(tmp_path):
+    cmds, _ = launcher("run_atari8.sh", "--dry-run", cwd=tmp_path)
+    assert len(cmds) == 8 * 5 * 5
+    games = {c.split("--env-id ")[1].split()[0] for c in cmds}
+    assert {"BreakoutNoFrameskip-v4", "SeaquestNoFrameskip-v4", "VideoPinballNoFrameskip-v4"} <= games
+    assert len(games) == 8
+    one = [c for c in cmds if "__BreakoutNoFrameskip-v4__hr_tanh__s3" in c]
+    assert len(one) == 1
+    assert "dqn_atari_hr.py --env-id BreakoutNoFrameskip-v4 --seed 3 --exp-name hr_tanh --activation tanh --hr " \
+           "--run-name dqn__BreakoutNoFrameskip-v4__hr_tanh__s3" in one[0]
+
+
+def test_overrides_and_ppo(tmp_path):
+    cmds, _ = launcher("run_atari8.sh", "--dry-run", cwd=tmp_path,
+                       env={"ALGO": "ppo", "GAMES": "Pong Qbert", "CONFIGS": "relu hr_tanh", "SEEDS": "1 2",
+                            "EXTRA": "--total-timesteps 5000"})
+    assert len(cmds) == 8
+    assert all("ppo_atari_hr.py" in c and "--total-timesteps 5000" in c for c in cmds)
+    assert any("--env-id Qbert-v5" in c for c in cmds)
+
+
+def test_finished_runs_skipped_unfinished_resumed(tmp_path):
+    runs = tmp_path / "runs"
+    (runs / "dqn__PongNoFrameskip-v4__relu__s1").mkdir(parents=True)
+    (runs / "dqn__PongNoFrameskip-v4__relu__s1" / "finished").write_text("")
+    (runs / "dqn__PongNoFrameskip-v4__relu__s2").mkdir()  # started, not finished
+    cmds, out = launcher("run_atari8.sh", "--dry-run", "--games", "Pong", "--configs", "relu", "--seeds", "1 2 3",
+                         cwd=tmp_path)
+    assert len(cmds) == 2
+    assert "skip dqn__PongNoFrameskip-v4__relu__s1 (finished)" in out
+    resumed = [c for c in cmds if c.endswith("relu__s2") or "relu__s2 " in c][0]
+    assert ("--resume" in resumed) == sweep.script_supports_resume("dqn_atari_hr.py")
+    fresh = [c for c in cmds if "relu__s3" in c][0]
+    assert "--resume" not in fresh
+
+
+def test_pqn51_and_dmc_grids(tmp_path):
+    cmds, _ = launcher("run_pqn_atari51.sh", "--dry-run", cwd=tmp_path)
+    assert len(cmds) == 51 * 4 * 5
+    assert not any("MontezumaRevenge" in c for c in cmds)
+    assert any("--encoder hadamax" in c for c in cmds)
+    cmds, _ = launcher("run_dmc_dominance.sh", "--dry-run", cwd=tmp_path)
+    assert len(cmds) == 12 * 7 * 6
+    assert any("--env-id reacher-easy_masked" in c and "--mitigation lnwd" in c for c in cmds)
+
+
+def test_slurm_dry_run(tmp_path):
+    _, out = launcher("run_atari8.sh", "--slurm", "--dry-run", "--games", "Pong", "--seeds", "1 2", cwd=tmp_path)
+    assert "#SBATCH --array=0-9%64" in out
+    assert "#SBATCH --requeue" in out
+    assert '--task-id "$SLURM_ARRAY_TASK_ID"' in out
+    # the array task command resolves to one run
+    task, _ = launcher("run_atari8.sh", "--dry-run", "--games", "Pong", "--seeds", "1 2", "--task-id", "9",
+                       cwd=tmp_path)
+    assert len(task) == 1 and task[0].endswith("--run-name dqn__PongNoFrameskip-v4__hr_relu__s2")
+
+
+def test_bad_config_is_rejected(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "sweep.py"), "atari8", "--dry-run",
+                           "--configs", "nonsense"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode != 0 and "unknown configuration 'nonsense'" in proc.stderr
+
+
+def test_local_run_spreads_over_gpus_and_skips_on_relaunch(tmp_path, monkeypatch):
+    fake = tmp_path / "fake_train.py"
+    fake.write_text(
+        "import os, sys\n"
+        "name = sys.argv[sys.argv.index('--run-name') + 1]\n"
+        "os.makedirs(f'runs/{name}', exist_ok=True)\n"
+        "open(f'runs/{name}/gpu', 'w').write(os.environ.get('CUDA_VISIBLE_DEVICES', ''))\n"
+        "open(f'runs/{name}/finished', 'w').write('')\n")
+    runs = [sweep.Run(f"fake__s{i}", str(fake), ["--seed", str(i)]) for i in range(4)]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    runs_dir = str(tmp_path / "runs")
+    assert sweep.run_local(runs, runs_dir, jobs=2, dry_run=False) == 0
+    gpus = [(tmp_path / "runs" / f"fake__s{i}" / "gpu").read_text() for i in range(4)]
+    assert gpus == ["0", "1", "0", "1"]
+    assert all(sweep.plan(r, runs_dir) == "skip" for r in runs)
