@@ -1,0 +1,774 @@
+"""DQN on Atari with every network variant of the Hadamard-representation papers, a frame-deduplicated replay
+buffer and inline representation metrics.
+
+Recipe: CleanRL `dqn_atari.py` with the HR papers' Table 3 (final epsilon 0.1, learning starts 80k, 10M steps).
+Papers: "Hadamard Representations: Augmenting Hyperbolic Tangents in RL" (v1, arXiv 2406.09079) and its v2
+("scaffolding" version); "Hadamax Encoding" (arXiv 2505.15345) for `--encoder hadamax`; ReDo (Sokar et al. 2023)
+for the activation score; Kumar et al. (2021) for the effective rank.
+
+Variants (flags are applied to the *target* layers: the dense block after the conv trunk, plus the convs with
+`--hr-layers all`):
+    python dqn_atari_hr.py --env-id BreakoutNoFrameskip-v4                          # ReLU (Nature DQN)
+    python dqn_atari_hr.py --activation tanh                                        # tanh
+    python dqn_atari_hr.py --activation tanh --layernorm                            # tanh + LayerNorm
+    python dqn_atari_hr.py --activation tanh --hr                                   # HR(tanh)
+    python dqn_atari_hr.py --hr                                                     # HR(ReLU)
+    python dqn_atari_hr.py --hidden-dim 1024                                        # widen (parameter-matched)
+    python dqn_atari_hr.py --activation tanh --hr --hidden-layers 2                 # 2HR (v2: two stacked HR blocks)
+    python dqn_atari_hr.py --activation tanh --hr --hr-branches 3                   # 2HR (v1: product of three)
+    python dqn_atari_hr.py --encoder hadamax                                        # Hadamax encoder (GELU+LN latent)
+
+Replay: each 84x84 frame is stored once in a ring (7062 B per slot: frame, action, reward, flags); 4-frame stacks
+for obs and next_obs are rebuilt by index at sampling time. An episode end (a lost life, with episodic life) takes one
+extra slot for its final frame, so a transition costs 7062 * (L + 1) / L bytes for lives of L steps (7.1-7.3 KB),
+against 28-56 KB in CleanRL's buffer. `--buffer-size` counts slots.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import ale_py
+import cv2
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+import common
+
+gym.register_envs(ale_py)
+cv2.ocl.setUseOpenCL(False)
+
+Activation = Literal["relu", "tanh", "sigmoid", "gelu", "selu", "crelu"]
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    track: bool = False
+    """track with Weights and Biases (wandb is not installed in this project's environment)"""
+    wandb_project_name: str = "cleanRL"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """capture videos of the agent (needs moviepy)"""
+    save_model: bool = False
+    """save the model to runs/NAME/ at the end, then evaluate it for --eval-episodes episodes"""
+    run_name: Optional[str] = None
+    """run directory runs/NAME; None means {env_id}__{exp_name}__{seed}__{unix_time}"""
+
+    # Algorithm (the HR papers' Table 3 = CleanRL dqn_atari, final epsilon 0.1)
+    env_id: str = "BreakoutNoFrameskip-v4"
+    """the id of the Atari environment (NoFrameskip-v4 ids; ALE/*-v5 ids get frameskip=1 with their sticky actions)"""
+    total_timesteps: int = 10_000_000
+    """total agent steps (one step = 4 frames)"""
+    learning_rate: float = 1e-4
+    """the learning rate of the Adam optimizer"""
+    buffer_size: int = 1_000_000
+    """replay capacity in frame slots (one per transition, plus one per episode end for its final frame)"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    tau: float = 1.0
+    """the target network update rate (1.0 = hard copy)"""
+    target_network_frequency: int = 1000
+    """the timesteps it takes to update the target network"""
+    batch_size: int = 32
+    """the batch size of samples from the replay memory"""
+    start_e: float = 1.0
+    """the starting epsilon for exploration"""
+    end_e: float = 0.1
+    """the ending epsilon for exploration (Table 3; CleanRL's default is 0.01)"""
+    exploration_fraction: float = 0.1
+    """the fraction of `total-timesteps` it takes from start-e to go end-e"""
+    learning_starts: int = 80_000
+    """timestep to start learning"""
+    train_frequency: int = 4
+    """the frequency of training"""
+    eval_episodes: int = 10
+    """full games played by the saved model at the end (with --save-model)"""
+    eval_epsilon: float = 0.05
+    """epsilon of the evaluation policy"""
+
+    # Network variants (CONVENTIONS.md)
+    activation: Optional[Activation] = None
+    """activation of the target layers (default relu; gelu with --encoder hadamax, as the Hadamax encoder)"""
+    hr: bool = False
+    """Hadamard representation: each target layer becomes act(W1 x + b1) * act(W2 x + b2)"""
+    hr_branches: int = 2
+    """number of multiplied branches (3 = the v1 paper's "2HR")"""
+    hr_layers: Literal["last", "all"] = "last"
+    """target layers: `last` = the dense block after the conv trunk, `all` = also every conv layer"""
+    hidden_layers: int = 1
+    """dense hidden layers after the conv trunk (`--hr --hidden-layers 2` = the v2 paper's stacked 2HR)"""
+    hidden_dim: int = 512
+    """width of the dense hidden layer(s) (1024 = the parameter-matched widen baseline of HR)"""
+    layernorm: bool = False
+    """LayerNorm on the pre-activations of the target layers (always on with --encoder hadamax, part of its latent)"""
+    combine: Literal["product", "sum"] = "product"
+    """how HR branches are combined (`sum` is the v1 ablation)"""
+    conv_activation: Activation = "relu"
+    """activation of conv layers that are not targets (Nature encoder)"""
+    encoder: Literal["nature", "hadamax"] = "nature"
+    """conv trunk: Nature CNN, or the Hadamax encoder (Hadamard conv blocks with max-pooling)"""
+
+    # Representation metrics
+    metrics_every: int = 25_000
+    """agent steps between representation-metric probes (0 = off)"""
+    metrics_batch: int = 1024
+    """replay observations in the fixed probe batch"""
+    redo_tau: float = 0.1
+    """ReDo threshold tau: a neuron with activation score <= tau is dormant (dormant_score)"""
+    kde_threshold: float = 20.0
+    """KDE dormancy test: dormant when the peak density of the neuron's activations exceeds this"""
+    kde_noise_std: float = 1e-3
+    """std of the Gaussian jitter added before the KDE test (not given in the papers)"""
+
+
+FRAME_SHAPE = (84, 84)
+FRAME_STACK = 4
+PRINT_EVERY = 5000
+LOG_EVERY = 100
+
+
+def mem_available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), in bytes."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("MemAvailable not found in /proc/meminfo")
+
+
+def validate(args: Args) -> None:
+    """Reject bad input before any environment or buffer exists: one line on stderr naming the flag, exit 1."""
+    def fail(msg):
+        sys.exit(f"error: {msg}")
+
+    if args.track:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            fail("--track needs wandb, which is not installed (pip install wandb)")
+    if args.capture_video:
+        try:
+            import moviepy  # noqa: F401
+        except ImportError:
+            fail("--capture-video needs moviepy, which is not installed (pip install moviepy)")
+    if args.env_id not in gym.registry:
+        fail(f"--env-id {args.env_id!r} is not a registered environment (Atari ids look like BreakoutNoFrameskip-v4)")
+    if "ale_py" not in str(gym.spec(args.env_id).entry_point):
+        fail(f"--env-id {args.env_id!r} is not an ALE Atari environment")
+    if args.hr and args.hr_branches < 2:
+        fail(f"--hr-branches must be >= 2 with --hr, got {args.hr_branches}")
+    if not args.hr and args.hr_branches != 2:
+        fail(f"--hr-branches {args.hr_branches} has no effect without --hr")
+    if args.combine == "sum" and not args.hr:
+        fail("--combine sum needs --hr (it is the sum-of-branches ablation of HR)")
+    if args.encoder == "hadamax" and args.hr_layers == "all":
+        fail("--hr-layers all does not apply to --encoder hadamax (its conv blocks are always Hadamard)")
+    for flag, value, lo in [("--hidden-layers", args.hidden_layers, 1), ("--hidden-dim", args.hidden_dim, 1),
+                            ("--total-timesteps", args.total_timesteps, 1), ("--batch-size", args.batch_size, 1),
+                            ("--train-frequency", args.train_frequency, 1),
+                            ("--learning-starts", args.learning_starts, 0),
+                            ("--target-network-frequency", args.target_network_frequency, 1),
+                            ("--metrics-every", args.metrics_every, 0), ("--metrics-batch", args.metrics_batch, 2),
+                            ("--eval-episodes", args.eval_episodes, 0), ("--buffer-size", args.buffer_size, 64)]:
+        if value < lo:
+            fail(f"{flag} must be >= {lo}, got {value}")
+    if args.batch_size > args.buffer_size:
+        fail(f"--batch-size {args.batch_size} exceeds --buffer-size {args.buffer_size}")
+    if args.metrics_every and args.metrics_batch > args.buffer_size:
+        fail(f"--metrics-batch {args.metrics_batch} exceeds --buffer-size {args.buffer_size}")
+    for flag, value in [("--start-e", args.start_e), ("--end-e", args.end_e), ("--eval-epsilon", args.eval_epsilon),
+                        ("--gamma", args.gamma), ("--tau", args.tau)]:
+        if not 0.0 <= value <= 1.0:
+            fail(f"{flag} must be in [0, 1], got {value}")
+    if not 0.0 < args.exploration_fraction <= 1.0:
+        fail(f"--exploration-fraction must be in (0, 1], got {args.exploration_fraction}")
+    if args.learning_rate <= 0 or args.redo_tau < 0 or args.kde_threshold <= 0 or args.kde_noise_std < 0:
+        fail("--learning-rate and --kde-threshold must be > 0, --redo-tau and --kde-noise-std >= 0")
+    need = FrameReplayBuffer.bytes_needed(args.buffer_size, FRAME_SHAPE)
+    avail = mem_available_bytes()
+    if need > avail:
+        fail(f"--buffer-size {args.buffer_size} needs {need / 1e9:.2f} GB of replay memory but only "
+             f"{avail / 1e9:.2f} GB is available (MemAvailable); lower --buffer-size")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Environment: the CleanRL / SB3 Atari wrapper chain, written for gymnasium 1.x. Observations are single 84x84
+# grayscale frames; the agent and the replay buffer keep the 4-frame stacks.
+
+
+class NoopResetEnv(gym.Wrapper):
+    """Random number (1..noop_max) of no-ops on reset (Mnih et al. 2015)."""
+
+    def __init__(self, env, noop_max=30):
+        super().__init__(env)
+        self.noop_max = noop_max
+        assert env.unwrapped.get_action_meanings()[0] == "NOOP"
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        for _ in range(self.unwrapped.np_random.integers(1, self.noop_max + 1)):
+            obs, _, terminated, truncated, info = self.env.step(0)
+            if terminated or truncated:
+                obs, info = self.env.reset()
+        return obs, info
+
+
+class MaxAndSkipEnv(gym.Wrapper):
+    """Repeat the action `skip` times, sum rewards, return the max of the last two frames (Atari flicker)."""
+
+    def __init__(self, env, skip=4):
+        super().__init__(env)
+        self._buffer = np.zeros((2, *env.observation_space.shape), dtype=env.observation_space.dtype)
+        self._skip = skip
+
+    def step(self, action):
+        total_reward = 0.0
+        for i in range(self._skip):
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            if i >= self._skip - 2:
+                self._buffer[i - (self._skip - 2)] = obs
+            total_reward += float(reward)
+            if terminated or truncated:
+                break
+        # an episode that ends before the last frame returns its real final frame (SB3 would max stale frames)
+        frame = self._buffer.max(axis=0) if i == self._skip - 1 else obs
+        return frame, total_reward, terminated, truncated, info
+
+
+class EpisodicLifeEnv(gym.Wrapper):
+    """A lost life ends the episode for learning (terminated=True); the game itself only resets on game over."""
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.lives = 0
+        self.was_real_done = True
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.was_real_done = terminated or truncated
+        lives = self.unwrapped.ale.lives()
+        if 0 < lives < self.lives:
+            terminated = True
+        self.lives = lives
+        return obs, reward, terminated, truncated, info
+
+    def reset(self, **kwargs):
+        if self.was_real_done:
+            obs, info = self.env.reset(**kwargs)
+        else:  # no-op step to continue the game from the lost-life state
+            obs, _, terminated, truncated, info = self.env.step(0)
+            if terminated or truncated:
+                obs, info = self.env.reset(**kwargs)
+        self.lives = self.unwrapped.ale.lives()
+        return obs, info
+
+
+class FireResetEnv(gym.Wrapper):
+    """Press FIRE on reset for games that need it to start."""
+
+    def reset(self, **kwargs):
+        self.env.reset(**kwargs)
+        for action in (1, 2):
+            obs, _, terminated, truncated, info = self.env.step(action)
+            if terminated or truncated:
+                self.env.reset(**kwargs)
+        return obs, info
+
+
+class ClipRewardEnv(gym.RewardWrapper):
+    """Reward -> sign(reward) for learning; the raw score is recorded by RecordEpisodeStatistics below it."""
+
+    def reward(self, reward):
+        return float(np.sign(reward))
+
+
+class WarpFrame(gym.ObservationWrapper):
+    """RGB 210x160 -> grayscale 84x84 uint8 (cv2, INTER_AREA as SB3/CleanRL)."""
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.observation_space = gym.spaces.Box(0, 255, FRAME_SHAPE, dtype=np.uint8)
+
+    def observation(self, frame):
+        frame = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
+        return cv2.resize(frame, FRAME_SHAPE[::-1], interpolation=cv2.INTER_AREA)
+
+
+def make_env(env_id, seed, capture_video=False, run_name=""):
+    kwargs = {} if gym.spec(env_id).kwargs.get("frameskip", 1) == 1 else {"frameskip": 1}
+    if capture_video:
+        env = gym.make(env_id, render_mode="rgb_array", **kwargs)
+        env = gym.wrappers.RecordVideo(env, f"videos/{run_name}")
+    else:
+        env = gym.make(env_id, **kwargs)
+    env = gym.wrappers.RecordEpisodeStatistics(env)  # innermost: raw, unclipped score of full games
+    env = NoopResetEnv(env, noop_max=30)
+    env = MaxAndSkipEnv(env, skip=4)
+    env = EpisodicLifeEnv(env)
+    if "FIRE" in env.unwrapped.get_action_meanings():
+        env = FireResetEnv(env)
+    env = ClipRewardEnv(env)
+    env = WarpFrame(env)
+    env.action_space.seed(seed)
+    return env
+
+
+class FrameStack:
+    """The agent's own 4-frame stack; a new episode (or life) starts with its first frame repeated, which is
+    exactly the stack FrameReplayBuffer rebuilds for that step."""
+
+    def __init__(self, frame, k=FRAME_STACK):
+        self.frames = np.repeat(frame[None], k, axis=0)
+
+    def reset(self, frame):
+        self.frames[:] = frame
+
+    def push(self, frame):
+        self.frames[:-1] = self.frames[1:]
+        self.frames[-1] = frame
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Replay buffer that stores each frame once
+
+
+class FrameReplayBuffer:
+    """Ring of single frames plus per-slot action, reward and flags; stacks are rebuilt by index when sampling.
+
+    An episode of L steps occupies L + 1 consecutive slots: frames o_0..o_L, where slot t (t < L) also holds a_t,
+    r_t and whether the step t -> t+1 terminated or was truncated, and slot L (flag FINAL) holds only the final
+    frame, so next_obs is exact at termination and truncation. The stack of slot i is frames i-3..i, except that
+    frames from before the episode's first slot (flag FIRST) are replaced by that first frame, which is what the
+    acting agent saw (FrameStack). When the ring is full, the 3 oldest slots are not sampled (their stacks may
+    reach overwritten frames) and the newest slot is not sampled until its action arrives.
+    """
+
+    FIRST, TERMINATED, TRUNCATED, FINAL = 1, 2, 4, 8
+
+    def __init__(self, capacity: int, frame_shape=FRAME_SHAPE, stack: int = FRAME_STACK, device="cpu", seed=0):
+        if capacity < stack + 2:
+            raise ValueError(f"capacity must be >= {stack + 2}, got {capacity}")
+        self.capacity, self.stack, self.device = capacity, stack, torch.device(device)
+        self.frames = np.zeros((capacity, *frame_shape), dtype=np.uint8)
+        self.actions = np.zeros(capacity, dtype=np.uint8)
+        self.rewards = np.zeros(capacity, dtype=np.float32)
+        self.flags = np.zeros(capacity, dtype=np.uint8)
+        self.ptr, self.full = 0, False
+        self.rng = np.random.default_rng(seed)
+
+    @staticmethod
+    def bytes_needed(capacity: int, frame_shape=FRAME_SHAPE) -> int:
+        per_slot = int(np.prod(frame_shape)) + np.dtype(np.uint8).itemsize + np.dtype(np.float32).itemsize + 1
+        return capacity * per_slot
+
+    @property
+    def nbytes(self) -> int:
+        return self.frames.nbytes + self.actions.nbytes + self.rewards.nbytes + self.flags.nbytes
+
+    def _write(self, frame, flags):
+        self.frames[self.ptr] = frame
+        self.flags[self.ptr] = flags
+        self.ptr = (self.ptr + 1) % self.capacity
+        self.full = self.full or self.ptr == 0
+
+    def start_episode(self, frame):
+        """First frame of an episode (after reset, or the next life with episodic life)."""
+        self._write(frame, self.FIRST)
+
+    def add(self, action, reward, next_frame, terminated, truncated):
+        """The step from the newest slot: its action and reward, and the frame it led to."""
+        last = (self.ptr - 1) % self.capacity
+        assert not self.flags[last] & self.FINAL, "add() after an episode end needs start_episode() first"
+        self.actions[last] = action
+        self.rewards[last] = reward
+        self.flags[last] |= self.TERMINATED * bool(terminated) | self.TRUNCATED * bool(truncated)
+        self._write(next_frame, self.FINAL if (terminated or truncated) else 0)
+
+    def _valid(self, idx):
+        """Which slots idx start a complete, sampleable transition."""
+        ok = (self.flags[idx] & self.FINAL) == 0
+        ok &= idx != (self.ptr - 1) % self.capacity
+        if self.full:
+            ok &= (idx - self.ptr) % self.capacity >= self.stack - 1
+        else:
+            ok &= idx < self.ptr
+        return ok
+
+    def valid_indices(self):
+        return np.flatnonzero(self._valid(np.arange(self.capacity)))
+
+    def num_transitions(self) -> int:
+        return int(self.valid_indices().size)
+
+    def stack_indices(self, idx):
+        """(n, stack) slot indices of the stacks ending at slots idx, oldest first."""
+        cols = [idx]
+        cur = idx
+        for _ in range(self.stack - 1):
+            cur = np.where(self.flags[cur] & self.FIRST, cur, (cur - 1) % self.capacity)
+            cols.append(cur)
+        return np.stack(cols[::-1], axis=1)
+
+    def sample_indices(self, n):
+        filled = self.capacity if self.full else self.ptr
+        out = np.empty(0, dtype=np.int64)
+        for _ in range(1000):
+            cand = self.rng.integers(0, filled, size=2 * n + 8)
+            out = np.concatenate([out, cand[self._valid(cand)]])
+            if out.size >= n:
+                return out[:n]
+        raise RuntimeError("replay buffer has no complete transition to sample")
+
+    def observations(self, idx):
+        """uint8 tensor (n, stack, H, W) of the stacks ending at slots idx."""
+        return torch.from_numpy(self.frames[self.stack_indices(idx)]).to(self.device)
+
+    def sample(self, batch_size):
+        idx = self.sample_indices(batch_size)
+        nxt = (idx + 1) % self.capacity
+        return (self.observations(idx),
+                torch.from_numpy(self.actions[idx].astype(np.int64)).to(self.device),
+                torch.from_numpy(self.rewards[idx]).to(self.device),
+                self.observations(nxt),
+                torch.from_numpy((self.flags[idx] & self.TERMINATED) != 0).float().to(self.device))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Network: one factory for every hidden layer (plain, HR, LayerNorm, CReLU, conv or dense)
+
+ACTIVATIONS = {
+    "relu": F.relu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "gelu": lambda x: F.gelu(x, approximate="tanh"),  # the tanh approximation, as Flax (PQN/Hadamax) uses
+    "selu": F.selu,
+    "crelu": lambda x: torch.cat([F.relu(x), F.relu(-x)], dim=1),  # doubles the width
+}
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over channels at each spatial position of an (N, C, H, W) map (the Flax NHWC convention)."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class HiddenLayer(nn.Module):
+    """K independently parameterised copies of (Linear or Conv2d -> optional LayerNorm -> activation), combined by
+    elementwise product (HR, v2 eq. 1: act(W1 x + b1) * act(W2 x + b2)) or sum; K = 1 is a plain layer. An optional
+    pool follows (Hadamax). With probe=True also returns the branches' pre-activations stacked along dim 1."""
+
+    def __init__(self, kind, in_dim, out_dim, activation, layernorm=False, branches=1, combine="product",
+                 kernel=1, stride=1, padding=0, pool=None, ln_eps=1e-5):
+        super().__init__()
+        if kind == "linear":
+            make, norm = (lambda: nn.Linear(in_dim, out_dim)), (lambda: nn.LayerNorm(out_dim, eps=ln_eps))
+        else:
+            make = lambda: nn.Conv2d(in_dim, out_dim, kernel, stride, padding)  # noqa: E731
+            norm = lambda: ChannelLayerNorm(out_dim, eps=ln_eps)  # noqa: E731
+        self.branches = nn.ModuleList(make() for _ in range(branches))
+        self.norms = nn.ModuleList(norm() for _ in range(branches)) if layernorm else None
+        self.act = ACTIVATIONS[activation]
+        self.combine = combine
+        self.pool = pool if pool is not None else nn.Identity()
+        self.out_dim = out_dim * (2 if activation == "crelu" else 1)
+
+    def forward(self, x, probe=False):
+        out, pres = None, []
+        for i, branch in enumerate(self.branches):
+            z = branch(x)
+            if self.norms is not None:
+                z = self.norms[i](z)
+            pres.append(z)
+            a = self.act(z)
+            out = a if out is None else (out * a if self.combine == "product" else out + a)
+        out = self.pool(out)
+        return (out, torch.cat(pres, dim=1)) if probe else out
+
+
+class QNetwork(nn.Module):
+    """Conv trunk (conv1..conv3) -> dense block (fc1..fc{N-1}, latent) -> linear Q head."""
+
+    def __init__(self, args: Args, n_actions: int):
+        super().__init__()
+        hr_branches = args.hr_branches if args.hr else 1
+        # --encoder hadamax is the whole official encoder: its dense latent is Dense -> LayerNorm -> GELU by default
+        activation = args.activation or ("gelu" if args.encoder == "hadamax" else "relu")
+        target = dict(activation=activation, layernorm=args.layernorm or args.encoder == "hadamax",
+                      branches=hr_branches, combine=args.combine)
+        plain_conv = dict(activation=args.conv_activation, layernorm=False, branches=1)
+        convs, c = [], FRAME_STACK
+        if args.encoder == "nature":
+            for out, k, s in [(32, 8, 4), (64, 4, 2), (64, 3, 1)]:
+                kw = target if args.hr_layers == "all" else plain_conv
+                convs.append(HiddenLayer("conv", c, out, kernel=k, stride=s, **kw))
+                c = convs[-1].out_dim
+        else:  # Hadamax: stride-1 SAME convs, 2 branches x (LayerNorm -> GELU), product, max-pool downsampling
+            for out, k, pool in [(32, 8, nn.MaxPool2d(4, 4)), (64, 4, nn.MaxPool2d(2, 2, ceil_mode=True)),
+                                 (64, 3, nn.MaxPool2d(3, 1, padding=1))]:
+                convs.append(HiddenLayer("conv", c, out, "gelu", layernorm=True, branches=2, kernel=k,
+                                         padding="same", pool=pool, ln_eps=1e-6))
+                c = out
+            for m in self.modules_of(convs, nn.Conv2d):
+                nn.init.xavier_normal_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.convs = nn.ModuleList(convs)
+        with torch.no_grad():
+            width = self.trunk(torch.zeros(1, FRAME_STACK, *FRAME_SHAPE)).shape[1]
+        dense = []
+        for _ in range(args.hidden_layers):
+            dense.append(HiddenLayer("linear", width, args.hidden_dim, **target))
+            width = dense[-1].out_dim
+        if args.encoder == "hadamax":  # He-normal dense layer, as the Hadamax code
+            for m in self.modules_of(dense, nn.Linear):
+                nn.init.kaiming_normal_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.dense = nn.ModuleList(dense)
+        self.head = nn.Linear(width, n_actions)
+        self.layer_names = [f"conv{i + 1}" for i in range(len(convs))] + \
+            [f"fc{i + 1}" for i in range(len(dense) - 1)] + ["latent"]
+
+    @staticmethod
+    def modules_of(layers, cls):
+        return [m for layer in layers for m in layer.modules() if isinstance(m, cls)]
+
+    def trunk(self, x):
+        for conv in self.convs:
+            x = conv(x)
+        return x.flatten(1)
+
+    def forward(self, x, probe=False):
+        """Q-values of uint8 stacks (n, 4, 84, 84). probe=True also returns {layer: (output, pre-activation)}."""
+        x = x.float() / 255.0
+        if not probe:
+            x = self.trunk(x)
+            for layer in self.dense:
+                x = layer(x)
+            return self.head(x)
+        layers = {}
+        for i, layer in enumerate([*self.convs, *self.dense]):
+            if i == len(self.convs):
+                x = x.flatten(1)
+            x, pre = layer(x, probe=True)
+            layers[self.layer_names[i]] = (x, pre)
+        return self.head(x), layers
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def linear_schedule(start_e: float, end_e: float, duration: float, t: int) -> float:
+    slope = (end_e - start_e) / duration
+    return max(slope * t + start_e, end_e)
+
+
+@torch.no_grad()
+def representation_metrics(q_network: QNetwork, probe_obs: torch.Tensor, args: Args, chunk: int = 256) -> dict:
+    """All representation/* scalars on the fixed probe batch: one extra forward, in chunks to bound memory.
+    Conv pre-activations are reduced to their spatial max and min per channel, which leaves saturation_fractions
+    (channel <= 0 / > 0 at every sample and position) unchanged."""
+    posts, pres = collections.defaultdict(list), collections.defaultdict(list)
+    for obs in probe_obs.split(chunk):
+        _, layers = q_network(obs, probe=True)
+        for name, (post, pre) in layers.items():
+            if pre.dim() == 4:
+                pre = torch.stack([pre.amax(dim=(2, 3)), pre.amin(dim=(2, 3))], dim=-1).unsqueeze(2)
+            posts[name].append(post)
+            pres[name].append(pre)
+    out = {}
+    seed = args.seed  # same jitter for layer_metrics and the latent mask below, so they agree
+    for name in q_network.layer_names:
+        post, pre = torch.cat(posts[name]), torch.cat(pres[name])
+        metrics = common.layer_metrics(post, pre, tau=args.redo_tau, kde_threshold=args.kde_threshold,
+                                       kde_noise_std=args.kde_noise_std, generator=torch.Generator().manual_seed(seed))
+        out.update({f"representation/{name}/{k}": v for k, v in metrics.items()})
+    latent = torch.cat(posts["latent"])
+    mask = common.dormant_mask_kde(latent, args.kde_threshold, args.kde_noise_std,
+                                   generator=torch.Generator().manual_seed(seed))
+    dead, live = common.head_contributions(latent, q_network.head.weight, mask)
+    out["representation/hidden_bias"] = dead
+    out["representation/live_contribution"] = live
+    return out
+
+
+def evaluate(model_path, args: Args, device, n_actions, seed):
+    """Play args.eval_episodes full games with an epsilon-greedy (args.eval_epsilon) policy; return raw scores."""
+    env = make_env(args.env_id, seed)
+    model = QNetwork(args, n_actions).to(device)
+    model.load_state_dict(torch.load(model_path, map_location=device))
+    model.eval()
+    rng = np.random.default_rng(seed)
+    frame, _ = env.reset(seed=seed)
+    stack = FrameStack(frame)
+    returns = []
+    while len(returns) < args.eval_episodes:
+        if rng.random() < args.eval_epsilon:
+            action = int(rng.integers(n_actions))
+        else:
+            with torch.no_grad():
+                action = int(model(torch.from_numpy(stack.frames).unsqueeze(0).to(device)).argmax(1).item())
+        frame, _, terminated, truncated, info = env.step(action)
+        if "episode" in info:
+            returns.append(float(info["episode"]["r"]))
+        if terminated or truncated:
+            frame, _ = env.reset()
+            stack.reset(frame)
+        else:
+            stack.push(frame)
+    env.close()
+    return returns
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    validate(args)
+    args.activation = args.activation or ("gelu" if args.encoder == "hadamax" else "relu")  # recorded in args.json
+    args.layernorm = args.layernorm or args.encoder == "hadamax"
+    warnings.filterwarnings("ignore", message="Using padding='same' with even kernel")  # Hadamax 8x8/4x4 convs
+    if args.run_name is None:
+        args.run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", args.run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(dataclasses.asdict(args), f, indent=2)
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters",
+                    "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    rng = np.random.default_rng(args.seed)
+
+    env = make_env(args.env_id, args.seed, args.capture_video, args.run_name)
+    n_actions = int(env.action_space.n)
+    q_network = QNetwork(args, n_actions).to(device)
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate)
+    target_network = QNetwork(args, n_actions).to(device)
+    target_network.load_state_dict(q_network.state_dict())
+    n_params = sum(p.numel() for p in q_network.parameters())
+    print(q_network)
+    print(f"parameters: {n_params:,}")
+    writer.add_text("architecture", f"```\n{q_network}\n```\n\nparameters: {n_params:,}")
+
+    rb = FrameReplayBuffer(args.buffer_size, device=device, seed=args.seed)
+    print(f"replay: {args.buffer_size:,} slots x {rb.nbytes // args.buffer_size} B = {rb.nbytes / 1e9:.2f} GB")
+    probe_obs, probe_seconds, n_probes = None, 0.0, 0
+    last_return = float("nan")
+
+    frame, _ = env.reset(seed=args.seed)
+    stack = FrameStack(frame)
+    rb.start_episode(frame)
+    start_time = time.time()
+    for global_step in range(args.total_timesteps):
+        epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps,
+                                  global_step)
+        if rng.random() < epsilon:
+            action = int(rng.integers(n_actions))
+        else:
+            with torch.no_grad():
+                q_values = q_network(torch.from_numpy(stack.frames).unsqueeze(0).to(device))
+            action = int(q_values.argmax(dim=1).item())
+
+        frame, reward, terminated, truncated, info = env.step(action)
+        if "episode" in info:  # a full game ended (all lives): raw score
+            last_return = float(info["episode"]["r"])
+            writer.add_scalar("charts/episodic_return", last_return, global_step)
+            writer.add_scalar("charts/episodic_length", int(info["episode"]["l"]), global_step)
+        rb.add(action, reward, frame, terminated, truncated)
+        if terminated or truncated:  # a lost life also starts a new stack (episodic life)
+            frame, _ = env.reset()
+            stack.reset(frame)
+            rb.start_episode(frame)
+        else:
+            stack.push(frame)
+
+        if global_step > args.learning_starts:
+            if global_step % args.train_frequency == 0:
+                obs, actions, rewards, next_obs, dones = rb.sample(args.batch_size)
+                with torch.no_grad():
+                    target_max = target_network(next_obs).max(dim=1).values
+                    td_target = rewards + args.gamma * target_max * (1 - dones)
+                old_val = q_network(obs).gather(1, actions.unsqueeze(1)).squeeze(1)
+                loss = F.mse_loss(td_target, old_val)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                if global_step % LOG_EVERY == 0:
+                    writer.add_scalar("losses/td_loss", loss.item(), global_step)
+                    writer.add_scalar("losses/q_values", old_val.mean().item(), global_step)
+            if global_step % args.target_network_frequency == 0:
+                for tp, p in zip(target_network.parameters(), q_network.parameters()):
+                    tp.data.copy_(args.tau * p.data + (1.0 - args.tau) * tp.data)
+
+        if args.metrics_every and global_step > 0 and global_step % args.metrics_every == 0:
+            t0 = time.perf_counter()
+            if probe_obs is None:  # fixed at the first probe, reused so curves compare like with like
+                valid = rb.valid_indices()
+                idx = np.sort(rng.choice(valid, size=min(args.metrics_batch, valid.size), replace=False))
+                probe_obs = rb.observations(idx)
+            for tag, value in representation_metrics(q_network, probe_obs, args).items():
+                writer.add_scalar(tag, value, global_step)
+            probe_seconds += time.perf_counter() - t0
+            n_probes += 1
+
+        if global_step % LOG_EVERY == 0:
+            sps = int(global_step / max(time.time() - start_time, 1e-9))
+            writer.add_scalar("charts/SPS", sps, global_step)
+            writer.add_scalar("charts/epsilon", epsilon, global_step)
+            writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+        if global_step % PRINT_EVERY == 0 and global_step > 0:
+            print(f"global_step={global_step} SPS={int(global_step / (time.time() - start_time))} "
+                  f"episodic_return={last_return} epsilon={epsilon:.3f} "
+                  f"probe_overhead={100 * probe_seconds / (time.time() - start_time):.2f}%")
+
+    wall = time.time() - start_time
+    print(f"done: {args.total_timesteps} steps in {wall:.1f}s, SPS={int(args.total_timesteps / wall)}")
+    print(f"metrics: {n_probes} probes took {probe_seconds:.2f}s = {100 * probe_seconds / wall:.2f}% of wall time")
+    slot_bytes, n_trans = rb.nbytes // rb.capacity, rb.num_transitions()
+    used = rb.capacity if rb.full else rb.ptr
+    print(f"replay: {slot_bytes} B per slot; {slot_bytes * used / max(n_trans, 1):.0f} B per stored transition "
+          f"({n_trans} transitions in {used} slots; final frames of episode ends take the rest)")
+
+    if args.save_model:
+        model_path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
+        torch.save(q_network.state_dict(), model_path)
+        print(f"model saved to {model_path}")
+        returns = evaluate(model_path, args, device, n_actions, seed=args.seed + 100)
+        for idx, episodic_return in enumerate(returns):
+            writer.add_scalar("eval/episodic_return", episodic_return, idx)
+        print(f"eval: {len(returns)} episodes, epsilon {args.eval_epsilon}, returns {returns}, "
+              f"mean {np.mean(returns) if returns else float('nan'):.2f}")
+
+    env.close()
+    writer.close()
+    with open(os.path.join(run_dir, "finished"), "w") as f:  # sweeps skip finished runs; analyze.py counts them
+        json.dump({"global_step": args.total_timesteps, "wall_seconds": time.time() - start_time}, f)
