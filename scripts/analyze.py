@@ -109,6 +109,17 @@ def config_label(args: dict, algo: str) -> str:
     return "_".join(parts)
 
 
+# an argument only that script has, so a run's algorithm is known from its args.json alone
+SIGNATURE_ARGS = (("mitigation", "drq"), ("q_lambda", "pqn"), ("clip_coef", "ppo"), ("target_network_frequency", "dqn"))
+
+
+def algorithm_of(args: dict, run_name: str) -> str:
+    for key, algo in SIGNATURE_ARGS:
+        if key in args:
+            return algo
+    return SCRIPT_ALGO.get(str(args.get("exp_name", ""))) or run_name.split("__")[0]
+
+
 def load_run(run_dir: str, now: float) -> RunData | None:
     args_path = os.path.join(run_dir, "args.json")
     if not os.path.exists(args_path):
@@ -116,8 +127,7 @@ def load_run(run_dir: str, now: float) -> RunData | None:
     with open(args_path) as f:
         args = json.load(f)
     name = os.path.basename(run_dir.rstrip("/"))
-    script = str(args.get("script", "")).replace(".py", "")
-    algo = SCRIPT_ALGO.get(script) or SCRIPT_ALGO.get(str(args.get("exp_name", ""))) or name.split("__")[0]
+    algo = algorithm_of(args, name)
     events = glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
     if os.path.exists(os.path.join(run_dir, "finished")):
         status = "finished"

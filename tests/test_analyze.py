@@ -42,7 +42,7 @@ STEPS = np.arange(1, 101) * 1000  # 100 episodes, one every 1000 steps: 10 per c
 def dqn_args(config, game, seed):
     flags = {"relu": dict(activation="relu", hr=False), "hr_tanh": dict(activation="tanh", hr=True),
              "tanh": dict(activation="tanh", hr=False), "hr_relu": dict(activation="relu", hr=True)}[config]
-    return {"script": "dqn_atari_hr", "exp_name": config, "env_id": f"{game}NoFrameskip-v4", "seed": seed, **flags}
+    return {"target_network_frequency": 1000, "exp_name": config, "env_id": f"{game}NoFrameskip-v4", "seed": seed, **flags}
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +160,14 @@ def test_config_labels_for_hand_made_runs():
     assert analyze.config_label({"activation": "tanh", "layernorm": True}, "dqn") == "tanh_ln"
     assert analyze.config_label({"encoder": "hadamax"}, "pqn") == "hadamax"
     assert analyze.config_label({"mitigation": "lnwd", "hr": True}, "drq") == "hr_lnwd"
+
+
+def test_algorithm_from_args():
+    assert analyze.algorithm_of({"clip_coef": 0.1}, "x") == "ppo"
+    assert analyze.algorithm_of({"q_lambda": 0.65, "clip_coef": 0.1}, "x") == "pqn"
+    assert analyze.algorithm_of({"mitigation": "none"}, "x") == "drq"
+    assert analyze.algorithm_of({"exp_name": "dqn_atari_hr"}, "x") == "dqn"
+    assert analyze.algorithm_of({}, "ppo__Pong-v5__relu__s1") == "ppo"
 
 
 def test_bad_runs_dir(tmp_path):
