@@ -1,0 +1,589 @@
+"""PQN on Atari (envpool) with Hadamard representations (HR), the Hadamax encoder, CReLU and ReDo baselines.
+
+Recipe: the official PQN Atari recipe (Gallici et al. 2024, "Simplifying Deep Temporal Difference Learning";
+github.com/mttga/purejaxql pqn_atari.py), reproduced as Table 5 of the HR papers: 128 envpool envs x 32 steps,
+2 epochs x 32 minibatches, RAdam 2.5e-4 linearly decayed, grad-norm clip 10, gamma 0.99, Peng's Q(lambda) targets
+with lambda 0.65, no target network and no replay buffer, epsilon 1 -> 0.001 over the first 10% of updates,
+0.5 * MSE loss, 10M agent steps (40M frames), 8 extra test envs acting greedily. Not CleanRL's 8-env port.
+
+Network: Nature CNN with LayerNorm before every hidden activation (conv maps normalised over channels at each
+position, as the official Flax code does). Variants (one layer factory, `HiddenLayer`):
+- HR (HR papers v1/v2): a layer becomes act(LN(W1 x + b1)) * act(LN(W2 x + b2)); PQN default `--hr-layers all`.
+- Hadamax (Kooi et al. 2025): stride-1 SAME conv branches, LN, tanh-GELU, Hadamard product, max-pooling.
+- CReLU (Abbas et al. 2023): concat(relu(x), relu(-x)). ReDo (Sokar et al. 2023): dormant-neuron recycling,
+  every 16 updates (= 1024 gradient steps, the paper's "every 1000 gradient steps"), scores on --metrics-batch
+  samples of the current rollout.
+Envpool auto-resets on the step after a done (that step ignores the action, returns the first observation and
+reward 0); like the official code, that transition stays in the batch. Episode scores are full games (lives reach 0
+or the time limit), summed from envpool's unclipped info["reward"].
+
+Usage:
+    python pqn_atari_hr.py --env-id Breakout-v5                          # ReLU PQN (official recipe)
+    python pqn_atari_hr.py --env-id Breakout-v5 --activation tanh --hr   # HR(tanh) on every hidden layer
+    python pqn_atari_hr.py --env-id Breakout-v5 --encoder hadamax        # Hadamax-PQN
+    python pqn_atari_hr.py --env-id Breakout-v5 --activation crelu       # CReLU baseline
+    python pqn_atari_hr.py --env-id Breakout-v5 --redo                   # ReDo baseline
+"""
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import envpool
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+import common
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be enabled when available"""
+    torch_threads: int = 0
+    """torch intra-op CPU threads (0 = torch's default); 1 is much faster on a CPU shared with envpool/other jobs"""
+    track: bool = False
+    """track with Weights and Biases (wandb must be installed)"""
+    wandb_project_name: str = "cleanRL"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """not supported by this envpool script (exits with an error)"""
+    save_model: bool = False
+    """save the final Q-network to runs/NAME/"""
+    run_name: Optional[str] = None
+    """run directory runs/NAME (default {env_id}__{exp_name}__{seed}__{unix_time})"""
+
+    # environment (official PQN Atari config)
+    env_id: str = "Breakout-v5"
+    """the envpool Atari id"""
+    total_timesteps: int = 10_000_000
+    """total agent steps of the training envs (one step = 4 frames)"""
+    num_envs: int = 128
+    """parallel training environments"""
+    num_test_envs: int = 8
+    """extra environments acting greedily (epsilon 0), never trained on; logged as eval/*"""
+    envpool_threads: int = 0
+    """envpool worker threads (0 = envpool's default)"""
+    max_episode_steps: int = 27_000
+    """agent steps after which a game is truncated (27k = 108k frames, envpool's and official PQN's default)"""
+
+    # algorithm (papers' Table 5)
+    num_steps: int = 32
+    """steps per environment per update"""
+    update_epochs: int = 2
+    """epochs over each rollout"""
+    num_minibatches: int = 32
+    """minibatches per epoch"""
+    learning_rate: float = 2.5e-4
+    """RAdam learning rate"""
+    anneal_lr: bool = True
+    """linearly decay the learning rate to 0 over all gradient steps"""
+    max_grad_norm: float = 10.0
+    """global gradient-norm clip"""
+    gamma: float = 0.99
+    """discount factor"""
+    q_lambda: float = 0.65
+    """lambda of the Q(lambda) targets"""
+    start_e: float = 1.0
+    """starting epsilon"""
+    end_e: float = 0.001
+    """final epsilon"""
+    exploration_fraction: float = 0.1
+    """fraction of the updates over which epsilon decays linearly"""
+
+    # network variants (CONVENTIONS.md)
+    encoder: Literal["nature", "hadamax"] = "nature"
+    """conv trunk: Nature CNN or the Hadamax encoder"""
+    activation: Optional[Literal["relu", "tanh", "sigmoid", "gelu", "selu", "crelu"]] = None
+    """activation of the target hidden layers (default relu; gelu with --encoder hadamax, as Hadamax)"""
+    conv_activation: Literal["relu", "tanh", "sigmoid", "gelu", "selu", "crelu"] = "relu"
+    """activation of conv layers that are not targets (only with --hr-layers last)"""
+    hr: bool = False
+    """Hadamard representation on the target layers"""
+    hr_branches: int = 2
+    """number of multiplied branches of an HR layer"""
+    hr_layers: Literal["last", "all"] = "all"
+    """target layers: the dense block only (last) or also every conv layer (all)"""
+    hidden_layers: int = 1
+    """dense hidden layers after the conv trunk"""
+    hidden_dim: int = 512
+    """width of the dense hidden layers"""
+    layernorm: bool = True
+    """LayerNorm on the pre-activations of every hidden layer (official PQN)"""
+    combine: Literal["product", "sum"] = "product"
+    """how HR branches are combined (sum: v1 ablation)"""
+
+    # ReDo (Sokar et al. 2023)
+    redo: bool = False
+    """recycle dormant neurons of every hidden layer (ReDo)"""
+    redo_tau: float = 0.1
+    """ReDo dormancy threshold on the activation score; also used by representation/*/dormant_score"""
+    redo_interval: int = 16
+    """updates between recyclings (16 updates = 1024 gradient steps, ReDo's 1000 gradient steps)"""
+    redo_reset_optimizer: bool = True
+    """zero the RAdam moments of recycled weights (ReDo)"""
+
+    # representation metrics
+    metrics_every: int = 100_000
+    """agent steps between representation-metric probes (0 = off)"""
+    metrics_batch: int = 1024
+    """samples in the fixed probe batch (taken from the rollout at the first probe)"""
+    kde_noise_std: float = 1e-3
+    """std of the jitter of the KDE dormancy test (not given in the papers)"""
+
+
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu", "selu", "crelu")
+
+
+def validate(args: Args) -> None:
+    """Reject bad input before any environment or tensor is allocated: one line on stderr, non-zero exit."""
+    def fail(msg):
+        sys.exit(f"error: {msg}")
+
+    if args.env_id not in envpool.list_all_envs():
+        fail(f"--env-id {args.env_id!r} is not an envpool environment (e.g. Breakout-v5)")
+    try:
+        common.atari_game_name(args.env_id)
+    except ValueError:
+        fail(f"--env-id {args.env_id!r} is not one of the 57 Atari games (e.g. Breakout-v5)")
+    if args.hr and args.hr_branches < 2:
+        fail(f"--hr-branches must be >= 2 with --hr, got {args.hr_branches}")
+    if args.combine != "product" and not args.hr:
+        fail("--combine sum only makes sense with --hr")
+    for flag, v, lo in [("--num-envs", args.num_envs, 1), ("--num-steps", args.num_steps, 1),
+                        ("--num-minibatches", args.num_minibatches, 1), ("--update-epochs", args.update_epochs, 1),
+                        ("--num-test-envs", args.num_test_envs, 0), ("--hidden-layers", args.hidden_layers, 1),
+                        ("--hidden-dim", args.hidden_dim, 1), ("--redo-interval", args.redo_interval, 1),
+                        ("--metrics-every", args.metrics_every, 0), ("--metrics-batch", args.metrics_batch, 2),
+                        ("--envpool-threads", args.envpool_threads, 0),
+                        ("--max-episode-steps", args.max_episode_steps, 1),
+                        ("--torch-threads", args.torch_threads, 0)]:
+        if v < lo:
+            fail(f"{flag} must be >= {lo}, got {v}")
+    batch = args.num_envs * args.num_steps
+    if batch % args.num_minibatches:
+        fail(f"--num-minibatches ({args.num_minibatches}) must divide --num-envs x --num-steps ({batch})")
+    if args.total_timesteps < batch:
+        fail(f"--total-timesteps ({args.total_timesteps}) must be >= --num-envs x --num-steps ({batch})")
+    if args.metrics_every and args.metrics_batch > batch:
+        fail(f"--metrics-batch ({args.metrics_batch}) must be <= --num-envs x --num-steps ({batch}), "
+             "the rollout it is drawn from")
+    if not 0.0 <= args.q_lambda <= 1.0 or not 0.0 <= args.gamma <= 1.0:
+        fail(f"--q-lambda and --gamma must be in [0, 1], got {args.q_lambda}, {args.gamma}")
+    if not 0.0 < args.exploration_fraction <= 1.0:
+        fail(f"--exploration-fraction must be in (0, 1], got {args.exploration_fraction}")
+    if args.redo_tau < 0:
+        fail(f"--redo-tau must be >= 0, got {args.redo_tau}")
+    if args.capture_video:
+        fail("--capture-video is not supported by this envpool script")
+    if args.track:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            fail("--track needs wandb, which is not installed (pip install wandb)")
+
+
+def make_env(args: Args, num_envs: int):
+    """One envpool pool: the official PQN Atari settings (episodic life, reward clip, noop 30, no sticky actions).
+    info["reward"] is the unclipped reward; a full game ends when info["terminated"] (lives reach 0) or truncation."""
+    return envpool.make(args.env_id, env_type="gymnasium", num_envs=num_envs, seed=args.seed,
+                        episodic_life=True, reward_clip=True, noop_max=30, frame_skip=4,
+                        repeat_action_probability=0.0, num_threads=args.envpool_threads,
+                        max_episode_steps=args.max_episode_steps)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# network
+
+
+def _trunc_normal_(w: torch.Tensor, scale: float, fan: float) -> None:
+    """Flax's variance_scaling(scale, fan, "truncated_normal"): he_normal = (2, fan_in), glorot = (1, fan_avg),
+    lecun = (1, fan_in)."""
+    std = math.sqrt(scale / fan) / 0.87962566103423978  # std of a unit normal truncated to [-2, 2]
+    nn.init.trunc_normal_(w, 0.0, std, -2 * std, 2 * std)
+
+
+def activate(x: torch.Tensor, name: str, dim: int) -> torch.Tensor:
+    if name == "crelu":  # concatenated ReLU doubles the width along `dim`
+        return torch.cat([F.relu(x), F.relu(-x)], dim=dim)
+    if name == "gelu":
+        return F.gelu(x, approximate="tanh")  # Flax's nn.gelu default, as the official Hadamax code
+    return {"relu": F.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "selu": F.selu}[name](x)
+
+
+class HiddenLayer(nn.Module):
+    """K independently parameterised branches of (Linear or Conv2d -> optional LayerNorm -> activation), combined
+    by elementwise product (HR) or sum; K=1 is a plain layer. The K branches are stored as one fused Linear/Conv2d
+    with K*out outputs (branch-major) so a forward is one matmul/conv; each branch has its own weights, bias and
+    LayerNorm affine. LayerNorm on conv maps normalises over channels at each position (Flax NHWC convention)."""
+
+    def __init__(self, kind: str, in_dim: int, out_dim: int, activation: str, layernorm: bool, branches: int = 1,
+                 combine: str = "product", kernel: int = 1, stride: int = 1, padding="valid", init: str = "he"):
+        super().__init__()
+        self.kind, self.out_dim, self.activation, self.branches, self.combine = kind, out_dim, activation, branches, combine
+        self.width = out_dim * (2 if activation == "crelu" else 1)  # output features/channels
+        if kind == "conv":
+            self.fused = nn.Conv2d(in_dim, branches * out_dim, kernel, stride, padding=padding)
+            fan_in, fan_out = in_dim * kernel * kernel, out_dim * kernel * kernel
+        else:
+            self.fused = nn.Linear(in_dim, branches * out_dim)
+            fan_in, fan_out = in_dim, out_dim
+        self.init_scale, self.init_fan = (1.0, (fan_in + fan_out) / 2) if init == "glorot" else (2.0, fan_in)
+        self.init_weight_(self.fused.weight)
+        nn.init.zeros_(self.fused.bias)
+        self.layernorm = layernorm
+        if layernorm:
+            self.ln_weight = nn.Parameter(torch.ones(branches * out_dim))
+            self.ln_bias = nn.Parameter(torch.zeros(branches * out_dim))
+
+    def init_weight_(self, w: torch.Tensor) -> None:
+        """Fresh incoming weights (also ReDo's re-initialisation): truncated He-normal (official PQN) or
+        Glorot-normal (Hadamax convs), computed per branch fan."""
+        _trunc_normal_(w, self.init_scale, self.init_fan)
+
+    def forward(self, x: torch.Tensor):
+        """Returns (output, pre-activation); pre-activation has the branches stacked along the neuron dim."""
+        z = self.fused(x)
+        if self.kind == "conv":
+            z = z.permute(0, 2, 3, 1)  # NHWC: LayerNorm over channels at each position, as Flax
+        z = z.reshape(*z.shape[:-1], self.branches, self.out_dim)
+        if self.layernorm:
+            z = F.layer_norm(z, (self.out_dim,), eps=1e-6)  # Flax's LayerNorm epsilon
+            z = torch.addcmul(self.ln_bias.view(self.branches, -1), z, self.ln_weight.view(self.branches, -1))
+        a = activate(z, self.activation, dim=-1)
+        if self.branches == 1:
+            out = a.squeeze(-2)
+        elif self.combine == "product":
+            out = a.prod(dim=-2)
+        else:
+            out = a.sum(dim=-2)
+        pre = z.flatten(-2)
+        if self.kind == "conv":
+            out, pre = out.permute(0, 3, 1, 2), pre.permute(0, 3, 1, 2)
+        return out, pre
+
+
+class QNetwork(nn.Module):
+    """Conv trunk (conv1..conv3) -> dense hidden layers (fc1..fc{N-1}, latent) -> linear Q head.
+    forward(x, probe=True) also returns {layer: (post-activation output, pre-activation)} for the metrics;
+    conv pre-activations are reduced to per-(sample, channel) [max, min] over space, which keeps
+    saturated/zombie counts exact (a unit is always <= 0 iff its max is) at a fraction of the memory."""
+
+    def __init__(self, args: Args, n_actions: int, obs_shape=(4, 84, 84)):
+        super().__init__()
+        act = args.activation or ("gelu" if args.encoder == "hadamax" else "relu")
+        self.pools = nn.ModuleDict()
+        layers = {}
+        if args.encoder == "nature":
+            conv_target = args.hr_layers == "all"
+            conv_act = act if conv_target else args.conv_activation
+            k = args.hr_branches if (args.hr and conv_target) else 1
+            in_ch = obs_shape[0]
+            for i, (ch, ks, st) in enumerate([(32, 8, 4), (64, 4, 2), (64, 3, 1)], 1):
+                layers[f"conv{i}"] = HiddenLayer("conv", in_ch, ch, conv_act, args.layernorm, k, args.combine, ks, st)
+                in_ch = layers[f"conv{i}"].width
+        else:  # Hadamax: fixed, as the official code (2 branches, LN, tanh-GELU, product, max-pool)
+            in_ch = obs_shape[0]
+            for i, (ch, ks, pool) in enumerate([(32, 8, nn.MaxPool2d(4, 4)), (64, 4, nn.MaxPool2d(2, 2, ceil_mode=True)),
+                                                (64, 3, nn.MaxPool2d(3, 1, padding=1))], 1):
+                layers[f"conv{i}"] = HiddenLayer("conv", in_ch, ch, "gelu", True, 2, "product", ks, 1, "same", "glorot")
+                self.pools[f"conv{i}"] = pool  # 84 -> 21 (4/4), 21 -> 11 (2/2 SAME), 11 -> 11 (3/1 SAME)
+                in_ch = ch
+        self.conv_names = list(layers)
+        self.convs = nn.ModuleList(layers.values())
+        with torch.no_grad():
+            x = torch.zeros(1, *obs_shape)
+            for name, layer in zip(self.conv_names, self.convs):
+                x = self._pool(name, layer(x)[0])
+        self.conv_out_hw = x.shape[2] * x.shape[3]  # for ReDo's outgoing_group of the first dense layer
+        in_dim = x.numel()
+        k = args.hr_branches if args.hr else 1
+        dense_names = [f"fc{i}" for i in range(1, args.hidden_layers)] + ["latent"]
+        dense = []
+        for name in dense_names:
+            dense.append(HiddenLayer("linear", in_dim, args.hidden_dim, act, args.layernorm, k, args.combine))
+            in_dim = dense[-1].width
+        self.dense_names = dense_names
+        self.dense = nn.ModuleList(dense)
+        self.head = nn.Linear(in_dim, n_actions)
+        _trunc_normal_(self.head.weight, 1.0, in_dim)  # Flax Dense default (lecun_normal), zero bias
+        nn.init.zeros_(self.head.bias)
+
+    def _pool(self, name, x):
+        return self.pools[name](x) if name in self.pools else x
+
+    def hidden_layers(self):
+        """[(name, layer)] in forward order: every layer metrics and ReDo act on."""
+        return list(zip(self.conv_names, self.convs)) + list(zip(self.dense_names, self.dense))
+
+    def forward(self, x: torch.Tensor, probe: bool = False):
+        x = x.float() / 255.0
+        acts = {}
+        for name, layer in zip(self.conv_names, self.convs):
+            out, pre = layer(x)
+            x = self._pool(name, out)
+            if probe:
+                acts[name] = (x, torch.stack([pre.amax(dim=(2, 3)), pre.amin(dim=(2, 3))], -1).unsqueeze(2))
+        x = torch.flatten(x, 1)
+        for name, layer in zip(self.dense_names, self.dense):
+            x, pre = layer(x)
+            if probe:
+                acts[name] = (x, pre)
+        q = self.head(x)
+        return (q, acts) if probe else q
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def q_lambda_targets(rewards: torch.Tensor, dones: torch.Tensor, next_q_max: torch.Tensor, gamma: float,
+                     lam: float) -> torch.Tensor:
+    """Peng's Q(lambda) targets (PQN paper, eq. for the lambda-return with max bootstraps), computed backwards on
+    the device. rewards, dones: (T, N); next_q_max[t] = max_a Q(s_{t+1}, a) (for t < T-1 the Q-values stored in the
+    rollout, for T-1 those of the final next observation). dones[t] cuts the bootstrap after step t:
+        G_{T-1} = r_{T-1} + gamma (1 - d_{T-1}) maxQ(s_T)
+        G_t     = r_t + gamma (1 - d_t) [(1 - lam) maxQ(s_{t+1}) + lam G_{t+1}]"""
+    targets = torch.empty_like(rewards)
+    g = rewards[-1] + gamma * (1.0 - dones[-1]) * next_q_max[-1]
+    targets[-1] = g
+    for t in range(rewards.shape[0] - 2, -1, -1):
+        g = rewards[t] + gamma * (1.0 - dones[t]) * ((1.0 - lam) * next_q_max[t] + lam * g)
+        targets[t] = g
+    return targets
+
+
+def linear_schedule(start: float, end: float, duration: float, t: float) -> float:
+    return start + min(t / duration, 1.0) * (end - start)
+
+
+@torch.no_grad()
+def probe_acts(net: QNetwork, obs: torch.Tensor, chunk: int = 256) -> dict:
+    """{layer: (post, pre)} on `obs`, forwarded in chunks to bound memory (Hadamax conv1 maps are 84x84)."""
+    parts = [net(obs[i:i + chunk], probe=True)[1] for i in range(0, len(obs), chunk)]
+    return {name: (torch.cat([p[name][0] for p in parts]), torch.cat([p[name][1] for p in parts])) for name in parts[0]}
+
+
+@torch.no_grad()
+def probe_metrics(net: QNetwork, probe_obs: torch.Tensor, args: Args, generator: torch.Generator,
+                  chunk: int = 256) -> dict:
+    """One extra forward on the fixed probe batch -> {tag: value} of every hidden layer, plus hidden_bias."""
+    acts = probe_acts(net, probe_obs, chunk)
+    scalars = {}
+    for name, (post, pre) in acts.items():
+        m = common.layer_metrics(post, pre, tau=args.redo_tau, kde_noise_std=args.kde_noise_std, generator=generator)
+        scalars.update({f"representation/{name}/{k}": v for k, v in m.items()})
+    latent = acts["latent"][0]
+    dormant = common.dormant_mask_kde(latent, noise_std=args.kde_noise_std, generator=generator)
+    scalars["representation/hidden_bias"], scalars["representation/live_contribution"] = \
+        common.head_contributions(latent, net.head.weight, dormant)
+    return scalars
+
+
+@torch.no_grad()
+def redo_step(net: QNetwork, optimizer, obs: torch.Tensor, args: Args) -> dict:
+    """ReDo (Sokar et al. 2023, Alg. 1) on every hidden layer: neurons with activation score <= tau on `obs` get
+    fresh incoming weights in every branch (LayerNorm affine back to 1/0), zero outgoing weights, zeroed moments."""
+    acts = probe_acts(net, obs)
+    layers = net.hidden_layers()
+    total, out = 0, {}
+    for i, (name, layer) in enumerate(layers):
+        dormant = common.activation_scores(acts[name][0]) <= args.redo_tau
+        if layer.activation == "crelu":  # a unit is recycled when both of its halves are dormant
+            unit = dormant[: layer.out_dim] & dormant[layer.out_dim:]
+            out_mask = torch.cat([unit, unit])
+        else:
+            unit = out_mask = dormant
+        opt = optimizer if args.redo_reset_optimizer else None
+        incoming = [(layer.fused.weight, layer.fused.bias)]
+        if layer.layernorm:
+            incoming.append((layer.ln_weight, layer.ln_bias))
+        common.redo_recycle_(unit.repeat(layer.branches), incoming, [], opt, init_fn=layer.init_weight_)
+        nxt = layers[i + 1][1].fused.weight if i + 1 < len(layers) else net.head.weight
+        group = net.conv_out_hw if name == net.conv_names[-1] and layer.kind == "conv" else 1
+        common.redo_recycle_(out_mask, [], [nxt], opt, outgoing_group=group)
+        n = int(unit.sum().item())
+        out[f"redo/{name}/recycled_fraction"] = n / layer.out_dim
+        total += n
+    out["redo/recycled_fraction"] = total / sum(layer.out_dim for _, layer in layers)
+    return out
+
+
+class EpisodeStats:
+    """Full-game raw scores from envpool: sums info["reward"] (unclipped) until the game is over (lives reach 0,
+    info["terminated"]) or the time limit truncates it; life losses (episodic_life dones) do not end a game."""
+
+    def __init__(self, num_envs: int):
+        self.ret = np.zeros(num_envs)
+        self.len = np.zeros(num_envs, dtype=np.int64)
+
+    def step(self, info, truncated):
+        self.ret += info["reward"]
+        self.len += 1
+        ended = np.flatnonzero(info["terminated"].astype(bool) | truncated)
+        finished = [(i, self.ret[i], self.len[i]) for i in ended]
+        self.ret[ended], self.len[ended] = 0.0, 0
+        return finished
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    validate(args)
+    if args.activation is None:
+        args.activation = "gelu" if args.encoder == "hadamax" else "relu"
+    if args.run_name is None:
+        args.run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", args.run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(dataclasses.asdict(args), f, indent=2)
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=args.run_name, save_code=True)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
+                    "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    game = common.atari_game_name(args.env_id)
+
+    # one pool: training envs first, then the greedy test envs (as the official code)
+    n_train, n_total = args.num_envs, args.num_envs + args.num_test_envs
+    envs = make_env(args, n_total)
+    n_actions = envs.action_space.n
+    net = QNetwork(args, n_actions, envs.observation_space.shape).to(device)
+    n_params = sum(p.numel() for p in net.parameters())
+    print(net, f"\nparameters: {n_params:,}")
+    writer.add_text("architecture", f"```\n{net}\n```\nparameters: {n_params:,}")
+    optimizer = torch.optim.RAdam(net.parameters(), lr=args.learning_rate)
+
+    batch_size = args.num_envs * args.num_steps
+    minibatch_size = batch_size // args.num_minibatches
+    num_updates = args.total_timesteps // batch_size
+    total_grad_steps = num_updates * args.update_epochs * args.num_minibatches
+    # rollout storage, on the device
+    obs = torch.zeros((args.num_steps, n_train) + envs.observation_space.shape, dtype=torch.uint8, device=device)
+    actions = torch.zeros((args.num_steps, n_train), dtype=torch.long, device=device)
+    rewards = torch.zeros((args.num_steps, n_train), device=device)
+    dones = torch.zeros((args.num_steps, n_train), device=device)
+    q_max = torch.zeros((args.num_steps, n_train), device=device)
+    eps_mask = torch.zeros(n_total, device=device)  # 1 for training envs, 0 (greedy) for test envs
+    eps_mask[:n_train] = 1.0
+    stats = EpisodeStats(n_total)
+    probe_obs, probe_gen, next_probe = None, torch.Generator(device=device).manual_seed(args.seed), args.metrics_every
+
+    global_step, grad_steps, start_time = 0, 0, time.time()
+    print_every = max(1, 20_000 // batch_size)
+    last_return = float("nan")
+    next_obs = torch.from_numpy(envs.reset()[0]).to(device)  # seeded in envpool.make
+    for update in range(num_updates):
+        epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * num_updates, update)
+        train_eps, eval_eps = [], []
+        for step in range(args.num_steps):
+            with torch.no_grad():
+                q = net(next_obs)
+            greedy = q.argmax(dim=1)
+            explore = torch.rand(n_total, device=device) < epsilon * eps_mask
+            action = torch.where(explore, torch.randint(0, n_actions, (n_total,), device=device), greedy)
+            obs[step] = next_obs[:n_train]
+            actions[step] = action[:n_train]
+            q_max[step] = q[:n_train].max(dim=1).values
+            o, r, term, trunc, info = envs.step(action.cpu().numpy())  # the one host sync per step
+            next_obs = torch.from_numpy(o).to(device)
+            rewards[step] = torch.from_numpy(r[:n_train]).to(device)
+            dones[step] = torch.from_numpy((term | trunc)[:n_train]).to(device)
+            for i, ret, length in stats.step(info, trunc):
+                (train_eps if i < n_train else eval_eps).append((ret, length))
+        global_step += batch_size
+
+        # Q(lambda) targets: bootstrap from the rollout's own max Q of s_{t+1}, and the final next observation
+        with torch.no_grad():
+            last_q = net(next_obs[:n_train]).max(dim=1).values
+            next_q_max = torch.cat([q_max[1:], last_q[None]])
+            targets = q_lambda_targets(rewards, dones, next_q_max, args.gamma, args.q_lambda)
+
+        b_obs = obs.reshape((batch_size,) + obs.shape[2:])
+        b_actions, b_targets = actions.reshape(-1), targets.reshape(-1)
+        loss_sum = torch.zeros((), device=device)
+        q_sum = torch.zeros((), device=device)
+        for epoch in range(args.update_epochs):
+            perm = torch.randperm(batch_size, device=device)
+            for start in range(0, batch_size, minibatch_size):
+                idx = perm[start:start + minibatch_size]
+                if args.anneal_lr:
+                    optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - grad_steps / total_grad_steps)
+                q_taken = net(b_obs[idx]).gather(1, b_actions[idx, None]).squeeze(1)
+                loss = 0.5 * (q_taken - b_targets[idx]).pow(2).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm)
+                optimizer.step()
+                grad_steps += 1
+                loss_sum += loss.detach()
+                q_sum += q_taken.detach().mean()
+
+        if args.redo and (update + 1) % args.redo_interval == 0:
+            idx = torch.randperm(batch_size, device=device)[: min(args.metrics_batch, batch_size)]
+            for k, v in redo_step(net, optimizer, b_obs[idx], args).items():
+                writer.add_scalar(k, v, global_step)
+
+        if args.metrics_every and global_step >= next_probe:
+            next_probe += args.metrics_every * ((global_step - next_probe) // args.metrics_every + 1)
+            if probe_obs is None:  # fixed probe batch, chosen once from the rollout
+                pick = torch.randperm(batch_size, generator=probe_gen, device=device)[: args.metrics_batch]
+                probe_obs = b_obs[pick].clone()
+            scalars = probe_metrics(net, probe_obs, args, probe_gen)
+            for k, v in scalars.items():
+                writer.add_scalar(k, v, global_step)
+
+        # scalar logging once per update (one host sync)
+        n_mb = args.update_epochs * args.num_minibatches
+        sps = int(global_step / (time.time() - start_time))
+        writer.add_scalar("losses/td_loss", loss_sum.item() / n_mb, global_step)
+        writer.add_scalar("losses/q_values", q_sum.item() / n_mb, global_step)
+        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+        writer.add_scalar("charts/epsilon", epsilon, global_step)
+        writer.add_scalar("charts/SPS", sps, global_step)
+        for prefix, eps in (("charts", train_eps), ("eval", eval_eps)):
+            if eps:
+                ret = float(np.mean([e[0] for e in eps]))
+                writer.add_scalar(f"{prefix}/episodic_return", ret, global_step)
+                writer.add_scalar(f"{prefix}/episodic_length", float(np.mean([e[1] for e in eps])), global_step)
+                writer.add_scalar(f"{prefix}/human_normalized", common.human_normalized(game, ret), global_step)
+                if prefix == "charts":
+                    last_return = ret
+        if update % print_every == 0 or update == num_updates - 1:
+            print(f"global_step={global_step}, SPS={sps}, episodic_return={last_return:.1f}, epsilon={epsilon:.3f}",
+                  flush=True)
+
+    if args.save_model:
+        path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
+        torch.save(net.state_dict(), path)
+        print(f"model saved to {path}")
+    envs.close()
+    writer.close()

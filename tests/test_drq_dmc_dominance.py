@@ -1,0 +1,348 @@
+"""Tests of drq_dmc_dominance.py: HL-Gauss, pruning, sparse-task modifications, frame replay, augmentation, input
+validation, and smoke runs of the real script per mitigation (event files read back).
+
+Rendering (~25 frames/s per core) dominates: smoke runs use cartpole (action repeat 8) and a few hundred frames."""
+import collections
+import concurrent.futures
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm
+
+import drq_dmc_dominance as drq
+
+SCRIPT = "drq_dmc_dominance.py"
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """On a shared 2-core box, OpenMP spin-waiting makes 2-thread torch far slower for these tiny tensors."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HL-Gauss
+
+
+def test_hl_gauss_histogram_matches_gaussian_bin_masses_and_recovers_scalar():
+    hl = drq.HLGauss(0.0, 100.0, 101, 0.75)
+    width = 100.0 / 101
+    ys = torch.tensor([-5.0, 0.0, 0.3, 12.34, 50.0, 77.7, 99.9, 100.0, 130.0], dtype=torch.float64)
+    probs = hl.target_probs(ys.float()).double()
+    assert probs.shape == (len(ys), 101)
+    assert torch.allclose(probs.sum(1), torch.ones(len(ys), dtype=torch.float64), atol=1e-5)
+    assert (probs >= 0).all()
+    edges = np.linspace(0.0, 100.0, 102)
+    centers = (edges[:-1] + edges[1:]) / 2
+    for y, p in zip(ys.tolist(), probs.numpy()):
+        yc = min(max(y, 0.0), 100.0)  # targets clipped to the support
+        # independent reference: truncated-normal bin masses from scipy's CDF, bin by bin
+        ref = np.array([norm.cdf(edges[i + 1], yc, 0.75) - norm.cdf(edges[i], yc, 0.75) for i in range(101)])
+        ref /= norm.cdf(100.0, yc, 0.75) - norm.cdf(0.0, yc, 0.75)
+        np.testing.assert_allclose(p, ref, atol=1e-5)
+        expectation = float((p * centers).sum())
+        assert abs(expectation - yc) <= width, (y, expectation)
+        if 3 < yc < 97:  # away from the truncation the histogram mean is the scalar up to float error
+            assert abs(expectation - yc) < 1e-3, (y, expectation)
+
+
+def test_hl_gauss_loss_is_minimised_at_the_target_histogram():
+    torch.manual_seed(0)
+    hl = drq.HLGauss(0.0, 100.0, 101, 0.75)
+    y = torch.tensor([3.0, 42.0, 88.8])
+    best = hl.target_probs(y).clamp_min(1e-30).log().requires_grad_(True)
+    loss = hl.loss(best, y)
+    loss.backward()
+    assert best.grad.abs().max() < 1e-6  # stationary point: softmax(logits) == target histogram
+    assert torch.allclose(hl.value(best.detach()), y, atol=1e-2)
+    for _ in range(20):
+        worse = best.detach() + 0.3 * torch.randn_like(best)
+        assert hl.loss(worse, y) > loss.detach()
+    uniform = torch.zeros(3, 101)
+    assert hl.loss(uniform, y) > loss.detach() + 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gradual magnitude pruning
+
+
+def test_cubic_sparsity_schedule_known_values():
+    f = lambda step: drq.cubic_sparsity(step, 1000, 0.95, 0.2, 0.8)  # noqa: E731
+    assert f(0) == 0.0 and f(200) == 0.0
+    assert f(500) == pytest.approx(0.95 * (1 - 0.5 ** 3))
+    assert f(350) == pytest.approx(0.95 * (1 - 0.75 ** 3))
+    assert f(800) == pytest.approx(0.95) and f(1000) == pytest.approx(0.95)
+    values = [f(s) for s in range(0, 1001, 10)]
+    assert all(b >= a for a, b in zip(values, values[1:]))
+
+
+def test_pruning_follows_schedule_and_pruned_weights_stay_zero():
+    torch.manual_seed(0)
+    args = drq.Args(hidden_dim=32, latent_dim=8)  # the real critic, small so the test is fast
+    critic = drq.Critic((9, 24, 24), 1, args)
+    weights = drq.prunable_weights(critic)
+    names = {id(p): n for n, p in critic.named_parameters()}
+    pruned_names = {names[id(w)] for w in weights}
+    assert not any(n.endswith("bias") or "norm" in n or "head" in n for n in pruned_names)
+    expected = {"encoder.convs.0.weight", "proj.weight", "q1.fc1.linears.0.weight", "q2.fc2.linears.0.weight"}
+    assert expected <= pruned_names
+    pruner = drq.MagnitudePruner(weights)
+    opt = torch.optim.Adam(critic.parameters(), lr=1e-2)
+    obs = torch.randint(0, 255, (4, 9, 24, 24), dtype=torch.uint8)
+    act = torch.rand(4, 1) * 2 - 1
+    total = 10_000
+    for step in range(2000, 8001, 1000):  # mask updates across the pruning window
+        s = drq.cubic_sparsity(step, total, 0.95, 0.2, 0.8)
+        before = [w.detach().abs().clone() for w in weights]
+        pruner.update(s)
+        for w, m, b in zip(weights, pruner.masks, before):
+            k = int(round(s * w.numel()))
+            assert int((~m).sum()) == k  # per-layer sparsity follows the schedule
+            if 0 < k < w.numel():  # the pruned ones are the smallest magnitudes (independent sort)
+                kth = torch.sort(b.flatten()).values[k - 1]
+                assert (b[~m] <= kth).all() and (b[m] >= kth).all()
+        assert pruner.sparsity() == pytest.approx(s, abs=1e-3)
+        for _ in range(3):  # optimiser steps with masks re-applied, as the training loop does
+            q1, q2 = critic(critic.encoder(obs), act)
+            loss = (q1 - 1.0).pow(2).mean() + (q2 + 1.0).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            pruner.apply()
+            for w, m in zip(weights, pruner.masks):
+                assert (w[~m] == 0).all()
+    assert pruner.sparsity() == pytest.approx(0.95, abs=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sparse tasks
+
+
+def _cartpole_reward(env, cart, angle):
+    physics = env.env.physics
+    with physics.reset_context():
+        physics.named.data.qpos["slider"] = cart
+        physics.named.data.qpos["hinge_1"] = angle
+    return env.env.task.get_reward(physics)
+
+
+def test_cartpole_balance_sparse_narrow_is_in_force():
+    default = drq.DMCPixels("cartpole-balance_sparse", seed=0)
+    narrow = drq.DMCPixels("cartpole-balance_sparse_narrow", seed=0)
+    assert narrow.env.task._CART_RANGE == (-1e-4, 1e-4) and narrow.env.task._ANGLE_COSINE_RANGE == (0.9999, 1.0)
+    for cart, angle in [(0.01, 0.0), (0.0, 0.02)]:  # inside the default ranges, outside the narrow ones
+        assert _cartpole_reward(default, cart, angle) == 1.0
+        assert _cartpole_reward(narrow, cart, angle) == 0.0
+    assert _cartpole_reward(narrow, 0.0, 0.0) == 1.0  # the narrow target is still reachable
+
+
+def test_finger_spin_fast_is_in_force():
+    def reward(env, velocity):
+        physics = env.env.physics
+        with physics.reset_context():
+            physics.named.data.qvel["hinge"] = velocity
+        return env.env.task.get_reward(physics)
+
+    try:
+        default = drq.DMCPixels("finger-spin", seed=0)
+        assert reward(default, -20.0) == 1.0 and reward(default, -35.0) == 1.0
+        fast = drq.DMCPixels("finger-spin_fast", seed=0)
+        assert drq.dmc_finger._SPIN_VELOCITY == 30.0  # module-global, read at reward time
+        assert reward(fast, -20.0) == 0.0  # spinning at 20 rad/s earned reward under the default task
+        assert reward(fast, -35.0) == 1.0
+        drq.DMCPixels("finger-spin", seed=0)  # a plain finger env restores dm_control's constant
+        assert drq.dmc_finger._SPIN_VELOCITY == drq.DEFAULT_SPIN_VELOCITY
+    finally:
+        drq.dmc_finger._SPIN_VELOCITY = drq.DEFAULT_SPIN_VELOCITY
+
+
+def test_reacher_easy_masked_hides_reward_for_first_half_only():
+    total = 500_000
+    for step in (0, 4, 100_000, 249_996):
+        assert drq.critic_reward_scale("reacher-easy_masked", step, total) == 0.0
+    for step in (250_000, 250_004, 499_996, 500_000):
+        assert drq.critic_reward_scale("reacher-easy_masked", step, total) == 1.0
+    for step in (0, 249_996, 300_000):
+        assert drq.critic_reward_scale("reacher-easy", step, total) == 1.0
+    assert drq.parse_env_id("reacher-easy_masked") == ("reacher", "easy")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Replay and augmentation
+
+
+def test_frame_replay_rebuilds_stacks_of_a_scripted_stream_with_wraparound():
+    stack, capacity = 3, 23
+    rb = drq.FrameReplay(capacity, (3, 2, 2), 1, stack)
+    transitions = {}  # id of next frame -> (obs ids, action, reward, terminated, next ids)
+    frame_id = 0
+    positions = {}  # frame id -> absolute position
+    for episode_len in [1, 2, 5, 3, 9, 1, 4, 7, 2, 6]:
+        ids = [frame_id]
+        rb.add_first(np.full((3, 2, 2), frame_id, np.uint8))
+        positions[frame_id] = rb.pos - 1
+        frame_id += 1
+        for t in range(episode_len):
+            ids.append(frame_id)
+            term = t == episode_len - 1 and episode_len % 2 == 1
+            rb.add(np.full((3, 2, 2), frame_id, np.uint8), [frame_id / 10], frame_id * 0.5, term)
+            positions[frame_id] = rb.pos - 1
+            # reference stacks: frames before the episode start are the episode's first frame
+            obs = [ids[max(t - d, 0)] for d in (2, 1, 0)]
+            nxt = [ids[max(t + 1 - d, 0)] for d in (2, 1, 0)]
+            transitions[frame_id] = (obs, frame_id / 10, frame_id * 0.5, term, nxt)
+            frame_id += 1
+    oldest = rb.pos - capacity
+    valid = {fid for fid, tr in transitions.items() if min(positions[i] for i in tr[0] + tr[4]) >= oldest}
+    assert 0 < len(valid) < len(transitions)
+    obs, actions, rewards, terms, next_obs = rb.sample(2000, np.random.default_rng(0))
+    assert obs.shape == (2000, 9, 2, 2) and obs.dtype == np.uint8
+    seen = set()
+    for o, a, r, term, n in zip(obs, actions, rewards, terms, next_obs):
+        fid = int(n[-1, 0, 0])
+        assert fid in valid
+        seen.add(fid)
+        ref_obs, ref_a, ref_r, ref_term, ref_next = transitions[fid]
+        assert [int(o[3 * k, 0, 0]) for k in range(stack)] == ref_obs
+        assert [int(n[3 * k, 0, 0]) for k in range(stack)] == ref_next
+        assert a[0] == pytest.approx(ref_a) and r == pytest.approx(ref_r) and bool(term) == ref_term
+    assert seen == valid  # every valid transition can be drawn
+
+
+def test_frame_replay_matches_the_real_env_stacks_across_episode_boundaries():
+    env = drq.DMCPixels("cartpole-swingup", seed=0, frame_stack=3)
+    env.env._step_limit = 3 * env.action_repeat  # 3 agent steps per episode keeps rendering cheap
+    rb = drq.FrameReplay(100, (3, 84, 84), 1, 3)
+    expected = {}  # position -> (obs, next_obs) from the env
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        obs, frame = env.reset()
+        rb.add_first(frame)
+        done = False
+        while not done:
+            nxt, frame, r, term, trunc, _ = env.step(rng.uniform(-1, 1, 1))
+            rb.add(frame, 0.0, r, term)
+            expected[rb.pos - 1] = (obs, nxt)
+            obs, done = nxt, term or trunc
+    assert len(expected) == 9
+
+    class At:  # an rng stub that draws exactly position p
+        def __init__(self, p):
+            self.p = p
+
+        def integers(self, lo, hi, size):
+            assert lo <= self.p < hi
+            return np.full(size, self.p)
+
+    for p, (obs, nxt) in expected.items():
+        o, _, _, _, n = rb.sample(2, At(p))
+        np.testing.assert_array_equal(o[0], obs)
+        np.testing.assert_array_equal(n[0], nxt)
+
+
+def test_random_shift_is_a_replicate_padded_crop():
+    torch.manual_seed(0)
+    x = torch.rand(6, 2, 10, 10)
+    y = drq.random_shift(x, 4)
+    assert y.shape == x.shape
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4), mode="replicate")
+    offsets = set()
+    for i in range(6):
+        match = [(dy, dx) for dy in range(9) for dx in range(9)
+                 if torch.equal(padded[i, :, dy:dy + 10, dx:dx + 10], y[i])]
+        assert match, "each sample is a crop of its padded image"
+        offsets.add(match[0])
+    assert len(offsets) > 1  # independent offsets per sample
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The real script
+
+
+@pytest.mark.parametrize("flags, flag_name", [
+    (["--env-id", "cartpole-nosuchtask"], "--env-id"),
+    (["--env-id", "nosuchdomain-run"], "--env-id"),
+    (["--mitigation", "dropout"], "--mitigation"),
+])
+def test_bad_input_exits_with_one_clear_line(run_script, tmp_path, flags, flag_name):
+    proc = run_script(SCRIPT, flags, cwd=tmp_path, timeout=120, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and flag_name in lines[0], proc.stderr
+    assert not (tmp_path / "runs").exists()  # rejected before anything was created
+
+
+SMOKE_COMMON = ["--env-id", "cartpole-swingup", "--batch-size", "8", "--buffer-size", "200", "--learning-starts",
+                "160", "--metrics-every", "80", "--metrics-batch", "16", "--log-every", "80", "--eval-every", "0",
+                "--total-timesteps", "240"]
+# name -> (extra flags, probe steps); cartpole repeats actions 8 times, so 240 frames = 30 renders, 10 updates
+SMOKE = {
+    "none": (["--mitigation", "none", "--total-timesteps", "1040", "--learning-starts", "880", "--eval-every", "1040",
+              "--eval-episodes", "1"], [880, 960, 1040]),  # one full 1000-frame episode and an evaluation
+    "ln_hr": (["--mitigation", "ln", "--hr"], [160, 240]),
+    "lnwd": (["--mitigation", "lnwd"], [160, 240]),
+    "hlgauss": (["--mitigation", "hlgauss"], [160, 240]),
+    "reset": (["--mitigation", "reset", "--reset-every", "200"], [160, 240]),
+    "redo": (["--mitigation", "redo", "--redo-every", "200", "--redo-tau", "0.5"], [160, 240]),
+    "prune": (["--mitigation", "prune", "--prune-every", "40"], [160, 240]),
+}
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    """All smoke runs, two at a time (the box has 2 cores); {name: (proc, run_dir)}."""
+    from conftest import run_script
+
+    def go(name):
+        cwd = tmp_path_factory.mktemp(name)
+        proc = run_script(SCRIPT, SMOKE_COMMON + SMOKE[name][0] + ["--run-name", name, "--seed", "3"], cwd=cwd,
+                          timeout=400, env={"OMP_NUM_THREADS": "1"})
+        return name, (proc, cwd / "runs" / name)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(go, SMOKE))
+
+
+@pytest.mark.parametrize("name", list(SMOKE))
+def test_smoke_run_logs_training_and_dominance_metrics(smoke_runs, read_scalars, name):
+    proc, run_dir = smoke_runs[name]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    args = json.loads((run_dir / "args.json").read_text())
+    assert args["mitigation"] == SMOKE[name][0][1] and args["hr"] == name.endswith("hr")
+    s = read_scalars(str(run_dir))
+    for tag in ["losses/qf_loss", "losses/actor_loss", "losses/alpha", "charts/SPS", "representation/dominant",
+                "grad/latent", "grad/fc1", "grad/fc2"]:
+        assert tag in s, (tag, sorted(s))
+    for layer in ["latent", "fc1", "fc2"]:
+        for key in ["max_score", "dormant_score", "dormant_kde", "saturated", "zombie", "srank", "dominant"]:
+            values = [v for _, v in s[f"representation/{layer}/{key}"]]
+            assert values and all(math.isfinite(v) for v in values)
+        width = 50 if layer == "latent" else 256
+        for (_, mx), (_, dom) in zip(s[f"representation/{layer}/max_score"], s[f"representation/{layer}/dominant"]):
+            assert 0 < mx <= width and dom == float(mx > width / 2)
+    assert all(v > 0 for _, v in s["grad/fc1"])  # gradients reach the hidden layers
+    assert [step for step, _ in s["representation/fc1/max_score"]] == SMOKE[name][1]
+    assert "global_step=" in proc.stdout and "SPS=" in proc.stdout
+
+    if name == "none":  # one full episode (1000 frames) and an evaluation
+        assert s["charts/episodic_length"][0][1] == 1000
+        assert 0 <= s["charts/episodic_return"][0][1] <= 1000
+        assert [step for step, _ in s["eval/episodic_return"]] == [1040]
+    if name == "hlgauss":  # Q is an expectation over bin centres, so it lies inside the support
+        assert all(0 <= v <= 100 for _, v in s["losses/qf1_values"])
+    if name == "reset":
+        assert [step for step, _ in s["charts/critic_resets"]] == [200]
+    if name == "redo":
+        assert [step for step, _ in s["charts/redo_recycled"]] == [200] and s["charts/redo_recycled"][0][1] > 0
+    if name == "prune":
+        got = dict(s["charts/critic_sparsity"])
+        assert sorted(got) == [160, 200, 240]  # mask updates once learning runs
+        for step, value in got.items():
+            assert value == pytest.approx(drq.cubic_sparsity(step, 240, 0.95, 0.2, 0.8), abs=2e-3)

@@ -1,0 +1,270 @@
+"""Tests for pqn_atari_hr.py: Q(lambda) targets against a slow reference, the network variants (Hadamax shapes and
+parameter count, LayerNorm over channels, HR product, ReDo wiring), smoke runs of the real script, bad input."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pqn_atari_hr as pqn
+
+SCRIPT = "pqn_atari_hr.py"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Q(lambda)
+
+
+def slow_q_lambda(r, d, nq, gamma, lam):
+    """Lambda-return by its definition: G^lam_t = (1 - lam) sum_{n=1}^{H-1} lam^(n-1) G^(n)_t + lam^(H-1) G^(H)_t,
+    H = T - t, where the n-step return G^(n)_t sums discounted rewards and bootstraps with max Q(s_{t+n}) unless an
+    episode ended on the way (then it is the plain discounted sum up to the end)."""
+    T, N = r.shape
+    out = np.zeros((T, N))
+    for i in range(N):
+        for t in range(T):
+            H = T - t
+            returns, acc, disc, ended = [], 0.0, 1.0, False
+            for n in range(1, H + 1):
+                k = t + n - 1
+                if not ended:
+                    acc += disc * r[k, i]
+                    disc *= gamma
+                    ended = bool(d[k, i])
+                returns.append(acc if ended else acc + disc * nq[k, i])
+            g = sum((1 - lam) * lam ** (n - 1) * returns[n - 1] for n in range(1, H))
+            out[t, i] = g + lam ** (H - 1) * returns[H - 1]
+    return out
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.65, 1.0])
+def test_q_lambda_matches_slow_reference(lam):
+    rng = np.random.default_rng(0)
+    T, N = 13, 6
+    r = rng.normal(size=(T, N))
+    d = (rng.random((T, N)) < 0.2).astype(np.float64)
+    d[-1, 0], d[0, 1] = 1.0, 1.0  # an episode end on the last and on the first step
+    nq = rng.normal(size=(T, N))
+    got = pqn.q_lambda_targets(torch.tensor(r), torch.tensor(d), torch.tensor(nq), 0.99, lam).numpy()
+    np.testing.assert_allclose(got, slow_q_lambda(r, d, nq, 0.99, lam), rtol=1e-10, atol=1e-10)
+    assert d.sum() > 3  # the data really has episode ends
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# network
+
+
+def make_args(**kw):
+    return pqn.Args(**kw)
+
+
+def test_nature_default_parameter_count():
+    net = pqn.QNetwork(make_args(), 4)
+    # convs 8224 + 32832 + 36928, dense 1606144, head 2052, LayerNorm affine 2 * (32 + 64 + 64 + 512)
+    assert sum(p.numel() for p in net.parameters()) == 8224 + 32832 + 36928 + 1606144 + 2052 + 1344
+
+
+def test_hadamax_shapes_and_parameter_count():
+    net = pqn.QNetwork(make_args(encoder="hadamax"), 6)
+    x = torch.randint(0, 256, (3, 4, 84, 84), dtype=torch.uint8)
+    q, acts = net(x, probe=True)
+    assert q.shape == (3, 6)
+    shapes = {name: tuple(post.shape) for name, (post, _) in acts.items()}
+    assert shapes == {"conv1": (3, 32, 21, 21), "conv2": (3, 64, 11, 11), "conv3": (3, 64, 11, 11),
+                      "latent": (3, 512)}
+    assert net.dense[0].fused.in_features == 7744
+    assert [layer.branches for layer in net.convs] == [2, 2, 2] and net.dense[0].branches == 1
+    assert net.dense[0].activation == "gelu" and all(layer.activation == "gelu" for layer in net.convs)
+    trunk = sum(p.numel() for n, p in net.named_parameters() if not n.startswith("head"))
+    convs = 2 * (4 * 64 * 32 + 32) + 2 * (32 * 16 * 64 + 64) + 2 * (64 * 9 * 64 + 64)
+    ln = 2 * 2 * (32 + 64 + 64) + 2 * 512
+    assert trunk == convs + 7744 * 512 + 512 + ln
+    assert 4.0e6 < trunk < 4.2e6  # "about 4.1M" (Hadamax paper)
+
+
+def test_hadamax_block_matches_explicit_computation():
+    """Block 1 by hand: two SAME convs (pad 3 before, 4 after for k=8), LayerNorm over channels per position
+    (eps 1e-6), tanh-GELU, product, 4x4 max-pool."""
+    torch.manual_seed(0)
+    net = pqn.QNetwork(make_args(encoder="hadamax"), 4)
+    layer = net.convs[0]
+    with torch.no_grad():
+        layer.ln_weight.uniform_(0.5, 1.5)
+        layer.ln_bias.uniform_(-0.5, 0.5)
+    x = torch.rand(2, 4, 84, 84)
+    out = net.pools["conv1"](layer(x)[0])
+    w, b = layer.fused.weight, layer.fused.bias
+    xp = F.pad(x, (3, 4, 3, 4))
+    branches = []
+    for k in range(2):
+        z = F.conv2d(xp, w[32 * k:32 * (k + 1)], b[32 * k:32 * (k + 1)])
+        zc = z.permute(0, 2, 3, 1)
+        mu, var = zc.mean(-1, keepdim=True), zc.var(-1, unbiased=False, keepdim=True)
+        zc = (zc - mu) / torch.sqrt(var + 1e-6) * layer.ln_weight[32 * k:32 * (k + 1)] + layer.ln_bias[32 * k:32 * (k + 1)]
+        branches.append(0.5 * zc * (1 + torch.tanh(math.sqrt(2 / math.pi) * (zc + 0.044715 * zc ** 3))))
+    ref = F.max_pool2d((branches[0] * branches[1]).permute(0, 3, 1, 2), 4, 4)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_hr_dense_layer_is_product_of_independent_branches():
+    torch.manual_seed(0)
+    layer = pqn.HiddenLayer("linear", 10, 7, "tanh", True, branches=2)
+    x = torch.randn(5, 10)
+    out, pre = layer(x)
+    w, b = layer.fused.weight, layer.fused.bias
+    ref = torch.ones(5, 7)
+    for k in range(2):
+        z = F.layer_norm(x @ w[7 * k:7 * (k + 1)].T + b[7 * k:7 * (k + 1)], (7,), eps=1e-6)
+        ref = ref * torch.tanh(z)
+    torch.testing.assert_close(out, ref)
+    assert pre.shape == (5, 14)
+    assert not torch.equal(w[:7], w[7:])  # independently initialised
+
+
+def test_conv_layernorm_normalises_over_channels_at_each_position():
+    torch.manual_seed(0)
+    layer = pqn.HiddenLayer("conv", 4, 16, "relu", True, kernel=3)
+    _, pre = layer(torch.randn(2, 4, 9, 9))
+    assert pre.shape == (2, 16, 7, 7)
+    torch.testing.assert_close(pre.mean(dim=1), torch.zeros(2, 7, 7), atol=1e-5, rtol=0)
+    torch.testing.assert_close(pre.var(dim=1, unbiased=False), torch.ones(2, 7, 7), atol=1e-3, rtol=0)
+
+
+def test_crelu_doubles_width():
+    net = pqn.QNetwork(make_args(activation="crelu"), 4)
+    _, acts = net(torch.zeros(2, 4, 84, 84, dtype=torch.uint8), probe=True)
+    assert acts["conv1"][0].shape[1] == 64 and acts["conv1"][1].shape[1] == 32
+    assert acts["latent"][0].shape == (2, 1024) and net.head.in_features == 1024
+
+
+def test_redo_step_recycles_dormant_units_only():
+    torch.manual_seed(0)
+    # sigmoid HR: live units score ~1, so with a tiny tau only the units made dead below are dormant
+    args = make_args(activation="sigmoid", hr=True, layernorm=False, redo_tau=1e-6)
+    net = pqn.QNetwork(args, 4)
+    opt = torch.optim.RAdam(net.parameters(), lr=1e-3)
+    x = torch.randint(0, 256, (16, 4, 84, 84), dtype=torch.uint8)
+    net(x).pow(2).mean().backward()
+    opt.step()
+    latent = net.dense[0]
+    dead = torch.tensor([3, 100, 511])
+    with torch.no_grad():  # make three latent units dead in both branches: zero weights, very negative bias
+        for k in range(2):
+            latent.fused.weight[k * 512 + dead] = 0.0
+            latent.fused.bias[k * 512 + dead] = -40.0
+        conv3 = net.convs[2]  # and conv3 channel 5: its outgoing weights are 49 flattened columns of the latent
+        for k in range(2):
+            conv3.fused.weight[k * 64 + 5] = 0.0
+            conv3.fused.bias[k * 64 + 5] = -40.0
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    moments = opt.state[latent.fused.weight]["exp_avg"].clone()
+    out = pqn.redo_step(net, opt, x, args)
+    assert out["redo/latent/recycled_fraction"] == pytest.approx(3 / 512)
+    rows = torch.cat([dead, dead + 512])
+    w = latent.fused.weight.detach()
+    assert (w[rows].abs().sum(dim=1) > 0).all()  # fresh incoming weights in both branches
+    assert (latent.fused.bias.detach()[rows] == 0).all()
+    assert (net.head.weight.detach()[:, dead] == 0).all()  # zero outgoing weights
+    assert (opt.state[latent.fused.weight]["exp_avg"][rows] == 0).all()
+    keep = torch.ones(1024, dtype=torch.bool)
+    keep[rows] = False
+    assert out["redo/conv1/recycled_fraction"] == out["redo/conv2/recycled_fraction"] == 0.0
+    assert out["redo/conv3/recycled_fraction"] == pytest.approx(1 / 64)
+    assert (conv3.fused.weight.detach()[[5, 69]].abs().sum() > 0) and (conv3.fused.bias.detach()[[5, 69]] == 0).all()
+    cols = torch.zeros(3136, dtype=torch.bool)
+    cols[5 * 49:6 * 49] = True  # channel-major flatten of the 64 x 7 x 7 conv3 map
+    # zero outgoing weights and moments (the latent's own recycled rows got fresh full rows)
+    assert (w[keep][:, cols] == 0).all() and (opt.state[latent.fused.weight]["exp_avg"][:, cols] == 0).all()
+    # everything else of the latent layer is untouched
+    torch.testing.assert_close(w[keep][:, ~cols], before["dense.0.fused.weight"][keep][:, ~cols])
+    torch.testing.assert_close(opt.state[latent.fused.weight]["exp_avg"][keep][:, ~cols], moments[keep][:, ~cols])
+    assert out["redo/recycled_fraction"] == pytest.approx(4 / (32 + 64 + 64 + 512))
+    live = torch.ones(512, dtype=torch.bool)
+    live[dead] = False
+    torch.testing.assert_close(net.head.weight.detach()[:, live], before["head.weight"][:, live])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# smoke runs of the real script
+
+SMALL = ["--env-id", "Breakout-v5", "--num-envs", 8, "--num-test-envs", 2, "--num-steps", 16,
+         "--total-timesteps", 512, "--num-minibatches", 4, "--metrics-every", 256, "--metrics-batch", 64,
+         "--max-episode-steps", 30, "--torch-threads", 1]
+# Hadamax is ~16x the Nature CNN's compute per sample: a smaller run
+HADAMAX = ["--env-id", "Breakout-v5", "--num-envs", 2, "--num-test-envs", 1, "--num-steps", 8,
+           "--total-timesteps", 128, "--num-minibatches", 2, "--update-epochs", 1, "--metrics-every", 64,
+           "--metrics-batch", 16, "--max-episode-steps", 20, "--torch-threads", 1, "--encoder", "hadamax"]
+
+VARIANTS = {
+    "relu": SMALL,
+    "tanh_hr": SMALL + ["--activation", "tanh", "--hr"],
+    "hadamax": HADAMAX,
+    "crelu": SMALL + ["--activation", "crelu"],
+    "redo": SMALL + ["--redo", "--redo-interval", 2],
+}
+LAYERS = ["conv1", "conv2", "conv3", "latent"]
+METRICS = ["dormant_kde", "dormant_score", "srank", "max_score", "saturated", "zombie"]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_smoke_run_logs_every_tag(variant, tmp_path, run_script, read_scalars):
+    args = VARIANTS[variant]
+    proc = run_script(SCRIPT, args + ["--run-name", variant, "--seed", 3], cwd=tmp_path, timeout=300,
+                      env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "SPS=" in proc.stdout and "parameters:" in proc.stdout
+    run_dir = tmp_path / "runs" / variant
+    saved = json.loads((run_dir / "args.json").read_text())
+    assert saved["seed"] == 3 and saved["run_name"] == variant
+    s = read_scalars(str(run_dir))
+    total = args[args.index("--total-timesteps") + 1]
+    expected = ["charts/episodic_return", "charts/episodic_length", "charts/human_normalized", "charts/SPS",
+                "charts/learning_rate", "charts/epsilon", "losses/td_loss", "losses/q_values",
+                "eval/episodic_return", "eval/human_normalized", "representation/hidden_bias",
+                "representation/live_contribution"]
+    expected += [f"representation/{layer}/{m}" for layer in LAYERS for m in METRICS]
+    if variant == "redo":
+        expected += ["redo/recycled_fraction"] + [f"redo/{layer}/recycled_fraction" for layer in LAYERS]
+    missing = [t for t in expected if t not in s]
+    assert not missing, f"missing tags: {missing}; got {sorted(s)}"
+    for tag in expected:
+        assert all(math.isfinite(v) for _, v in s[tag]), tag
+    assert s["charts/SPS"][-1][0] == total
+    assert s["charts/epsilon"][0][1] == pytest.approx(1.0) and s["charts/epsilon"][-1][1] == pytest.approx(0.001)
+    # human-normalised = (score - random) / (human - random) with Breakout's (1.7, 30.5)
+    for prefix in ("charts", "eval"):
+        for (step, ret), (step2, hn) in zip(s[f"{prefix}/episodic_return"], s[f"{prefix}/human_normalized"]):
+            assert step == step2 and hn == pytest.approx((ret - 1.7) / (30.5 - 1.7), abs=1e-5)
+    for layer in LAYERS:
+        for m in ("dormant_kde", "dormant_score", "saturated", "zombie"):
+            assert all(0.0 <= v <= 1.0 for _, v in s[f"representation/{layer}/{m}"])
+        assert all(v >= 1 for _, v in s[f"representation/{layer}/srank"])
+    if variant == "redo":
+        assert all(0.0 <= v <= 1.0 for _, v in s["redo/recycled_fraction"])
+
+
+@pytest.mark.parametrize("bad, flag", [
+    (dict(env_id="NotAGame-v5"), "--env-id"),
+    (dict(env_id="CartPole-v1"), "--env-id"),
+    (dict(hr=True, hr_branches=1), "--hr-branches"),
+    (dict(combine="sum"), "--combine"),
+    (dict(num_envs=8, num_steps=16, num_minibatches=3), "--num-minibatches"),
+    (dict(num_envs=8, num_steps=16, num_minibatches=4, metrics_batch=1024), "--metrics-batch"),
+])
+def test_validate_rejects_bad_input(bad, flag):
+    with pytest.raises(SystemExit) as e:
+        pqn.validate(pqn.Args(**bad))
+    msg = str(e.value.code)
+    assert msg.startswith("error:") and flag in msg and "\n" not in msg
+
+
+def test_bad_input_exits_with_one_clear_line(tmp_path, run_script):
+    """The command-line path: non-zero exit, one line on stderr naming the flag, nothing written."""
+    proc = run_script(SCRIPT, ["--hr", "--hr-branches", 1], cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--hr-branches" in lines[0], proc.stderr
+    assert not os.path.exists(tmp_path / "runs")
