@@ -13,10 +13,15 @@ Metrics and the papers they implement:
 - head_contributions: output contribution of dormant vs live latent neurons (HR v2 Theorem 4.1, "weights become biases").
 - redo_recycle_: ReDo neuron recycling (Sokar et al. 2023, Alg. 1).
 - ATARI_RANDOM_HUMAN, human_normalized, baseline_normalized (HR papers eq. 5), iqm, bootstrap_ci (Agarwal et al. 2021).
+
+Checkpoint helpers (the only functions here that touch files or global RNG state, by design): atomic_save,
+rng_state / set_rng_state, arg_conflicts.
 """
 from __future__ import annotations
 
 import math
+import os
+import random
 import re
 from typing import Callable, Iterable, Sequence
 
@@ -27,7 +32,7 @@ __all__ = [
     "effective_rank", "dormant_mask_kde", "dormant_fraction_kde", "activation_scores", "dormant_fraction_score",
     "max_activation_score", "saturation_fractions", "layer_metrics", "head_contributions", "redo_recycle_",
     "ATARI_RANDOM_HUMAN", "ATARI_57", "ATARI_HARD_EXPLORATION", "ATARI_51", "atari_game_name", "human_normalized",
-    "baseline_normalized", "iqm", "bootstrap_ci",
+    "baseline_normalized", "iqm", "bootstrap_ci", "atomic_save", "rng_state", "set_rng_state", "arg_conflicts",
 ]
 
 # --------------------------------------------------------------------------------------------------------------
@@ -409,3 +414,57 @@ def bootstrap_ci(scores, statistic: Callable = iqm, reps: int = 2000, alpha: flo
         stats[r] = statistic(pack([t[rng.integers(0, t.size, t.size)] for t in tasks]))
     lo, hi = np.percentile(stats, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return point, float(lo), float(hi)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def atomic_save(obj, path: str) -> int:
+    """torch.save `obj` to `path` atomically: write `path.tmp`, fsync, rename over `path` (a kill at any moment
+    leaves either the old file or the new one, never half of one). Returns the bytes written."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    size = os.path.getsize(tmp)
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+    return size
+
+
+def rng_state(*generators: np.random.Generator) -> dict:
+    """The global RNG states (python, numpy, torch CPU and CUDA) plus those of the given numpy Generators."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generators": [g.bit_generator.state for g in generators],
+    }
+
+
+def set_rng_state(state: dict, *generators: np.random.Generator) -> None:
+    """Restore what rng_state returned, in place (the same Generators, in the same order)."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if len(state["generators"]) != len(generators):
+        raise ValueError(f"checkpoint holds {len(state['generators'])} generator states, {len(generators)} given")
+    for g, s in zip(generators, state["generators"]):
+        g.bit_generator.state = s
+
+
+def arg_conflicts(saved: dict, current: dict, may_differ: Iterable[str]) -> list[str]:
+    """Names whose values differ between a run's saved arguments and the current ones, ignoring `may_differ`
+    (flags that do not change the run, e.g. checkpoint cadence or device). Sorted, for one clear message."""
+    skip = set(may_differ)
+    keys = (set(saved) | set(current)) - skip
+    return sorted(k for k in keys if saved.get(k) != current.get(k))

@@ -65,24 +65,17 @@ class RunData:
 
 
 def read_event_scalars(run_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{tag: (steps, values)} of the event files directly in run_dir, read by one accumulator in file order as
+    TensorBoard does: a resumed run's purge_step drops what the killed process logged after its checkpoint.
+    Several episodes ending at the same step are all kept."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    merged: dict[str, dict[int, float]] = defaultdict(dict)
-    files = sorted(glob.glob(os.path.join(run_dir, "events.out.tfevents.*")), key=os.path.getmtime)
-    for f in files:  # later files (a resumed run) override earlier values at the same step
-        acc = EventAccumulator(f, size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags().get("scalars", []):
-            events = acc.Scalars(tag)
-            if tag in ("charts/episodic_return", "eval/episodic_return", "charts/episodic_length"):
-                # several episodes can end at the same step: keep them all
-                merged[tag].update({(e.step, i): e.value for i, e in enumerate(events)})
-            else:
-                merged[tag].update({(e.step, 0): e.value for e in events})
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    acc.Reload()
     out = {}
-    for tag, values in merged.items():
-        keys = sorted(values)
-        out[tag] = (np.array([k[0] for k in keys], dtype=np.int64), np.array([values[k] for k in keys], dtype=float))
+    for tag in acc.Tags().get("scalars", []):
+        events = sorted(acc.Scalars(tag), key=lambda e: e.step)  # stable: same-step events keep their order
+        out[tag] = (np.array([e.step for e in events], dtype=np.int64), np.array([e.value for e in events], dtype=float))
     return out
 
 

@@ -12,15 +12,17 @@ if REPO not in sys.path:
 
 
 def read_scalars(run_dir):
-    """All scalars in every event file under run_dir: {tag: [(step, value), ...]} sorted by step."""
+    """All scalars of a run: {tag: [(step, value), ...]} sorted by step. Each directory holding event files is read
+    by one accumulator, in file order, as TensorBoard does, so a resumed run's purge_step drops the events that the
+    killed process logged after its checkpoint."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     files = glob.glob(os.path.join(run_dir, "**", "events.out.tfevents.*"), recursive=True)
     if not files:
         raise AssertionError(f"no TensorBoard event file under {run_dir}")
     out = {}
-    for f in files:
-        acc = EventAccumulator(f, size_guidance={"scalars": 0, "tensors": 0})
+    for directory in sorted({os.path.dirname(f) for f in files}):
+        acc = EventAccumulator(directory, size_guidance={"scalars": 0, "tensors": 0})
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
             out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))

@@ -1,5 +1,7 @@
 """common.py against independent computations and cases with known answers."""
 import math
+import os
+import random
 import time
 
 import numpy as np
@@ -339,3 +341,51 @@ def test_every_public_function_is_documented():
         obj = getattr(common, name)
         if callable(obj):
             assert obj.__doc__ and len(obj.__doc__.strip()) > 20, name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoint helpers
+
+
+def test_atomic_save_replaces_whole_file_and_leaves_no_temp(tmp_path):
+    path = str(tmp_path / "checkpoint.pt")
+    common.atomic_save({"step": 1, "w": torch.zeros(4)}, path)
+    size = common.atomic_save({"step": 2, "w": torch.arange(1000.0)}, path)
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+    assert size == os.path.getsize(path)
+    state = torch.load(path, weights_only=False)
+    assert state["step"] == 2 and torch.equal(state["w"], torch.arange(1000.0))
+
+
+def test_atomic_save_failure_keeps_previous_checkpoint(tmp_path):
+    path = str(tmp_path / "checkpoint.pt")
+    common.atomic_save({"step": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        common.atomic_save({"step": 2, "bad": Unpicklable()}, path)
+    assert torch.load(path, weights_only=False)["step"] == 1
+
+
+def test_rng_state_round_trip_replays_every_stream():
+    gen = np.random.default_rng(3)
+    state = common.rng_state(gen)
+
+    def draw():
+        return (random.random(), np.random.rand(), torch.rand(2).tolist(), gen.integers(1 << 30))
+
+    first = draw()
+    common.set_rng_state(state, gen)
+    assert draw() == first
+    with pytest.raises(ValueError):
+        common.set_rng_state(state)
+
+
+def test_arg_conflicts_lists_changed_added_and_removed_names():
+    saved = {"lr": 1e-4, "seed": 1, "checkpoint_every": 10, "gone": True}
+    current = {"lr": 2e-4, "seed": 1, "checkpoint_every": 20, "new": 0}
+    assert common.arg_conflicts(saved, current, may_differ=["checkpoint_every"]) == ["gone", "lr", "new"]
+    assert common.arg_conflicts(saved, dict(saved), may_differ=[]) == []
