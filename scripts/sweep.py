@@ -6,8 +6,8 @@ environment variables or flags override games/tasks, configurations, seeds and e
 
 Every run gets a deterministic name, `<algo>__<env>__<config>__s<seed>`, so relaunching the same sweep:
 - skips runs that finished (runs/NAME/finished exists, written by the script on a clean exit),
-- resumes runs that started but did not finish (`--resume`, when the script supports it; otherwise the partial
-  run directory is moved aside to runs/NAME.partial-<time> and the run starts over),
+- resumes runs that started and wrote a checkpoint (`--resume`); a run stopped before its first checkpoint is moved
+  aside to runs/NAME.partial-<time> and starts over,
 - starts the rest.
 Local mode runs N jobs at a time and spreads them round-robin over the visible GPUs (CUDA_VISIBLE_DEVICES per job).
 SLURM mode writes one job-array script (one array task per run; requeue-safe because each task relaunches through
@@ -112,31 +112,25 @@ def build_runs(sweep: str, algo: str, games: list[str], configs: list[str], seed
     return runs
 
 
-def script_supports_resume(script: str) -> bool:
-    with open(os.path.join(REPO, script)) as f:
-        return "resume:" in f.read()
-
-
 def plan(run: Run, runs_dir: str) -> str:
-    """'skip' (finished), 'resume' (started, unfinished) or 'start'."""
+    """'skip' (finished), 'resume' (has a checkpoint), 'restart' (started, no checkpoint yet) or 'start'."""
     d = os.path.join(runs_dir, run.name)
     if os.path.exists(os.path.join(d, "finished")):
         return "skip"
-    if os.path.isdir(d):
+    if os.path.exists(os.path.join(d, "checkpoint.pt")):
         return "resume"
-    return "start"
+    return "restart" if os.path.exists(d) else "start"
 
 
 def prepare(run: Run, runs_dir: str, dry_run: bool) -> list[str] | None:
     action = plan(run, runs_dir)
     if action == "skip":
         return None
-    resume = action == "resume" and script_supports_resume(run.script)
-    if action == "resume" and not resume and not dry_run:
+    if action == "restart" and not dry_run:  # killed before its first checkpoint: keep its logs aside, start over
         aside = os.path.join(runs_dir, f"{run.name}.partial-{int(time.time())}")
         shutil.move(os.path.join(runs_dir, run.name), aside)
-        print(f"# {run.script} cannot resume yet: moved the partial run to {aside} and starting over", flush=True)
-    return run.command(runs_dir, resume)
+        print(f"# {run.name} stopped before its first checkpoint: moved it to {aside} and starting over", flush=True)
+    return run.command(runs_dir, action == "resume")
 
 
 def visible_gpus() -> list[str]:

@@ -45,15 +45,20 @@ def test_finished_runs_skipped_unfinished_resumed(tmp_path):
     runs = tmp_path / "runs"
     (runs / "dqn__PongNoFrameskip-v4__relu__s1").mkdir(parents=True)
     (runs / "dqn__PongNoFrameskip-v4__relu__s1" / "finished").write_text("")
-    (runs / "dqn__PongNoFrameskip-v4__relu__s2").mkdir()  # started, not finished
-    cmds, out = launcher("run_atari8.sh", "--dry-run", "--games", "Pong", "--configs", "relu", "--seeds", "1 2 3",
+    (runs / "dqn__PongNoFrameskip-v4__relu__s2").mkdir()  # started, checkpointed, not finished
+    (runs / "dqn__PongNoFrameskip-v4__relu__s2" / "checkpoint.pt").write_bytes(b"")
+    (runs / "dqn__PongNoFrameskip-v4__relu__s3").mkdir()  # started, killed before its first checkpoint
+    cmds, out = launcher("run_atari8.sh", "--dry-run", "--games", "Pong", "--configs", "relu", "--seeds", "1 2 3 4",
                          cwd=tmp_path)
-    assert len(cmds) == 2
+    assert len(cmds) == 3
     assert "skip dqn__PongNoFrameskip-v4__relu__s1 (finished)" in out
-    resumed = [c for c in cmds if c.endswith("relu__s2") or "relu__s2 " in c][0]
-    assert ("--resume" in resumed) == sweep.script_supports_resume("dqn_atari_hr.py")
-    fresh = [c for c in cmds if "relu__s3" in c][0]
-    assert "--resume" not in fresh
+
+    def command_of(seed):
+        return [c for c in cmds if f"--run-name dqn__PongNoFrameskip-v4__relu__s{seed}" in c][0]
+
+    assert command_of(2).endswith("--resume")
+    assert "--resume" not in command_of(3)  # nothing to resume from: restarts
+    assert "--resume" not in command_of(4)  # never started
 
 
 def test_pqn51_and_dmc_grids(tmp_path):
