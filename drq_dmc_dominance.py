@@ -47,10 +47,23 @@ Cost: rendering is ~25-40 frames/s per CPU core and physics is negligible, but o
 three no-grad encoder passes, augmentation) is ~10 CPU-seconds on this project's CPU box, so the 500k-frame recipe
 needs a GPU; the progress line and the final summary split wall time into physics/render/replay/update/eval.
 
+Checkpoints (--checkpoint-every N frames, default 50k): runs/NAME/checkpoint.pt, one file replaced atomically, holds
+everything the run needs to continue: actor, critic, target critic, log-alpha and the three optimisers, the pruning
+masks, the replay's filled part (frames stored once, as in memory: ~21 KB per agent step at 84x84, so up to ~2.1 GB at
+the default --buffer-size), the evaluation schedule, the probe batch and the RNG states. `--resume --run-name NAME`
+continues from it with the same flags (the environments start fresh episodes); the TensorBoard log continues with no
+gap and no duplicate. Cost: 50k frames are ~4-14 minutes of a GPU run (one env rendering ~30 steps/s, action repeat
+8-2); a write took 1.1 s for 0.6 GB (25k stored frames) and 3-13 s for 2.2 GB (full buffer) on the CPU box's disk.
+A finished run deletes its checkpoint.pt (keep the model with --save-model). A non-finite loss, parameter or action
+stops the run (exit 1) after writing the last good networks and optimisers to runs/NAME/checkpoint_last_good.pt
+(losses and parameters are checked where the host syncs anyway: every --log-every frames, before probes and
+checkpoints).
+
 Usage:
   python drq_dmc_dominance.py --env-id cartpole-swingup_sparse --mitigation lnwd
   python drq_dmc_dominance.py --env-id reacher-easy_masked --mitigation hlgauss --seed 2
   python drq_dmc_dominance.py --env-id finger-spin_fast --mitigation none --hr
+  python drq_dmc_dominance.py --env-id finger-spin_fast --run-name fs1 --resume   # continue a killed run
 """
 import os
 
@@ -85,6 +98,10 @@ MODIFIED_TASKS = {
     "reacher-easy_masked": ("reacher", "easy"),
 }
 PLANET_ACTION_REPEAT = {"cartpole": 8, "reacher": 4, "cheetah": 4, "ball_in_cup": 4, "finger": 2, "walker": 2}
+CHECKPOINT_FORMAT = 1
+# flags that may change on --resume: they do not change the training itself
+RESUME_MAY_DIFFER = ("resume", "checkpoint_every", "cuda", "track", "wandb_project_name", "wandb_entity",
+                     "capture_video", "save_model", "eval_episodes", "run_name")
 DEFAULT_SPIN_VELOCITY = dmc_finger._SPIN_VELOCITY  # dm_control's value (15), restored for plain finger envs
 FAST_SPIN_VELOCITY = 30.0
 
@@ -111,6 +128,11 @@ class Args:
     """save actor, critic and temperature to runs/{run_name}/ at the end"""
     run_name: Optional[str] = None
     """run directory runs/NAME (default {env_id}__{exp_name}__{seed}__{unix_time})"""
+    checkpoint_every: int = 50_000
+    """frames between checkpoints to runs/NAME/checkpoint.pt (0 = off); the file holds the replay, so it grows to
+    ~2.1 GB at the default --buffer-size and takes seconds to write (minutes of rendering pass between two)"""
+    resume: bool = False
+    """continue runs/NAME (needs --run-name) from runs/NAME/checkpoint.pt; the other flags must match its args.json"""
 
     # environment
     env_id: str = "cartpole-swingup"
@@ -235,11 +257,14 @@ def validate(args: Args) -> None:
     for name in positive:
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ["learning_starts", "eval_every", "metrics_every", "image_pad"]:
+    for name in ["learning_starts", "eval_every", "metrics_every", "image_pad", "checkpoint_every"]:
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.action_repeat is not None and args.action_repeat < 1:
         fail(f"--action-repeat must be >= 1, got {args.action_repeat}")
+    for name in ["policy_lr", "q_lr", "alpha_lr", "init_temperature"]:
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
+            fail(f"--{name.replace('_', '-')} must be a positive finite number, got {getattr(args, name)}")
     if args.hr and args.hr_branches < 2:
         fail(f"--hr-branches must be >= 2 with --hr, got {args.hr_branches}")
     if args.batch_size > args.buffer_size:
@@ -382,6 +407,20 @@ class FrameReplay:
         self.first[i] = first
         self.start[i] = self.episode_start
         self.pos += 1
+
+    ARRAYS = ("frames", "actions", "rewards", "terminated", "first", "start")
+
+    def state_dict(self):
+        """The filled part only, as tensors sharing the arrays' memory (torch.save writes them without a copy)."""
+        n = min(self.pos, self.capacity)
+        return {"pos": self.pos, "episode_start": self.episode_start,
+                **{k: torch.from_numpy(getattr(self, k)[:n]) for k in self.ARRAYS}}
+
+    def load_state_dict(self, state):
+        n = min(state["pos"], self.capacity)
+        for k in self.ARRAYS:
+            getattr(self, k)[:n] = state[k].numpy()
+        self.pos, self.episode_start = state["pos"], state["episode_start"]
 
     def num_transitions(self):
         lo = max(0, self.pos - self.capacity)
@@ -688,18 +727,110 @@ def crossed(prev_step, step, every):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Checkpoints and resume
+
+
+def check_resume(args: Args, run_dir: str, run_args: dict) -> None:
+    """The --resume rules, checked before any environment or buffer exists: exit 0 when the run already finished,
+    exit 1 with one line when there is nothing to resume or the flags differ from the run's args.json."""
+    if args.run_name is None:
+        sys.exit("error: --resume needs --run-name NAME (the run directory to continue)")
+    finished = os.path.join(run_dir, "finished")
+    if os.path.exists(finished):
+        print(f"run {args.run_name} already finished ({finished} exists); nothing to resume")
+        sys.exit(0)
+    if not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+        sys.exit(f"error: --resume: no checkpoint in {run_dir}")
+    try:
+        with open(os.path.join(run_dir, "args.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: --resume: cannot read {run_dir}/args.json ({e})")
+    conflicts = common.arg_conflicts(saved, run_args, RESUME_MAY_DIFFER)
+    if conflicts:
+        diffs = ", ".join(f"--{k.replace('_', '-')} (saved {saved.get(k)}, now {run_args.get(k)})" for k in conflicts)
+        sys.exit(f"error: --resume: {run_dir} was made with other flags: {diffs}")
+
+
+def ensure_writable(run_dir: str) -> None:
+    """Create runs/NAME and write a file in it, or exit with one line naming --run-name."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        probe = os.path.join(run_dir, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        reason = "a file of that name is in the way" if os.path.isfile(run_dir) else (e.strerror or str(e))
+        sys.exit(f"error: --run-name {os.path.basename(run_dir)}: cannot write {run_dir} ({reason})")
+
+
+def env_seeds(seed: int, start_step: int) -> tuple:
+    """(training env, evaluation env) seeds. A resumed run starts fresh episodes from seeds of its own, so it does
+    not replay the initial states the run began with."""
+    if start_step == 0:
+        return seed, seed + 10_000
+    train, evaluation = np.random.SeedSequence([seed, start_step]).generate_state(2)
+    return int(train), int(evaluation)
+
+
+def param_checksum(*state_dicts) -> float:
+    """Sum in float64 of every float tensor of the state_dicts: printed on resume, so the restored networks can be
+    compared with the checkpoint file."""
+    return sum(float(t.double().sum()) for sd in state_dicts for t in sd.values() if t.is_floating_point())
+
+
+def snapshot_(dst, src):
+    """Detached copy of the nested dicts/lists of tensors `src` (state_dicts), reusing dst's tensors (copy_, no new
+    memory) wherever they still match: the in-memory last good state written when training goes non-finite."""
+    if isinstance(src, torch.Tensor):
+        if isinstance(dst, torch.Tensor) and (dst.shape, dst.dtype, dst.device) == (src.shape, src.dtype, src.device):
+            return dst.copy_(src)
+        return src.detach().clone()
+    if isinstance(src, dict):
+        dst = dst if isinstance(dst, dict) else {}
+        return {k: snapshot_(dst.get(k), v) for k, v in src.items()}
+    if isinstance(src, (list, tuple)):
+        dst = dst if isinstance(dst, (list, tuple)) and len(dst) == len(src) else [None] * len(src)
+        return type(src)(snapshot_(d, v) for d, v in zip(dst, src))
+    return copy.deepcopy(src)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
     validate(args)
     run_name = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join("runs", run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump({**asdict(args), "run_name": run_name}, f, indent=2)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters",
-                    "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+    run_args = {**asdict(args), "run_name": run_name}
+    if args.resume:
+        check_resume(args, run_dir, run_args)
+    elif os.path.exists(ckpt_path):
+        sys.exit(f"error: --run-name {run_name}: {run_dir} already holds a checkpoint; add --resume to continue it, "
+                 f"or choose another --run-name")
+    ensure_writable(run_dir)
+    if not args.resume:
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(run_args, f, indent=2)
+    # mmap: the replay's frames are read from the file page by page into the buffer, never held twice in memory
+    t_resume = time.perf_counter()
+    ckpt = None
+    if args.resume:
+        try:
+            ckpt = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
+        except Exception as e:  # noqa: BLE001  (truncated, empty, not a torch file: one line, not a traceback)
+            sys.exit(f"error: --resume: cannot read {ckpt_path} ({type(e).__name__}: {str(e).splitlines()[0]})")
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+            sys.exit(f"error: --resume: {ckpt_path} is not a checkpoint of format {CHECKPOINT_FORMAT}")
+    start_step = ckpt["global_step"] if ckpt else 0
+    # Events are logged at the frame count reached by the step that produced them, so a checkpoint at step S
+    # already holds the events at S (flushed before it was written): drop only the ones logged after it.
+    writer = SummaryWriter(run_dir, purge_step=start_step + 1 if ckpt else None)
+    if not ckpt:
+        writer.add_text("hyperparameters",
+                        "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -708,8 +839,9 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     rng = np.random.default_rng(args.seed)
 
-    env = make_env(args, args.seed)
-    eval_env = make_env(args, args.seed + 10_000) if args.eval_every > 0 else None
+    train_seed, eval_seed = env_seeds(args.seed, start_step)
+    env = make_env(args, train_seed)
+    eval_env = make_env(args, eval_seed) if args.eval_every > 0 else None
     action_dim, obs_shape = env.action_dim, env.obs_shape
     critic = Critic(obs_shape, action_dim, args).to(device)
     target_critic = copy.deepcopy(critic).requires_grad_(False)
@@ -726,6 +858,7 @@ if __name__ == "__main__":
         else None
     pruner = MagnitudePruner(prunable_weights(critic)) if args.mitigation == "prune" else None
     rb = FrameReplay(args.buffer_size, (3, args.image_size, args.image_size), action_dim, args.frame_stack)
+    probe_gen = torch.Generator(device=device)  # re-seeded at every probe: the KDE noise is the same each time
 
     n_critic = sum(p.numel() for p in critic.parameters())
     n_actor = sum(p.numel() for p in actor.parameters())
@@ -733,7 +866,71 @@ if __name__ == "__main__":
             f"stopped); actor parameters (without encoder): {n_actor:,}; action repeat {env.action_repeat}, "
             f"camera {env.camera_id}, device {device}")
     print(arch)
-    writer.add_text("architecture", f"```\n{arch}\n```")
+    if not ckpt:
+        writer.add_text("architecture", f"```\n{arch}\n```")
+
+    def training_state():
+        """Networks and optimisers (state_dicts reference the live tensors)."""
+        return {"critic": critic.state_dict(), "target_critic": target_critic.state_dict(),
+                "actor": actor.state_dict(), "log_alpha": log_alpha.detach(), "critic_opt": critic_opt.state_dict(),
+                "actor_opt": actor_opt.state_dict(), "alpha_opt": alpha_opt.state_dict()}
+
+    global_step, last_return, probe_batch, last_eval_step = 0, float("nan"), None, -1
+    checkpoint_step = None  # step of the checkpoint.pt this run can be resumed from
+    if ckpt:
+        for module, key in ((critic, "critic"), (target_critic, "target_critic"), (actor, "actor")):
+            module.load_state_dict(ckpt[key])
+        with torch.no_grad():
+            log_alpha.copy_(ckpt["log_alpha"])
+        for opt, key in ((critic_opt, "critic_opt"), (actor_opt, "actor_opt"), (alpha_opt, "alpha_opt")):
+            opt.load_state_dict(ckpt[key])
+        if pruner is not None:
+            for mask, saved in zip(pruner.masks, ckpt["prune_masks"]):
+                mask.copy_(saved)
+        rb.load_state_dict(ckpt["replay"])
+        if ckpt["probe_batch"] is not None:
+            probe_batch = tuple(t.to(device) for t in ckpt["probe_batch"])
+        global_step = checkpoint_step = ckpt["global_step"]
+        last_eval_step, last_return = ckpt["last_eval_step"], ckpt["last_return"]
+        common.set_rng_state(ckpt["rng"], rng)
+        del ckpt
+        checksum = param_checksum(critic.state_dict(), target_critic.state_dict(), actor.state_dict())
+        print(f"resumed {run_dir} from step {global_step} (parameter checksum {checksum!r}); ready in "
+              f"{time.perf_counter() - t_resume:.1f}s", flush=True)
+    last_good = {"step": global_step, "state": snapshot_(None, training_state())}  # for a non-finite stop
+
+    def stop_non_finite(what):
+        """Write the last good state to checkpoint_last_good.pt (checkpoint.pt stays the resume point); exit 1."""
+        path = os.path.join(run_dir, "checkpoint_last_good.pt")
+        common.atomic_save({"format": CHECKPOINT_FORMAT, "global_step": last_good["step"], "args": run_args,
+                            **last_good["state"]}, path)
+        writer.close()
+        resumable = f"{ckpt_path} (step {checkpoint_step})" if checkpoint_step is not None else "(none yet)"
+        sys.exit(f"error: non-finite {what}; last good state (step {last_good['step']}) written to {path}; the "
+                 f"resumable checkpoint is {resumable}")
+
+    def keep_if_finite(stats):
+        """Called where the host syncs anyway (before logging, probing, checkpointing): stop on a non-finite loss
+        or parameter, else make the current state the last good one."""
+        bad = [k for k, v in stats.items() if not math.isfinite(float(v))]
+        if bad:
+            stop_non_finite(f"loss at step {global_step} ({', '.join(bad)})")
+        params = [*critic.parameters(), *target_critic.parameters(), *actor.parameters(), log_alpha]
+        if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            stop_non_finite(f"parameters at step {global_step}")
+        last_good["step"] = global_step
+        last_good["state"] = snapshot_(last_good["state"], training_state())  # copy_ into the same tensors
+
+    def save_checkpoint():
+        """Everything the run needs to continue, in one file replaced atomically; returns (MB, seconds)."""
+        t = time.perf_counter()
+        writer.flush()  # the events logged so far (steps <= global_step) reach the disk before the checkpoint
+        size = common.atomic_save({
+            "format": CHECKPOINT_FORMAT, "global_step": global_step, "args": run_args, **training_state(),
+            "prune_masks": pruner.masks if pruner is not None else None, "replay": rb.state_dict(),
+            "last_eval_step": last_eval_step, "last_return": last_return, "probe_batch": probe_batch,
+            "rng": common.rng_state(rng)}, ckpt_path)
+        return size / 1e6, time.perf_counter() - t
 
     def q_value(out):
         return hl.value(out) if hl is not None else out.squeeze(-1)
@@ -804,11 +1001,10 @@ if __name__ == "__main__":
         return float(np.mean(returns))
 
     timers = collections.defaultdict(float)  # wall seconds per phase (on CUDA, update time is launch time only)
-    start_time = time.time()
-    obs, frame = env.reset()
+    start_time = time.time()  # SPS counts the frames of this process only (from start_step)
+    obs, frame = env.reset()  # a resumed run starts a fresh episode
     rb.add_first(frame)
-    global_step, episode_return, episode_frames, last_return = 0, 0.0, 0, float("nan")
-    stats, probe_batch, last_eval_step = None, None, -1
+    episode_return, episode_frames, stats = 0.0, 0, None
     while global_step < args.total_timesteps:
         prev_step = global_step
         if global_step < args.learning_starts:
@@ -816,6 +1012,8 @@ if __name__ == "__main__":
         else:
             with torch.no_grad():
                 action = actor.sample(critic.encoder(to_torch(obs)[None]))[0][0].cpu().numpy()
+            if not np.isfinite(action).all():  # the host has the action anyway; MuJoCo would raise on it
+                stop_non_finite(f"action at step {global_step}")
         obs, frame, reward, terminated, truncated, frames = env.step(action)
         global_step += frames
         episode_return += reward
@@ -854,12 +1052,15 @@ if __name__ == "__main__":
                 writer.add_scalar("charts/critic_sparsity", pruner.sparsity(), global_step)
             timers["mitigation"] += time.perf_counter() - t
 
+            if (probe_now or crossed(prev_step, global_step, args.log_every)
+                    or crossed(prev_step, global_step, args.checkpoint_every)):
+                keep_if_finite(stats)  # what is about to be probed, logged or saved is finite
+
             if probe_now:
                 t = time.perf_counter()
                 if probe_batch is None:  # fixed at the first probe, reused so curves compare like with like
                     p_obs, p_act, *_ = rb.sample(args.metrics_batch, rng)
                     probe_batch = (to_torch(p_obs), to_torch(p_act))
-                    probe_gen = torch.Generator(device=device)
                 probe_gen.manual_seed(args.seed)
                 with torch.no_grad():
                     layers = critic.probe(critic.encoder(probe_batch[0]), probe_batch[1])
@@ -880,7 +1081,7 @@ if __name__ == "__main__":
             for k, v in stats.items():
                 writer.add_scalar(k, float(v), global_step)
             # float, not CleanRL's int: DrQ on a CPU runs below 1 frame/s
-            writer.add_scalar("charts/SPS", global_step / (time.time() - start_time), global_step)
+            writer.add_scalar("charts/SPS", (global_step - start_step) / (time.time() - start_time), global_step)
 
         if eval_env is not None and crossed(prev_step, global_step, args.eval_every):
             t = time.perf_counter()
@@ -889,11 +1090,18 @@ if __name__ == "__main__":
             timers["eval"] += time.perf_counter() - t
 
         if crossed(prev_step, global_step, args.log_every) or global_step >= args.total_timesteps:
-            sps = global_step / (time.time() - start_time)
+            sps = (global_step - start_step) / (time.time() - start_time)
             print(f"global_step={global_step}, SPS={sps:.2f}, episodic_return={last_return:.1f} | seconds: "
                   f"physics={env.time_physics:.1f} render={env.time_render:.1f} replay={timers['replay']:.1f} "
                   f"update={timers['update']:.1f} mitigation={timers['mitigation']:.1f} "
                   f"metrics={timers['metrics']:.1f} eval={timers['eval']:.1f}", flush=True)
+
+        # not at the last step: the run finishes right after it, and a finished run is never resumed
+        if crossed(prev_step, global_step, args.checkpoint_every) and global_step < args.total_timesteps:
+            mb, seconds = save_checkpoint()
+            checkpoint_step = global_step
+            timers["checkpoint"] += seconds
+            print(f"checkpoint: step {global_step}, {mb:.1f} MB, {seconds:.1f}s -> {ckpt_path}", flush=True)
 
     if eval_env is not None and last_eval_step != global_step:  # end-of-run evaluation
         t = time.perf_counter()
@@ -902,14 +1110,20 @@ if __name__ == "__main__":
         timers["eval"] += time.perf_counter() - t
         print(f"final eval/episodic_return={ret:.1f} ({args.eval_episodes} episodes, {timers['eval']:.1f}s in eval)")
     total = time.time() - start_time
-    print(f"done: {global_step} frames in {total:.1f}s, SPS={global_step / total:.2f}; seconds: physics="
+    print(f"done: {global_step} frames ({global_step - start_step} in this process, {total:.1f}s, "
+          f"SPS={(global_step - start_step) / total:.2f}); seconds: physics="
           f"{env.time_physics:.1f} render={env.time_render:.1f} "
           f"(eval env: physics={getattr(eval_env, 'time_physics', 0):.1f} "
           f"render={getattr(eval_env, 'time_render', 0):.1f}) replay={timers['replay']:.1f} "
           f"update={timers['update']:.1f} "
-          f"mitigation={timers['mitigation']:.1f} metrics={timers['metrics']:.1f} eval={timers['eval']:.1f}")
+          f"mitigation={timers['mitigation']:.1f} metrics={timers['metrics']:.1f} eval={timers['eval']:.1f} "
+          f"checkpoint={timers['checkpoint']:.1f}")
     if args.save_model:
         path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
         torch.save({"critic": critic.state_dict(), "actor": actor.state_dict(), "log_alpha": log_alpha.detach()}, path)
         print(f"model saved to {path}")
     writer.close()
+    with open(os.path.join(run_dir, "finished"), "w") as f:  # sweeps skip finished runs; analyze.py counts them
+        json.dump({"global_step": global_step, "wall_seconds": total}, f)
+    if os.path.exists(ckpt_path):  # a finished run is never resumed, and its checkpoint holds gigabytes of replay
+        os.remove(ckpt_path)

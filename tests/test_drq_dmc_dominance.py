@@ -4,9 +4,16 @@ validation, and smoke runs of the real script per mitigation (event files read b
 Rendering (~25 frames/s per core) dominates: smoke runs use cartpole (action repeat 8) and a few hundred frames."""
 import collections
 import concurrent.futures
+import dataclasses
 import json
 import math
 import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +21,7 @@ import torch
 from scipy.stats import norm
 
 import drq_dmc_dominance as drq
+from conftest import REPO
 
 SCRIPT = "drq_dmc_dominance.py"
 
@@ -346,3 +354,214 @@ def test_smoke_run_logs_training_and_dominance_metrics(smoke_runs, read_scalars,
         assert sorted(got) == [160, 200, 240]  # mask updates once learning runs
         for step, value in got.items():
             assert value == pytest.approx(drq.cubic_sparsity(step, 240, 0.95, 0.2, 0.8), abs=2e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoint, resume, non-finite stop
+
+
+def _args_json(tmp_path, name, **overrides):
+    """runs/NAME/args.json = the script's default Args (plus overrides) and an empty checkpoint.pt."""
+    d = tmp_path / "runs" / name
+    d.mkdir(parents=True)
+    (d / "args.json").write_text(json.dumps({**dataclasses.asdict(drq.Args()), **overrides}))
+    (d / "checkpoint.pt").write_bytes(b"")
+    return d
+
+
+# the README's bad-input rows for this script: (flags, substring of the one error line)
+README_BAD_INPUT = [
+    ("--env-id cartpole-nosuchtask", "--env-id 'cartpole-nosuchtask' is not a dm_control task"),
+    ("--env-id nosuchdomain-run", "--env-id 'nosuchdomain-run' is not a dm_control task"),
+    ("--mitigation dropout", "--mitigation must be one of none, ln, lnwd, hlgauss, reset, redo, prune"),
+    ("--hr --hr-branches 1", "--hr-branches must be >= 2 with --hr"),
+    ("--mitigation prune --prune-start 0.8 --prune-end 0.2", "0 <= --prune-start < --prune-end <= 1"),
+    ("--buffer-size 0", "--buffer-size must be >= 1, got 0"),
+    ("--batch-size 0", "--batch-size must be >= 1, got 0"),
+    ("--total-timesteps 0", "--total-timesteps must be >= 1, got 0"),
+    ("--learning-starts -1", "--learning-starts must be >= 0, got -1"),
+    ("--checkpoint-every -1", "--checkpoint-every must be >= 0, got -1"),
+    ("--q-lr 0", "--q-lr must be a positive finite number, got 0.0"),
+    ("--batch-size 1024 --buffer-size 512", "--batch-size (1024) must not exceed --buffer-size (512)"),
+    ("--buffer-size 1000000000", "--buffer-size 1000000000 needs"),
+    ("--resume", "--resume needs --run-name NAME"),
+    ("--resume --run-name nosuchrun", "--resume: no checkpoint in runs/nosuchrun"),
+    ("--resume --run-name other-flags --q-lr 0.001 --mitigation ln",
+     "runs/other-flags was made with other flags: --mitigation (saved none, now ln), --q-lr (saved 0.0003, now 0.001)"),
+    ("--run-name blocked", "--run-name blocked: cannot write runs/blocked"),
+    ("--run-name other-flags", "--run-name other-flags: runs/other-flags already holds a checkpoint; add --resume"),
+    ("--resume --run-name other-flags", "--resume: cannot read runs/other-flags/checkpoint.pt"),  # the empty file
+]
+
+
+@pytest.mark.parametrize("flags, message", README_BAD_INPUT, ids=[f for f, _ in README_BAD_INPUT])
+def test_readme_bad_input_rows(run_script, tmp_path, flags, message):
+    _args_json(tmp_path, "other-flags")
+    (tmp_path / "runs" / "blocked").write_text("a file where the run directory should be")
+    before = sorted(p.name for p in (tmp_path / "runs").rglob("*"))
+    proc = run_script(SCRIPT, flags.split(), cwd=tmp_path, timeout=120, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert sorted(p.name for p in (tmp_path / "runs").rglob("*")) == before  # nothing created
+    assert "Critic(" not in proc.stdout  # rejected before any network, environment or buffer
+
+
+def test_resume_accepts_flags_that_do_not_change_training(tmp_path):
+    """The may-differ list leaves out everything that changes the training."""
+    may = set(drq.RESUME_MAY_DIFFER)
+    assert {"total_timesteps", "seed", "buffer_size", "batch_size", "q_lr", "mitigation", "env_id",
+            "learning_starts", "metrics_every", "log_every"}.isdisjoint(may)
+    saved = {**dataclasses.asdict(drq.Args()), "run_name": "x"}
+    now = {**saved, "resume": True, "checkpoint_every": 7, "cuda": False, "eval_episodes": 3}
+    assert drq.common.arg_conflicts(saved, now, may) == []
+
+
+def test_frame_replay_state_round_trip_after_wraparound(tmp_path):
+    rb = drq.FrameReplay(17, (3, 4, 4), 2, 3)
+    rng = np.random.default_rng(0)
+    for t in range(40):
+        frame = rng.integers(0, 255, (3, 4, 4), dtype=np.uint8)
+        if t % 9 == 0:
+            rb.add_first(frame)
+        else:
+            rb.add(frame, rng.uniform(-1, 1, 2), float(t), t % 9 == 8)
+    torch.save(rb.state_dict(), tmp_path / "rb.pt")
+    restored = drq.FrameReplay(17, (3, 4, 4), 2, 3)
+    restored.load_state_dict(torch.load(tmp_path / "rb.pt", mmap=True, weights_only=False))
+    a, b = rb.sample(64, np.random.default_rng(5)), restored.sample(64, np.random.default_rng(5))
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    half = drq.FrameReplay(1000, (3, 8, 8), 2, 3)  # partly filled: only the filled slots are stored
+    half.add_first(np.zeros((3, 8, 8), np.uint8))
+    half.add(np.ones((3, 8, 8), np.uint8), [0.5, 0.5], 1.0, False)
+    state = half.state_dict()
+    assert state["pos"] == 2 and state["frames"].shape == (2, 3, 8, 8) and state["first"].tolist() == [True, False]
+    torch.save(state, tmp_path / "half.pt")
+    assert os.path.getsize(tmp_path / "half.pt") < 20_000 < half.frames.nbytes  # views saved without their arrays
+
+
+def test_snapshot_reuses_its_tensors():
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(net.parameters())
+    net(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    snap = drq.snapshot_(None, {"net": net.state_dict(), "opt": opt.state_dict()})
+    ptr = snap["net"]["weight"].data_ptr()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    again = drq.snapshot_(snap, {"net": net.state_dict(), "opt": opt.state_dict()})
+    assert again["net"]["weight"].data_ptr() == ptr  # copied into, not reallocated
+    assert torch.equal(again["net"]["weight"], net.weight) and again["net"]["weight"] is not net.weight
+    assert torch.equal(again["opt"]["state"][0]["exp_avg"], opt.state[net.weight]["exp_avg"])
+
+
+def _checksum(ckpt):
+    """Independent of the script: float64 sum of every float tensor of the three networks in the checkpoint file."""
+    total = 0.0
+    for key in ("critic", "target_critic", "actor"):
+        total += sum(float(t.double().sum()) for t in ckpt[key].values() if torch.is_floating_point(t))
+    return total
+
+
+KILL_FLAGS = ["--env-id", "cartpole-swingup", "--batch-size", "8", "--buffer-size", "24", "--learning-starts", "80",
+              "--metrics-every", "80", "--metrics-batch", "16", "--log-every", "80", "--eval-every", "0",
+              "--total-timesteps", "640", "--checkpoint-every", "240", "--mitigation", "prune", "--prune-every", "40",
+              "--seed", "3", "--run-name", "killed"]
+
+
+def test_sigkill_after_checkpoint_then_resume_continues_the_run(tmp_path, run_script, read_scalars):
+    """A real run (cartpole: 8 frames per render; 640 frames, checkpoint at 240, pruning masks and a wrapped replay
+    of 24 slots) is SIGKILLed after it has logged past its checkpoint, then resumed to the end."""
+    run_dir = tmp_path / "runs" / "killed"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, os.path.join(REPO, SCRIPT), *KILL_FLAGS], cwd=tmp_path, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 180
+            # kill once the checkpoint exists and the run has logged a step after it (events the resume must purge)
+            while not ((run_dir / "checkpoint.pt").exists()
+                       and "global_step=320" in (tmp_path / "first.log").read_text()):
+                assert proc.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    first = (tmp_path / "first.log").read_text()
+    assert proc.returncode == -signal.SIGKILL and not (run_dir / "finished").exists(), first[-3000:]
+    shutil.copy(run_dir / "checkpoint.pt", tmp_path / "saved.pt")
+    ckpt = torch.load(tmp_path / "saved.pt", map_location="cpu", weights_only=False)
+    step = ckpt["global_step"]
+    assert step in (240, 480) and f"checkpoint: step {step}," in first
+    assert ckpt["format"] == drq.CHECKPOINT_FORMAT and ckpt["args"]["run_name"] == "killed"
+    replay = ckpt["replay"]
+    assert replay["pos"] > 24 and replay["frames"].shape == (24, 3, 84, 84)  # wrapped: all 24 slots are filled
+    assert ckpt["probe_batch"] is not None and ckpt["probe_batch"][0].shape == (16, 9, 84, 84)
+    assert len(ckpt["prune_masks"]) == 4 + 1 + 2 * 2 and not all(bool(m.all()) for m in ckpt["prune_masks"])
+    assert set(ckpt["rng"]) >= {"python", "numpy", "torch", "generators"} and len(ckpt["rng"]["generators"]) == 1
+
+    proc = run_script(SCRIPT, KILL_FLAGS + ["--resume"], cwd=tmp_path, timeout=300, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    m = re.search(r"resumed runs/killed from step (\d+) \(parameter checksum ([-+0-9.e]+)\)", proc.stdout)
+    assert m and int(m.group(1)) == step, proc.stdout[-3000:]
+    assert float(m.group(2)) == pytest.approx(_checksum(ckpt), rel=1e-12, abs=1e-9)  # restored == checkpointed
+    assert json.loads((run_dir / "finished").read_text())["global_step"] == 640
+    assert not (run_dir / "checkpoint.pt").exists()  # a finished run drops its (large) checkpoint
+    assert "done: 640 frames" in proc.stdout
+
+    s = read_scalars(str(run_dir))
+    for tag, every in [("charts/SPS", 80), ("losses/qf_loss", 80), ("representation/fc1/max_score", 80),
+                       ("charts/critic_sparsity", 40)]:
+        steps = [st for st, _ in s[tag]]
+        assert steps == list(range(steps[0], 641, every)), (tag, steps)  # no gap, no duplicate at the resume point
+    assert s["charts/SPS"][0][0] == 80
+    sparsity = dict(s["charts/critic_sparsity"])  # the schedule went on from the restored masks
+    for st, value in sparsity.items():
+        assert value == pytest.approx(drq.cubic_sparsity(st, 640, 0.95, 0.2, 0.8), abs=2e-3)
+
+    again = run_script(SCRIPT, KILL_FLAGS + ["--resume"], cwd=tmp_path, timeout=120, env={"OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0 and "run killed already finished" in again.stdout, again.stdout + again.stderr
+    assert "nothing to resume" in again.stdout
+
+
+@pytest.mark.parametrize("flags, what, good_step, resumable", [
+    (["--policy-lr", "1e30"], "action at step 80", 80, "runs/nf/checkpoint.pt (step 80)"),
+    (["--q-lr", "1e30"], "loss at step 80 (losses/actor_loss", 0, "(none yet)"),
+])
+def test_non_finite_training_stops_with_last_good_state(run_script, tmp_path, flags, what, good_step, resumable):
+    """Absurd learning rates: the critic's blows the actor loss up in the first update (step 80); the actor's passes
+    the check at step 80 (its parameters are huge but finite) and makes the next action NaN. Both are deterministic
+    (tried seeds 1-6 and --mitigation hlgauss, ln: the same every time)."""
+    proc = run_script(SCRIPT, ["--env-id", "cartpole-swingup", "--batch-size", "8", "--buffer-size", "40",
+                               "--learning-starts", "80", "--metrics-every", "80", "--metrics-batch", "16",
+                               "--log-every", "80", "--eval-every", "0", "--total-timesteps", "400",
+                               "--checkpoint-every", "80", "--run-name", "nf", *flags],
+                      cwd=tmp_path, timeout=300, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: non-finite {what}"), proc.stderr[-3000:]
+    assert f"last good state (step {good_step}) written to runs/nf/checkpoint_last_good.pt" in lines[0]
+    assert lines[0].endswith(f"the resumable checkpoint is {resumable}")
+    good = torch.load(tmp_path / "runs" / "nf" / "checkpoint_last_good.pt", map_location="cpu", weights_only=False)
+    assert good["global_step"] == good_step
+    for key in ("critic", "target_critic", "actor", "critic_opt", "actor_opt", "alpha_opt", "log_alpha"):
+        tensors = [good[key]] if key == "log_alpha" else list(_tensors(good[key]))
+        assert all(bool(torch.isfinite(t).all()) for t in tensors), key
+        assert tensors or (good_step == 0 and key.endswith("_opt")), key  # no optimiser state before the first update
+    if good_step:
+        assert (tmp_path / "runs" / "nf" / "checkpoint.pt").exists()  # the resume point is left alone
+        assert torch.load(tmp_path / "runs" / "nf" / "checkpoint.pt", weights_only=False)["global_step"] == 80
+
+
+def _tensors(tree):
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            yield from _tensors(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from _tensors(v)
