@@ -1,5 +1,6 @@
 """Tests for dqn_atari_hr.py: smoke runs of the real script, the frame-deduplicated replay buffer against a scripted
 episode stream, parameter counts of the papers' variants, layer semantics, and bad-input handling."""
+import dataclasses
 import json
 import os
 
@@ -238,38 +239,78 @@ def test_conv_preactivation_reduction_keeps_saturation():
 # bad input
 
 
-BAD = {  # id -> (argv, the flag the error must name)
-    "env-unknown": (["--env-id", "NotAGameNoFrameskip-v4"], "--env-id"),
-    "env-not-atari": (["--env-id", "CartPole-v1"], "--env-id"),
-    "hr-branches-1": (["--hr", "--hr-branches", 1], "--hr-branches"),
-    "sum-without-hr": (["--combine", "sum"], "--combine"),
-    "buffer-too-big": (["--buffer-size", 10 ** 9], "--buffer-size"),
-    "track": (["--track"], "--track"),
-    "activation": (["--activation", "swish"], "--activation"),
-}
+# The README's bad-input rows for this script: (flags exactly as written there, a substring of the one error line).
+# As the README says, rows with `--run-name other-flags` run next to runs/other-flags/args.json = the default Args()
+# plus an empty checkpoint.pt, rows with `--run-name blocked` next to a regular file runs/blocked.
+BAD_ROWS = [
+    ("--env-id NotAGameNoFrameskip-v4", "--env-id 'NotAGameNoFrameskip-v4' is not a registered environment"),
+    ("--env-id CartPole-v1", "--env-id 'CartPole-v1' is not an ALE Atari environment"),
+    ("--activation swish", "invalid choice 'swish' for argument '--activation'"),
+    ("--encoder resnet", "invalid choice 'resnet' for argument '--encoder'"),
+    ("--combine sum", "--combine sum needs --hr"),
+    ("--hr --hr-branches 1", "--hr-branches must be >= 2 with --hr"),
+    ("--encoder hadamax --hr-layers all", "--hr-layers all does not apply to --encoder hadamax"),
+    ("--buffer-size 0", "--buffer-size must be >= 64, got 0"),
+    ("--hidden-dim 0", "--hidden-dim must be >= 1, got 0"),
+    ("--total-timesteps 0", "--total-timesteps must be >= 1, got 0"),
+    ("--checkpoint-every -1", "--checkpoint-every must be >= 0, got -1"),
+    ("--learning-rate nan", "--learning-rate must be a finite number > 0, got nan"),
+    ("--buffer-size 100 --batch-size 128", "--batch-size 128 exceeds --buffer-size 100"),
+    ("--buffer-size 1000000000", "--buffer-size 1000000000 needs 7062.00 GB of replay memory but only"),
+    ("--track", "--track needs wandb"),
+    ("--resume", "--resume needs --run-name NAME (the run directory to continue)"),
+    ("--resume --run-name nosuchrun", "error: --resume: no checkpoint in runs/nosuchrun"),
+    ("--resume --run-name other-flags --learning-rate 0.0002",
+     "error: --resume: runs/other-flags was made with other flags: --learning-rate (saved 0.0001, now 0.0002)"),
+    ("--resume --run-name other-flags", "error: --resume: cannot read runs/other-flags/checkpoint.pt"),
+    ("--run-name blocked --buffer-size 2000", "error: --run-name blocked: cannot write runs/blocked"),
+]
+
+
+def prepare_row(flags, cwd):
+    """The README's fixtures: runs/other-flags (default args.json + empty checkpoint) or a file at runs/blocked."""
+    if "--run-name other-flags" in flags:
+        os.makedirs(cwd / "runs" / "other-flags")
+        (cwd / "runs" / "other-flags" / "args.json").write_text(json.dumps(dataclasses.asdict(dqn.Args())))
+        (cwd / "runs" / "other-flags" / "checkpoint.pt").write_bytes(b"")
+    if "--run-name blocked" in flags:
+        os.makedirs(cwd / "runs")
+        (cwd / "runs" / "blocked").write_text("a file where the run directory should be")
+
+
+def tree(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
 
 
 @pytest.fixture(scope="module")
 def bad_runs(tmp_path_factory):
-    jobs = {k: (argv, tmp_path_factory.mktemp("bad")) for k, (argv, _) in BAD.items()}
-    return {k: (proc, jobs[k][1]) for k, proc in run_many(jobs, workers=4).items()}
+    jobs = {}
+    for flags, _ in BAD_ROWS:
+        cwd = tmp_path_factory.mktemp("bad")
+        prepare_row(flags, cwd)
+        jobs[flags] = (flags.split(), cwd)
+    before = {k: tree(cwd) for k, (_, cwd) in jobs.items()}
+    return {k: (proc, jobs[k][1], before[k]) for k, proc in run_many(jobs, workers=4).items()}
 
 
-@pytest.mark.parametrize("key", list(BAD))
-def test_bad_input_exits_before_allocating(key, bad_runs):
-    _, flag = BAD[key]
-    proc, cwd = bad_runs[key]
-    assert proc.returncode != 0
-    assert flag in proc.stderr, proc.stderr
+@pytest.mark.parametrize("flags,message", BAD_ROWS, ids=[f for f, _ in BAD_ROWS])
+def test_bad_input_exits_before_allocating(flags, message, bad_runs):
+    proc, cwd, before = bad_runs[flags]
+    assert proc.returncode in (1, 2), proc.returncode  # 2: tyro's own parse errors
+    assert message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and "A.L.E" not in proc.stderr  # no environment was created
-    assert not (cwd / "runs").exists()  # nor a run directory
-    if flag != "--activation":  # ours; tyro formats its own choice error in a box
+    assert tree(cwd) == before  # no run directory, no file written
+    if "invalid choice" not in message:  # ours; tyro formats its own choice error in a box
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    if flag == "--buffer-size":
-        assert "GB" in proc.stderr and "available" in proc.stderr
-    if flag == "--activation":
-        assert "swish" in proc.stderr
+        assert proc.returncode == 1
+
+
+def test_bad_input_rows_cover_the_issue():
+    text = " ".join(f for f, _ in BAD_ROWS)
+    for flag in ("--env-id", "--activation", "--encoder", "--combine", "--buffer-size 0", "--total-timesteps 0",
+                 "--batch-size", "--buffer-size 1000000000", "--resume --run-name nosuchrun", "other-flags", "blocked"):
+        assert flag in text
 
 
 def test_import_does_not_train(tmp_path):
@@ -281,3 +322,267 @@ def test_import_does_not_train(tmp_path):
     assert proc.returncode == 0 and proc.stdout == "", proc.stdout + proc.stderr
     assert list(tmp_path.iterdir()) == []
     assert dqn.Args().end_e == 0.1 and dqn.Args().learning_starts == 80_000 and dqn.Args().buffer_size == 10 ** 6
+
+
+# --------------------------------------------------------------------------------------------------------------
+# checkpoint / resume
+
+
+def fill_scripted(rb, rng, episodes, first_ep=0):
+    """Scripted episodes of random length into rb; leaves the last one open (its newest slot awaits an action)."""
+    for ep in range(first_ep, first_ep + episodes):
+        rb.start_episode(encode(ep, 0))
+        length = int(rng.integers(1, 40))
+        for t in range(length):
+            last = ep == first_ep + episodes - 1 and t == length - 1
+            end = not last and t == length - 1
+            term = end and rng.random() < 0.7
+            trunc = end and not term
+            rb.add(int(rng.integers(18)), float(rng.normal()), encode(ep, t + 1), term, trunc)
+            if last:
+                return
+
+
+def replay_view(rb):
+    """Everything sampling can return, for every valid index."""
+    idx = rb.valid_indices()
+    nxt = (idx + 1) % rb.capacity
+    return {"idx": idx, "obs": rb.observations(idx).numpy(), "next_obs": rb.observations(nxt).numpy(),
+            "actions": rb.actions[idx].copy(), "rewards": rb.rewards[idx].copy(), "flags": rb.flags.copy(),
+            "ptr": rb.ptr, "full": rb.full}
+
+
+@pytest.mark.parametrize("episodes", [3, 40], ids=["partly-filled", "wrapped-ring"])
+def test_replay_state_roundtrip_gives_identical_samples(episodes, tmp_path):
+    rng = np.random.default_rng(episodes)
+    rb = dqn.FrameReplayBuffer(257, frame_shape=(84, 84), seed=3)
+    fill_scripted(rb, rng, episodes)
+    assert rb.full == (episodes == 40) and rb.num_transitions() > 20
+    state = rb.state_dict()
+    n = rb.capacity if rb.full else rb.ptr
+    assert state["frames"].shape == (n, 84, 84)  # only the filled part
+    assert np.shares_memory(state["frames"].numpy(), rb.frames)  # a view: torch.save writes the bytes, no copy
+    path = str(tmp_path / "replay.pt")
+    common.atomic_save({"replay": state}, path)
+    before = replay_view(rb)
+    fresh = dqn.FrameReplayBuffer(257, frame_shape=(84, 84), seed=99)
+    fresh.load_state_dict(dqn.load_checkpoint(path)["replay"])
+    after = replay_view(fresh)
+    for key in before:
+        np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+    np.testing.assert_array_equal(fresh.frames, rb.frames)
+    for _ in range(3):  # and the sampling RNG continues where it was
+        for a, b in zip(rb.sample(16), fresh.sample(16)):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="capacity"):
+        dqn.FrameReplayBuffer(258, frame_shape=(84, 84)).load_state_dict(state)
+
+
+def test_replay_cut_episode_truncates_without_crossing_episodes():
+    rng = np.random.default_rng(0)
+    rb = dqn.FrameReplayBuffer(300, frame_shape=(84, 84), seed=0)
+    fill_scripted(rb, rng, 4)
+    last = rb.ptr - 1
+    ep, t = decode(rb.frames[last])
+    assert t >= 1  # the open episode has at least one step
+    before = set(rb.valid_indices())
+    rb.cut_episode()
+    assert set(rb.valid_indices()) == before  # the open newest slot was never sampleable; nothing else changes
+    assert rb.flags[last] & rb.FINAL and rb.flags[last - 1] & rb.TRUNCATED
+    rb.cut_episode()  # idempotent
+    rb.start_episode(encode(ep + 1, 0))  # the resumed run's fresh episode
+    for t2 in range(6):
+        rb.add(0, 0.0, encode(ep + 1, t2 + 1), False, False)
+    idx = rb.valid_indices()
+    obs, next_obs = rb.observations(idx).numpy(), rb.observations((idx + 1) % rb.capacity).numpy()
+    for o, nx in zip(obs, next_obs):
+        eps = {decode(f)[0] for f in o} | {decode(f)[0] for f in nx}
+        assert len(eps) == 1  # no stack and no transition mixes two episodes
+    i = int(np.flatnonzero(idx == last - 1)[0])  # the cut step bootstraps (not terminal) from its true next frame
+    assert decode(next_obs[i][-1]) == (ep, t) and not rb.flags[last - 1] & rb.TERMINATED
+
+
+def test_restore_checkpoint_restores_everything_and_releases_the_file(tmp_path):
+    args = dqn.resolve_defaults(dqn.Args(buffer_size=200))
+    torch.manual_seed(0)
+
+    def build(seed):
+        q, target = dqn.QNetwork(args, 4), dqn.QNetwork(args, 4)
+        opt = torch.optim.Adam(q.parameters(), lr=1e-3)
+        return q, target, opt, dqn.FrameReplayBuffer(200, seed=seed), np.random.default_rng(seed)
+
+    q, target, opt, rb, rng = build(1)
+    fill_scripted(rb, np.random.default_rng(5), 12)
+    for _ in range(2):  # Adam state exists
+        obs, actions, *_ = rb.sample(4)
+        opt.zero_grad()
+        q(obs).gather(1, actions.unsqueeze(1) % 4).sum().backward()
+        opt.step()
+    rng.random(7)
+    probe = rb.observations(rb.valid_indices()[:5])
+    counters = dict(zip(dqn.COUNTERS, (1.5, 2, 3.0, 4.5)))
+    path = str(tmp_path / "checkpoint.pt")
+    common.atomic_save(dqn.checkpoint_state(123, args, q, target, opt, rb, rng, probe, counters), path)
+    expected_rng = (rng.random(), np.random.get_state()[1][:4].copy(), torch.rand(2))
+
+    q2, target2, opt2, rb2, rng2 = build(2)
+    np.random.seed(7)
+    torch.manual_seed(7)
+    ckpt = dqn.load_checkpoint(path)
+    step, probe2, counters2 = dqn.restore_checkpoint(ckpt, q2, target2, opt2, rb2, rng2, "cpu")
+    assert step == 123 and counters2 == counters
+    torch.testing.assert_close(probe2, probe)
+    for a, b in [(q, q2), (target, target2)]:
+        for (k, v), (k2, v2) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert k == k2 and torch.equal(v, v2)
+    for p, p2 in zip(q.parameters(), q2.parameters()):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p][key], opt2.state[p2][key])
+    assert rng2.random() == expected_rng[0]
+    np.testing.assert_array_equal(np.random.get_state()[1][:4], expected_rng[1])
+    torch.testing.assert_close(torch.rand(2), expected_rng[2])
+    assert dqn.param_checksum(q2) == sum(t.double().sum().item() for t in ckpt["q_network"].values()
+                                         if t.is_floating_point())
+    del ckpt
+    import gc
+    gc.collect()
+    with open("/proc/self/maps") as f:  # nothing restored still views the memory-mapped checkpoint file
+        assert path not in f.read()
+
+
+def test_last_good_state_copies_in_place():
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    snap = dqn.LastGoodState()
+    snap.update(0, {"net": net.state_dict(), "optimizer": opt.state_dict()})
+    assert snap.state["optimizer"]["state"] == {}
+    net(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    snap.update(5, {"net": net.state_dict(), "optimizer": opt.state_dict()})  # Adam's state appeared: re-cloned
+    weight = snap.state["net"]["weight"]
+    expected = net.weight.detach().clone()
+    net(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    with torch.no_grad():
+        net.weight.fill_(float("nan"))
+    assert not dqn.all_finite(net.parameters()).item()
+    assert snap.state["net"]["weight"] is weight and torch.equal(weight, expected)  # still the last good copy
+    snap.update(9, {"net": {"weight": expected, "bias": net.bias}, "optimizer": opt.state_dict()})
+    assert snap.state["net"]["weight"] is weight and snap.global_step == 9  # same storage, refreshed in place
+    assert dqn.all_finite([torch.ones(2)], torch.tensor(1.0)).item()
+    assert not dqn.all_finite([torch.ones(2)], torch.tensor(float("inf"))).item()
+
+
+RESUME = ["--total-timesteps", 2400, "--learning-starts", 250, "--buffer-size", 1000, "--batch-size", 8,
+          "--metrics-every", 500, "--metrics-batch", 64, "--exploration-fraction", 1.0,
+          "--target-network-frequency", 50, "--checkpoint-every", 1200, "--run-name", "kr"]
+
+
+def test_kill_and_resume_continues_the_run(tmp_path, read_scalars, run_script):
+    import re
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+    run_dir = tmp_path / "runs" / "kr"
+    ckpt_path = run_dir / "checkpoint.pt"
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, SCRIPT), *map(str, RESUME)], cwd=tmp_path,
+                            stdout=log, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.time() + 240
+        while not ckpt_path.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        # let it log past the checkpoint, so the resumed run has events to purge
+        while proc.poll() is None and time.time() < deadline:
+            steps = [s for s, _ in read_scalars(str(run_dir)).get("charts/SPS", [])]
+            if steps and max(steps) >= 1200:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run ended before it could be killed: " + (tmp_path / "killed.log").read_text()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    assert "checkpoint: step 1200" in (tmp_path / "killed.log").read_text()
+    shutil.copy(ckpt_path, tmp_path / "copy.pt")
+    killed = read_scalars(str(run_dir))
+    assert max(s for s, _ in killed["charts/SPS"]) >= 1200  # the killed process logged at or after its checkpoint
+    assert not (run_dir / "finished").exists()
+
+    proc = run_script(SCRIPT, [*RESUME, "--resume"], tmp_path, 300, ENV)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads((run_dir / "finished").read_text())["global_step"] == 2400
+    m = re.search(r"resumed runs/kr from step (\d+) \(parameter checksum (\S+)\)", proc.stdout)
+    assert m and int(m.group(1)) == 1200, proc.stdout[-3000:]
+    ckpt = torch.load(tmp_path / "copy.pt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 1200 and ckpt["probe_obs"] is not None  # probes at 500, 1000 drew the batch
+    assert ckpt["replay"]["full"]  # 1200 steps in a 1000-slot ring: the wrapped buffer went through the file
+    checksum = sum(t.double().sum().item() for t in ckpt["q_network"].values() if t.is_floating_point())
+    assert float(m.group(2)) == checksum  # the live network after restore is the checkpointed one
+
+    scalars = read_scalars(str(run_dir))
+    sps = [s for s, _ in scalars["charts/SPS"]]
+    assert sps == list(range(0, 2400, 100))  # strictly increasing, constant spacing: no gap, no duplicate
+    assert [s for s, _ in scalars["losses/td_loss"]] == list(range(300, 2400, 100))
+    assert [s for s, _ in scalars["representation/latent/srank"]] == [500, 1000, 1500, 2000]
+    args = json.loads((run_dir / "args.json").read_text())
+    assert args["resume"] is False and args["checkpoint_every"] == 1200  # args.json is the original run's
+
+
+def test_resume_of_a_finished_run_says_so(tmp_path, run_script):
+    run_dir = tmp_path / "runs" / "done"
+    os.makedirs(run_dir)
+    (run_dir / "finished").write_text(json.dumps({"global_step": 400, "wall_seconds": 1.0}))
+    proc = run_script(SCRIPT, ["--resume", "--run-name", "done"], tmp_path, 120, ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert "run done already finished (at step 400); nothing to resume" in proc.stdout
+    assert "A.L.E" not in proc.stderr + proc.stdout and tree(tmp_path) == ["runs", "runs/done", "runs/done/finished"]
+
+
+NONFINITE = {  # id -> (flags, expected message tail, step of the last good state and of the resumable checkpoint)
+    # caught at a logged update (step 200), before any checkpoint: the last good state is the initial one
+    "at-logged-update": (["--learning-starts", 150, "--checkpoint-every", 300, "--metrics-every", 0],
+                         "at step 200; last good state (step 0) written to runs/nf/checkpoint_last_good.pt; "
+                         "the resumable checkpoint is runs/nf/checkpoint.pt (none yet)", 0, None),
+    # caught by the check before writing the checkpoint of step 200; the one of step 100 stays the resume point
+    "before-checkpoint": (["--learning-starts", 100, "--checkpoint-every", 100, "--metrics-every", 0],
+                          "at step 199; last good state (step 100) written to runs/nf/checkpoint_last_good.pt; "
+                          "the resumable checkpoint is runs/nf/checkpoint.pt (step 100)", 100, 100),
+    # caught before a metric probe (whose KDE would raise on NaN activations)
+    "before-probe": (["--learning-starts", 100, "--checkpoint-every", 0, "--metrics-every", 150, "--metrics-batch", 64],
+                     "at step 150; last good state (step 0) written to runs/nf/checkpoint_last_good.pt; "
+                     "the resumable checkpoint is runs/nf/checkpoint.pt (none yet)", 0, None),
+}
+
+
+@pytest.mark.parametrize("case", list(NONFINITE))
+def test_nonfinite_loss_stops_with_last_good_state(case, tmp_path, run_script):
+    # an absurd learning rate overflows the Q-values within a few updates (checked: 5 seeds, both cases)
+    flags, message, good_step, ckpt_step = NONFINITE[case]
+    argv = ["--total-timesteps", 1000, "--buffer-size", 1000, "--batch-size", 8, "--learning-rate", 1e10,
+            "--run-name", "nf", *flags]
+    proc = run_script(SCRIPT, argv, tmp_path, 300, ENV)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    run_dir = tmp_path / "runs" / "nf"
+    lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith(("A.L.E", "[Powered"))]
+    assert len(lines) == 1 and lines[0].startswith("error: non-finite "), proc.stderr  # one line, no traceback
+    assert message in lines[0], lines[0]
+    assert not (run_dir / "finished").exists()
+    good = torch.load(run_dir / "checkpoint_last_good.pt", map_location="cpu", weights_only=False)
+    assert good["global_step"] == good_step
+    for key in ("q_network", "target_network"):
+        assert all(torch.isfinite(t).all() for t in good[key].values())
+    assert all(torch.isfinite(t).all() for s in good["optimizer"]["state"].values() for t in s.values())
+    net = dqn.QNetwork(dqn.Args(**good["args"]), 4)
+    net.load_state_dict(good["q_network"])  # a usable state
+    if ckpt_step is None:
+        assert not (run_dir / "checkpoint.pt").exists()
+    else:  # the resume point is untouched by the stop
+        assert torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["global_step"] == ckpt_step
