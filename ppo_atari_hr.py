@@ -17,15 +17,26 @@ Representation metrics (dormant neurons by KDE and ReDo score, effective rank, n
 units, hidden bias of dormant latent neurons) are probed every --metrics-every steps on a fixed batch of
 observations drawn from the first probed rollout.
 
+Checkpoint and resume: every --checkpoint-every agent steps (at the end of the iteration that crosses the multiple,
+after its update) the whole training state goes atomically to runs/NAME/checkpoint.pt; `--resume --run-name NAME`
+continues from it (same step counter, learning-rate annealing, RNG states and probe batch; the environments start
+fresh episodes). A non-finite loss or parameter stops the run after writing the last good state to
+runs/NAME/checkpoint_last_good.pt.
+
 Usage:
     python ppo_atari_hr.py --env-id Breakout-v5                                   # ReLU baseline
     python ppo_atari_hr.py --env-id Breakout-v5 --activation tanh --hr            # HR(tanh), the papers' method
     python ppo_atari_hr.py --env-id Breakout-v5 --encoder hadamax
+    python ppo_atari_hr.py --env-id Breakout-v5 --run-name my-run --resume             # continue an interrupted run
 """
+import contextlib
 import difflib
+import io
 import json
+import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -80,6 +91,12 @@ class Args:
     """KDE dormancy test: a neuron is dormant when its peak activation density exceeds this"""
     kde_noise_std: float = 1e-3
     """std of the Gaussian jitter added before the KDE test (not given in the papers)"""
+    checkpoint_every: int = 1_000_000
+    """agent steps between checkpoints to runs/NAME/checkpoint.pt (0 = off; default: about 30 minutes of training).
+    A write is ~50 MB (network, Adam moments, the probe batch of 1024 frame stacks; ~80 MB with --encoder hadamax)
+    and takes ~0.1 s"""
+    resume: bool = False
+    """continue runs/NAME (needs --run-name) from its checkpoint.pt; the other flags must match the run's args.json"""
 
     # Algorithm specific arguments (CleanRL ppo_atari_envpool = the HR papers' Table 4)
     env_id: str = "Breakout-v5"
@@ -145,6 +162,24 @@ class Args:
     num_iterations: tyro.conf.Suppress[int] = 0
 
 
+def parse_args() -> Args:
+    """tyro.cli, with tyro's boxed parse errors (unknown flag, invalid choice such as --activation swish, a value that
+    is not a number) folded into one "error: ..." line and exit 1, like the rest of the bad input."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            args = tyro.cli(Args)
+    except SystemExit as e:
+        if e.code in (0, None):  # --help
+            sys.stderr.write(err.getvalue())
+            raise
+        body = err.getvalue().split("\u2500\u2500\u2500 \u2502", 1)[0]  # the box's message, before its first rule
+        words = " ".join(re.sub(r"[\u2500-\u257f]", " ", line) for line in body.splitlines()[1:]).split()
+        sys.exit(f"error: {' '.join(words) or 'bad command line (see --help)'}")
+    sys.stderr.write(err.getvalue())  # warnings, if any
+    return args
+
+
 def validate(args: Args) -> None:
     """Reject bad input before any environment, network or buffer exists: one line on stderr naming the flag."""
     specs = envpool.registration.registry.specs
@@ -153,19 +188,25 @@ def validate(args: Args) -> None:
         close = difflib.get_close_matches(args.env_id.replace("NoFrameskip-v4", "-v5"), atari, n=1, cutoff=0.75)
         hint = f"did you mean {close[0]!r}?" if close else "expected e.g. 'Breakout-v5'"
         sys.exit(f"error: --env-id {args.env_id!r} is not an envpool Atari environment ({hint})")
+    if args.resume and not args.run_name:
+        sys.exit("error: --resume needs --run-name NAME (the run directory to continue)")
     for flag in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "hidden_layers",
                  "hidden_dim", "metrics_every", "metrics_batch", "eval_episodes"):
         if getattr(args, flag) <= 0:
             sys.exit(f"error: --{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.checkpoint_every < 0:
+        sys.exit(f"error: --checkpoint-every must be >= 0 (0 = off), got {args.checkpoint_every}")
     for flag in ("learning_rate", "clip_coef", "max_grad_norm", "kde_threshold"):
-        if not getattr(args, flag) > 0:
-            sys.exit(f"error: --{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
+        if not (getattr(args, flag) > 0 and math.isfinite(getattr(args, flag))):
+            sys.exit(f"error: --{flag.replace('_', '-')} must be a finite number > 0, got {getattr(args, flag)}")
+    if args.target_kl is not None and not (args.target_kl > 0 and math.isfinite(args.target_kl)):
+        sys.exit(f"error: --target-kl must be a finite number > 0 (or omitted), got {args.target_kl}")
     for flag in ("gamma", "gae_lambda"):
         if not 0.0 <= getattr(args, flag) <= 1.0:
             sys.exit(f"error: --{flag.replace('_', '-')} must be in [0, 1], got {getattr(args, flag)}")
     for flag in ("ent_coef", "vf_coef", "redo_tau", "kde_noise_std"):
-        if getattr(args, flag) < 0:
-            sys.exit(f"error: --{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+        if not (getattr(args, flag) >= 0 and math.isfinite(getattr(args, flag))):
+            sys.exit(f"error: --{flag.replace('_', '-')} must be a finite number >= 0, got {getattr(args, flag)}")
     batch = args.num_envs * args.num_steps
     if batch % args.num_minibatches:
         sys.exit(f"error: --num-minibatches {args.num_minibatches} does not divide the rollout batch "
@@ -189,6 +230,104 @@ def validate(args: Args) -> None:
             import wandb  # noqa: F401
         except ImportError:
             sys.exit("error: --track needs wandb, which is not installed (pip install wandb)")
+
+
+def resolve(args: Args) -> Args:
+    """Fill in the defaults that depend on other flags, in place: the values args.json records and --resume compares."""
+    args.activation = args.activation or ("gelu" if args.encoder == "hadamax" else "relu")
+    args.layernorm = args.layernorm or args.encoder == "hadamax"
+    args.batch_size = args.num_envs * args.num_steps
+    args.minibatch_size = args.batch_size // args.num_minibatches
+    args.num_iterations = args.total_timesteps // args.batch_size
+    args.run_name = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    return args
+
+
+def check_rollout_memory(args: Args, device: torch.device) -> None:
+    """Exit naming --num-envs/--num-steps when the rollout storage alone (frame stacks as uint8, int64 actions and five
+    float32 per step) exceeds the free memory of the device it lives on."""
+    need = args.batch_size * (4 * 84 * 84 + 8 + 5 * 4)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            with open("/proc/meminfo") as f:
+                free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration, ValueError):
+            return  # no way to tell on this system
+    if need > free:
+        sys.exit(f"error: --num-envs {args.num_envs} x --num-steps {args.num_steps}: the rollout storage needs "
+                 f"{need / 1e9:.1f} GB, more than the {free / 1e9:.1f} GB of free {device.type} memory")
+
+
+CHECKPOINT_FORMAT = 1
+# flags that do not change the training itself, so a resumed run may use other values (the rest must match)
+RESUME_MAY_DIFFER = ("resume", "checkpoint_every", "cuda", "track", "wandb_project_name", "wandb_entity",
+                     "capture_video", "save_model", "eval_episodes", "run_name")
+DERIVED = ("batch_size", "minibatch_size", "num_iterations")  # functions of compared flags; not flags themselves
+
+
+def refuse_other_flags(saved: dict, args: Args, run_dir: str) -> None:
+    """Exit 1 with one line listing every flag whose value differs from the run's saved (resolved) arguments."""
+    known = {k: v for k, v in saved.items() if k in Args.__dataclass_fields__}
+    try:  # resolve the saved flags as this script does, so an unresolved default equals its resolved value
+        saved = {**saved, **asdict(resolve(Args(**known)))}
+    except (TypeError, ValueError, ZeroDivisionError):
+        pass
+    names = common.arg_conflicts(saved, asdict(args), RESUME_MAY_DIFFER + DERIVED)
+    if names:
+        diffs = ", ".join(f"--{k.replace('_', '-')} (saved {saved.get(k)}, now {getattr(args, k, None)})"
+                          for k in names)
+        sys.exit(f"error: --resume: {run_dir} was made with other flags: {diffs}")
+
+
+def resume_point(args: Args, run_dir: str, device) -> dict:
+    """--resume: check that runs/NAME can be continued with these flags and load its checkpoint, before any
+    environment exists. Exits 0 if the run already finished, 1 (one line naming the flag) if it cannot continue."""
+    finished = os.path.join(run_dir, "finished")
+    if os.path.exists(finished):
+        try:
+            with open(finished) as f:
+                detail = f"at step {json.load(f)['global_step']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            detail = f"{finished} exists"
+        print(f"run {args.run_name} already finished ({detail}); nothing to resume")
+        sys.exit(0)
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isfile(path):
+        sys.exit(f"error: --resume: no checkpoint in {run_dir}")
+
+    args_path = os.path.join(run_dir, "args.json")
+    if os.path.exists(args_path):
+        try:
+            with open(args_path) as f:
+                refuse_other_flags(json.load(f), args, run_dir)
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: --resume: cannot read {args_path} ({e})")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # noqa: BLE001 (any unreadable file: one line, not a traceback)
+        reason = (str(e).splitlines() or [""])[0]
+        sys.exit(f"error: --resume: cannot read {path} ({type(e).__name__}: {reason})")
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        sys.exit(f"error: --resume: {path} is not a checkpoint of this script (format {CHECKPOINT_FORMAT})")
+    if not os.path.exists(args_path):
+        refuse_other_flags(checkpoint["args"], args, run_dir)
+    return checkpoint
+
+
+def prepare_run_dir(args: Args, run_dir: str) -> None:
+    """Make sure runs/NAME exists and is writable before anything is allocated (exit 1 naming --run-name if not)."""
+    try:
+        if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+            raise NotADirectoryError("it exists and is not a directory")
+        os.makedirs(run_dir, exist_ok=True)
+        probe = os.path.join(run_dir, f".write_test.{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        sys.exit(f"error: --run-name {args.run_name}: cannot write {run_dir} ({e.strerror or e})")
 
 
 def make_env(env_id: str, num_envs: int, seed: int):
@@ -365,7 +504,10 @@ class Agent(nn.Module):
 
     def get_action_and_value(self, obs, action=None):
         hidden = self.latent(obs)
-        probs = Categorical(logits=self.actor(hidden))
+        # Argument validation (a host sync) only when sampling, where the rollout syncs anyway: non-finite logits then
+        # raise a ValueError instead of a CUDA assert in multinomial. In the update, a non-finite loss is left to the
+        # non-finite check at the end of the iteration.
+        probs = Categorical(logits=self.actor(hidden), validate_args=action is None)
         if action is None:
             action = probs.sample()
         return action, probs.log_prob(action), probs.entropy(), self.critic(hidden)
@@ -412,6 +554,61 @@ def probe_metrics(agent: Agent, probe_obs, args: Args, generator) -> dict:
     return out
 
 
+def parameter_checksum(agent: nn.Module) -> float:
+    """Sum over the state_dict's float tensors of t.double().sum(): printed on resume, recomputable from the file."""
+    return sum(t.double().sum().item() for t in agent.state_dict().values() if t.is_floating_point())
+
+
+def clone_tree(x):
+    """Deep copy of a nested dict/list of tensors (tensors cloned on their device)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {k: clone_tree(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [clone_tree(v) for v in x]
+    return x
+
+
+def copy_tree_(dst, src) -> None:
+    """copy_ the tensors of `src` into those of `dst` (same structure, from clone_tree); other leaves are replaced."""
+    for k in src.keys() if isinstance(src, dict) else range(len(src)):
+        if isinstance(src[k], torch.Tensor):
+            dst[k].copy_(src[k])
+        elif isinstance(src[k], (dict, list)):
+            copy_tree_(dst[k], src[k])
+        else:
+            dst[k] = src[k]
+
+
+class LastGood:
+    """The last training state that passed the non-finite check: network and optimiser state in preallocated clones
+    on the device, refreshed with copy_ (no allocation, no host sync), written out only when the run diverges."""
+
+    def __init__(self, args: Args, run_dir: str):
+        self.args, self.path = args, os.path.join(run_dir, "checkpoint_last_good.pt")
+        self.step, self.state = None, None
+
+    def update(self, step: int, agent: nn.Module, optimizer: optim.Optimizer) -> None:
+        live = {"agent": agent.state_dict(), "optimizer": optimizer.state_dict()}
+        # (re)allocate the first time and once Adam has created its moments (after the first update)
+        if self.state is None or len(self.state["optimizer"]["state"]) != len(live["optimizer"]["state"]):
+            self.state = clone_tree(live)
+        else:
+            copy_tree_(self.state, live)
+        self.step = step
+
+    def stop(self, what: str, step: int, checkpoint_path: str, checkpoint_step: Optional[int], writer) -> None:
+        """Write the last good state to runs/NAME/checkpoint_last_good.pt (checkpoint.pt, the resume point, is left
+        alone) and exit 1 with one line."""
+        common.atomic_save({"format": CHECKPOINT_FORMAT, "global_step": self.step, "args": asdict(self.args),
+                            **self.state}, self.path)
+        writer.close()
+        resumable = "(none yet)" if checkpoint_step is None else f"{checkpoint_path} (step {checkpoint_step})"
+        sys.exit(f"error: non-finite {what} at step {step}; last good state (step {self.step}) written to "
+                 f"{self.path}; the resumable checkpoint is {resumable}")
+
+
 @torch.no_grad()
 def evaluate(agent: Agent, env_id: str, episodes: int, seed: int, device) -> list:
     """Raw scores of `episodes` full games, one per env (so short games are not over-represented), played with the
@@ -431,42 +628,45 @@ def evaluate(agent: Agent, env_id: str, episodes: int, seed: int, device) -> lis
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = parse_args()
     validate(args)
-    args.activation = args.activation or ("gelu" if args.encoder == "hadamax" else "relu")  # recorded in args.json
-    args.layernorm = args.layernorm or args.encoder == "hadamax"
-    args.batch_size = args.num_envs * args.num_steps
-    args.minibatch_size = args.batch_size // args.num_minibatches
-    args.num_iterations = args.total_timesteps // args.batch_size
-    run_name = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    args.run_name = run_name
-    run_dir = os.path.join("runs", run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
+    resolve(args)
+    run_dir = os.path.join("runs", args.run_name)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    check_rollout_memory(args, device)
+    checkpoint = resume_point(args, run_dir, device) if args.resume else None  # None: a fresh run
+    prepare_run_dir(args, run_dir)
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    if checkpoint is None:
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters",
-                    "|param|value|\n|-|-|\n%s" % "\n".join(f"|{key}|{value}|" for key, value in vars(args).items()))
+                   config=vars(args), name=args.run_name, save_code=True)
+    # Scalars are logged at global_step = agent steps done (CleanRL), so the checkpointed iteration's own scalars sit
+    # at the checkpoint's global_step: a resumed run keeps those and purges what the killed process logged after it.
+    writer = SummaryWriter(run_dir, purge_step=None if checkpoint is None else checkpoint["global_step"] + 1)
+    if checkpoint is None:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(
+            f"|{key}|{value}|" for key, value in vars(args).items()))
 
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    envs = make_env(args.env_id, args.num_envs, args.seed)
+    # a resumed run starts fresh episodes, with its own env seed (seed + the step it resumes from)
+    envs = make_env(args.env_id, args.num_envs, args.seed + (0 if checkpoint is None else checkpoint["global_step"]))
     obs_shape = envs.observation_space.shape
     agent = Agent(args, envs.action_space.n, obs_shape).to(device)
     optimizer = optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     num_params = sum(p.numel() for p in agent.parameters())
     print(agent)
     print(f"parameters: {num_params:,}  device: {device}")
-    writer.add_text("architecture", f"```\n{agent}\n```\nparameters: {num_params:,}")
+    if checkpoint is None:
+        writer.add_text("architecture", f"```\n{agent}\n```\nparameters: {num_params:,}")
 
     # rollout storage lives on the device; only actions go to the host (envpool needs them)
     obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, dtype=torch.uint8, device=device)
@@ -479,13 +679,27 @@ if __name__ == "__main__":
     probe_obs, next_probe, probe_time = None, 0, 0.0
     probe_generator = torch.Generator(device=device)
     last_return, print_every = float("nan"), max(1, 8192 // args.batch_size)
+    global_step, done_iterations, wall_before, checkpoint_step = 0, 0, 0.0, None
 
-    global_step = 0
-    start_time = time.time()
+    if checkpoint is not None:  # continue where the checkpoint left off
+        agent.load_state_dict(checkpoint["agent"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        common.set_rng_state(checkpoint["rng"])
+        global_step = checkpoint_step = checkpoint["global_step"]
+        done_iterations, wall_before = checkpoint["iteration"], checkpoint["wall_seconds"]
+        probe_obs, next_probe = checkpoint["probe_obs"], checkpoint["next_probe"]
+        probe_time, last_return = checkpoint["probe_time"], checkpoint["last_return"]
+        print(f"resumed {run_dir} from step {global_step} (parameter checksum {parameter_checksum(agent)!r})",
+              flush=True)
+        del checkpoint
+    last_good = LastGood(args, run_dir)  # for the non-finite stop
+    last_good.update(global_step, agent, optimizer)
+
+    start_step, start_time = global_step, time.time()
     next_obs = torch.as_tensor(envs.reset()[0], device=device)
     next_done = torch.zeros(args.num_envs, device=device)
 
-    for iteration in range(1, args.num_iterations + 1):
+    for iteration in range(done_iterations + 1, args.num_iterations + 1):
         if args.anneal_lr:
             optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * args.learning_rate
 
@@ -494,7 +708,10 @@ if __name__ == "__main__":
             obs[step] = next_obs
             dones[step] = next_done
             with torch.no_grad():
-                action, logprob, _, value = agent.get_action_and_value(next_obs)
+                try:
+                    action, logprob, _, value = agent.get_action_and_value(next_obs)
+                except ValueError:  # Categorical's argument check: the policy's logits are not finite
+                    last_good.stop("policy logits", global_step, checkpoint_path, checkpoint_step, writer)
             values[step] = value.flatten()
             actions[step] = action
             logprobs[step] = logprob
@@ -536,6 +753,7 @@ if __name__ == "__main__":
         b_values = values.reshape(-1)
 
         clipfracs = []
+        losses_finite = torch.ones((), dtype=torch.bool, device=device)
         for epoch in range(args.update_epochs):
             b_inds = torch.randperm(args.batch_size, device=device)
             for start in range(0, args.batch_size, args.minibatch_size):
@@ -569,6 +787,7 @@ if __name__ == "__main__":
 
                 entropy_loss = entropy.mean()
                 loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+                losses_finite &= torch.isfinite(loss.detach())
 
                 optimizer.zero_grad()
                 loss.backward()
@@ -578,11 +797,18 @@ if __name__ == "__main__":
             if args.target_kl is not None and approx_kl > args.target_kl:
                 break
 
-        # one host sync per update for logging
+        # one host sync per update, for logging and for the non-finite check (every loss of the update, all parameters)
+        params_finite = torch.isfinite(torch.cat([p.detach().flatten() for p in agent.parameters()])).all()
+        loss_ok, params_ok = torch.stack([losses_finite, params_finite]).tolist()
+        if not (loss_ok and params_ok):
+            last_good.stop("loss" if not loss_ok else "parameters", global_step, checkpoint_path, checkpoint_step,
+                           writer)
+        last_good.update(global_step, agent, optimizer)
+
         y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
         var_y = np.var(y_true)
         explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
-        sps = int(global_step / (time.time() - start_time))
+        sps = int((global_step - start_step) / (time.time() - start_time))  # since this process started (or resumed)
         writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
         writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
         writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
@@ -595,9 +821,25 @@ if __name__ == "__main__":
         if iteration % print_every == 0 or iteration == args.num_iterations:
             print(f"global_step={global_step}, SPS={sps}, episodic_return={last_return}", flush=True)
 
-    elapsed = time.time() - start_time
-    print(f"done: {global_step} steps in {elapsed:.1f}s, SPS={int(global_step / elapsed)}, "
-          f"metric probes {probe_time:.2f}s = {100 * probe_time / elapsed:.2f}% of the time", flush=True)
+        # checkpoint after the update of the iteration where global_step crosses a multiple of --checkpoint-every
+        every = args.checkpoint_every
+        if every and global_step // every > (global_step - args.batch_size) // every:
+            write_start = time.time()
+            size = common.atomic_save({
+                "format": CHECKPOINT_FORMAT, "global_step": global_step, "iteration": iteration, "args": asdict(args),
+                "agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "rng": common.rng_state(),
+                "probe_obs": probe_obs, "next_probe": next_probe, "probe_time": probe_time,
+                "last_return": last_return, "wall_seconds": wall_before + time.time() - start_time,
+            }, checkpoint_path)
+            checkpoint_step = global_step
+            print(f"checkpoint: step {global_step}, {size / 1e6:.1f} MB in {time.time() - write_start:.2f}s "
+                  f"-> {checkpoint_path}", flush=True)
+
+    elapsed = max(time.time() - start_time, 1e-9)
+    wall_seconds = wall_before + elapsed
+    print(f"done: {global_step} steps, {global_step - start_step} in {elapsed:.1f}s in this process "
+          f"(SPS={int((global_step - start_step) / elapsed)}), metric probes {probe_time:.2f}s = "
+          f"{100 * probe_time / wall_seconds:.2f}% of the run's time", flush=True)
 
     if args.save_model:
         model_path = os.path.join(run_dir, "ppo_atari_hr.pt")
@@ -611,4 +853,4 @@ if __name__ == "__main__":
     envs.close()
     writer.close()
     with open(os.path.join(run_dir, "finished"), "w") as f:  # sweeps skip finished runs; analyze.py counts them
-        json.dump({"global_step": global_step, "wall_seconds": time.time() - start_time}, f)
+        json.dump({"global_step": global_step, "wall_seconds": wall_seconds}, f)

@@ -1,6 +1,15 @@
-"""Tests of ppo_atari_hr.py: GAE against a slow reference, smoke runs of the real script, bad-input handling."""
+"""Tests of ppo_atari_hr.py: GAE against a slow reference, smoke runs of the real script, checkpoint / kill / resume,
+the non-finite stop, bad-input handling (every row of the README table)."""
+import dataclasses
 import json
 import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -8,6 +17,7 @@ import torch
 
 import common
 import ppo_atari_hr
+from conftest import read_scalars as read_scalars_now
 
 SCRIPT = "ppo_atari_hr.py"
 PROBED = ["conv1", "conv2", "conv3", "latent"]
@@ -223,17 +233,55 @@ def test_episode_stats_count_full_games_with_raw_rewards():
     assert stats.returns.tolist() == [1.0, 0.0, 1.0] and stats.lengths.tolist() == [1, 0, 1]
 
 
-@pytest.mark.parametrize("bad, flag", [
-    (["--env-id", "NotAGame-v5"], "--env-id"),
-    (["--hr", "--hr-branches", "1"], "--hr-branches"),
-    (["--num-envs", "3", "--num-steps", "5", "--num-minibatches", "4"], "--num-minibatches"),
-])
-def test_bad_input_exits_with_one_clear_line(bad, flag, tmp_path, run_script):
-    proc = run_script(SCRIPT, ["--run-name", "bad", *bad], cwd=tmp_path, timeout=120)
-    assert proc.returncode != 0
+# The README's bad-input table, this script's rows, verbatim: | `script` | `flags` | substring of the error line |.
+# Rows with `--run-name other-flags` find runs/other-flags/args.json = the default Args() as JSON plus an empty
+# checkpoint.pt; rows with `--run-name blocked` find a regular file at runs/blocked.
+README_ROWS = """
+| `ppo_atari_hr.py` | `--env-id NotAGame-v5` | `--env-id 'NotAGame-v5' is not an envpool Atari environment` |
+| `ppo_atari_hr.py` | `--env-id CartPole-v1` | `--env-id 'CartPole-v1' is not an envpool Atari environment` |
+| `ppo_atari_hr.py` | `--activation swish` | `invalid choice 'swish' for argument '--activation'` |
+| `ppo_atari_hr.py` | `--encoder impala` | `invalid choice 'impala' for argument '--encoder'` |
+| `ppo_atari_hr.py` | `--combine sum` | `--combine sum only applies to HR layers; add --hr` |
+| `ppo_atari_hr.py` | `--encoder hadamax --hr-layers all` | `--hr-layers all targets the Nature conv trunk` |
+| `ppo_atari_hr.py` | `--hr --hr-branches 1` | `--hr-branches must be >= 2 with --hr` |
+| `ppo_atari_hr.py` | `--num-envs 0` | `--num-envs must be positive, got 0` |
+| `ppo_atari_hr.py` | `--hidden-dim -3` | `--hidden-dim must be positive, got -3` |
+| `ppo_atari_hr.py` | `--total-timesteps 0` | `--total-timesteps must be positive, got 0` |
+| `ppo_atari_hr.py` | `--num-steps 0` | `--num-steps must be positive, got 0` |
+| `ppo_atari_hr.py` | `--total-timesteps 100` | `--total-timesteps 100 is less than one rollout` |
+| `ppo_atari_hr.py` | `--num-envs 3 --num-steps 5 --num-minibatches 4` | `--num-minibatches 4 does not divide the rollout batch` |
+| `ppo_atari_hr.py` | `--learning-rate inf` | `--learning-rate must be a finite number > 0, got inf` |
+| `ppo_atari_hr.py` | `--gamma 1.5` | `--gamma must be in [0, 1], got 1.5` |
+| `ppo_atari_hr.py` | `--checkpoint-every -1` | `--checkpoint-every must be >= 0 (0 = off), got -1` |
+| `ppo_atari_hr.py` | `--num-envs 65536 --num-steps 65536 --total-timesteps 5000000000` | `--num-envs 65536 x --num-steps 65536: the rollout storage needs 121341.4 GB` |
+| `ppo_atari_hr.py` | `--capture-video` | `--capture-video is not supported` |
+| `ppo_atari_hr.py` | `--resume` | `--resume needs --run-name NAME` |
+| `ppo_atari_hr.py` | `--resume --run-name missing` | `--resume: no checkpoint in runs/missing` |
+| `ppo_atari_hr.py` | `--resume --run-name other-flags --learning-rate 0.001` | `--resume: runs/other-flags was made with other flags: --learning-rate (saved 0.00025, now 0.001)` |
+| `ppo_atari_hr.py` | `--run-name blocked` | `--run-name blocked: cannot write runs/blocked` |
+"""
+ROWS = [tuple(cell.strip().strip("`") for cell in line.strip().strip("|").split("|"))
+        for line in README_ROWS.strip().splitlines()]
+
+
+def prepare_bad_input_dir(cwd):
+    """What the README rows rely on: runs/other-flags (default args, empty checkpoint), runs/blocked (a file)."""
+    (cwd / "runs" / "other-flags").mkdir(parents=True)
+    (cwd / "runs" / "other-flags" / "args.json").write_text(json.dumps(dataclasses.asdict(ppo_atari_hr.Args())))
+    (cwd / "runs" / "other-flags" / "checkpoint.pt").write_bytes(b"")
+    (cwd / "runs" / "blocked").write_text("a file where the run directory should be")
+    return sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*"))
+
+
+@pytest.mark.parametrize("script, flags, message", ROWS, ids=[row[1] for row in ROWS])
+def test_readme_bad_input_row(script, flags, message, tmp_path, run_script):
+    before = prepare_bad_input_dir(tmp_path)
+    proc = run_script(script, flags.split(), cwd=tmp_path, timeout=120, env={"COLUMNS": "60"})  # tyro boxes wrap
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and flag in lines[0], proc.stderr
-    assert not (tmp_path / "runs").exists(), "validation must happen before anything is created"
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert "parameters:" not in proc.stdout  # no network (and so no environment) was made
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before, "nothing may be created"
 
 
 @pytest.mark.parametrize("bad, flag", [
@@ -253,6 +301,212 @@ def test_validate_rejects_bad_input(bad, flag):
     assert message.startswith("error:") and flag in message and "\n" not in message
 
 
+@pytest.mark.parametrize("bad, flag", [
+    (dict(checkpoint_every=-5), "--checkpoint-every"),
+    (dict(resume=True), "--resume"),
+    (dict(learning_rate=float("nan")), "--learning-rate"),
+    (dict(ent_coef=float("inf")), "--ent-coef"),
+    (dict(target_kl=0.0), "--target-kl"),
+])
+def test_validate_rejects_checkpoint_and_numeric_input(bad, flag):
+    with pytest.raises(SystemExit) as exc:
+        ppo_atari_hr.validate(ppo_atari_hr.Args(**bad))
+    message = str(exc.value.code)
+    assert message.startswith("error:") and flag in message and "\n" not in message
+
+
+def test_tyro_parse_errors_become_one_error_line(tmp_path, run_script):
+    proc = run_script(SCRIPT, ["--num-envs", "abc"], cwd=tmp_path, timeout=120, env={"COLUMNS": "50"})
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        "error: Error parsing --num-envs: invalid literal for int() with base 10: 'abc'"), proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_validate_accepts_recipe_defaults():
     ppo_atari_hr.validate(ppo_atari_hr.Args())
     ppo_atari_hr.validate(ppo_atari_hr.Args(activation="tanh", hr=True, hr_branches=3, combine="sum"))
+    ppo_atari_hr.validate(ppo_atari_hr.Args(checkpoint_every=0, resume=True, run_name="x", target_kl=0.02))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoint, kill, resume
+
+BATCH = 64  # --num-envs 2 x --num-steps 32
+RESUME_RUN = ["--run-name", "killed", "--num-envs", "2", "--num-steps", "32", "--update-epochs", "2",
+              "--total-timesteps", "1536", "--checkpoint-every", "512", "--metrics-every", "256",
+              "--metrics-batch", "64"]
+ONE_THREAD = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+
+
+def checksum(state_dict):
+    """What the script prints on resume, recomputed independently from a checkpoint's network state_dict."""
+    return sum(t.double().sum().item() for t in state_dict.values() if t.is_floating_point())
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    """Start the real script, SIGKILL it once its event file runs past its first checkpoint (so the resume must purge
+    events), try a resume with another learning rate (refused), then resume it to the end."""
+    cwd = tmp_path_factory.mktemp("resume")
+    run_dir = cwd / "runs" / "killed"
+    cmd = [sys.executable, ppo_atari_hr.__file__, *RESUME_RUN]
+    with open(cwd / "killed.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=ONE_THREAD, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 240
+            while not (run_dir / "checkpoint.pt").exists():  # the first checkpoint is at step 512
+                assert proc.poll() is None and time.time() < deadline, (cwd / "killed.log").read_text()
+                time.sleep(0.05)
+            while max((s for s, _ in read_scalars_now(str(run_dir)).get("charts/SPS", [])), default=0) < 640:
+                assert proc.poll() is None and time.time() < deadline, (cwd / "killed.log").read_text()
+                time.sleep(0.1)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    shutil.copy(run_dir / "checkpoint.pt", cwd / "checkpoint_at_kill.pt")
+    killed_sps = [s for s, _ in read_scalars_now(str(run_dir))["charts/SPS"]]
+    args_json = (run_dir / "args.json").read_text()
+    events_before = sorted(p.name for p in run_dir.glob("events.out.tfevents.*"))
+
+    refused = subprocess.run(cmd + ["--resume", "--learning-rate", "0.001"], cwd=cwd, env=ONE_THREAD,
+                             capture_output=True, text=True, timeout=120)
+    assert sorted(p.name for p in run_dir.glob("events.out.tfevents.*")) == events_before, "the refusal wrote events"
+    resumed = subprocess.run(cmd + ["--resume", "--checkpoint-every", "1024"], cwd=cwd, env=ONE_THREAD,
+                             capture_output=True, text=True, timeout=300)
+    return dict(cwd=cwd, run_dir=run_dir, cmd=cmd, killed_log=(cwd / "killed.log").read_text(),
+                checkpoint=torch.load(cwd / "checkpoint_at_kill.pt", weights_only=False), killed_sps=killed_sps,
+                args_json=args_json, refused=refused, resumed=resumed)
+
+
+def test_checkpoint_holds_the_training_state(killed_and_resumed):
+    ckpt = killed_and_resumed["checkpoint"]
+    assert ckpt["format"] == ppo_atari_hr.CHECKPOINT_FORMAT
+    assert ckpt["global_step"] == 512 and ckpt["iteration"] == 512 // BATCH  # written after the update of iteration 8
+    assert "checkpoint: step 512, " in killed_and_resumed["killed_log"]
+    assert ckpt["args"] == json.loads(killed_and_resumed["args_json"])
+    assert ckpt["probe_obs"].shape == (64, 4, 84, 84) and ckpt["probe_obs"].dtype == torch.uint8
+    assert ckpt["next_probe"] == 768  # probes at 64 (the first rollout), 256, 512; next at 768
+    assert set(ckpt["rng"]) >= {"python", "numpy", "torch", "cuda"}
+    assert len(ckpt["optimizer"]["state"]) == len(ckpt["agent"]) and ckpt["probe_time"] > 0
+    agent = ppo_atari_hr.Agent(ppo_atari_hr.Args(**{k: v for k, v in ckpt["args"].items()}), num_actions=4)
+    agent.load_state_dict(ckpt["agent"])
+
+
+def test_resume_refuses_other_flags_before_touching_the_run(killed_and_resumed):
+    refused = killed_and_resumed["refused"]
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == ("error: --resume: runs/killed was made with other flags: "
+                                      "--learning-rate (saved 0.00025, now 0.001)")
+
+
+def test_killed_run_resumes_to_the_end_without_gaps(killed_and_resumed, read_scalars):
+    resumed, run_dir = killed_and_resumed["resumed"], killed_and_resumed["run_dir"]
+    ckpt = killed_and_resumed["checkpoint"]
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    total = 1536
+    assert json.loads((run_dir / "finished").read_text())["global_step"] == total
+    assert (run_dir / "args.json").read_text() == killed_and_resumed["args_json"], "resume must not rewrite args.json"
+    # the killed process had logged past its checkpoint: those events must be purged, not duplicated
+    assert max(killed_and_resumed["killed_sps"]) > ckpt["global_step"]
+
+    # the restored network is the checkpointed one
+    printed = re.search(r"resumed runs/killed from step (\d+) \(parameter checksum (\S+)\)", resumed.stdout)
+    assert printed, resumed.stdout
+    assert int(printed.group(1)) == ckpt["global_step"]
+    assert float(printed.group(2)) == pytest.approx(checksum(ckpt["agent"]), rel=1e-12, abs=1e-9)
+
+    scalars = read_scalars(str(run_dir))
+    iterations = total // BATCH
+    for tag in PPO_TAGS:  # one point per iteration, from the first to the last: no gap, no duplicate at step 512
+        assert [s for s, _ in scalars[tag]] == [BATCH * i for i in range(1, iterations + 1)], tag
+    # learning-rate annealing continues from the checkpoint's iteration
+    lrs = [v for _, v in scalars["charts/learning_rate"]]
+    assert lrs == pytest.approx([2.5e-4 * (1 - (i - 1) / iterations) for i in range(1, iterations + 1)], rel=1e-6)
+    # probes keep their cadence across the resume, on the checkpointed probe batch
+    assert [s for s, _ in scalars["representation/latent/srank"]] == [64, 256, 512, 768, 1024, 1280, 1536]
+    # a new checkpoint from the resumed process (--checkpoint-every may differ on resume)
+    assert "checkpoint: step 1024, " in resumed.stdout
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["global_step"] == 1024
+
+
+def test_resume_of_a_finished_run_says_so(killed_and_resumed):
+    run_dir = killed_and_resumed["run_dir"]
+    files = sorted(p.name for p in run_dir.iterdir())
+    proc = subprocess.run(killed_and_resumed["cmd"] + ["--resume"], cwd=killed_and_resumed["cwd"], env=ONE_THREAD,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "run killed already finished (at step 1536); nothing to resume" in proc.stdout
+    assert sorted(p.name for p in run_dir.iterdir()) == files
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# non-finite stop
+
+NON_FINITE = {
+    # Adam moves every weight by ~lr on its first step: with lr 1e30 the next minibatch's loss is NaN (first update).
+    "loss": (["--checkpoint-every", "64"], "non-finite loss at step 64; last good state (step 0)", None),
+    # one optimiser step per update: the weights become ~1e30, still finite, and pass the check (and are
+    # checkpointed at step 64); the next rollout's forward overflows, caught by the policy's argument check.
+    "logits": (["--checkpoint-every", "64", "--num-minibatches", "1", "--update-epochs", "1"],
+               "non-finite policy logits at step 66; last good state (step 64)", 64),
+}
+
+
+@pytest.mark.parametrize("case", list(NON_FINITE))
+def test_non_finite_stops_with_the_last_good_state(case, tmp_path, run_script):
+    extra, message, checkpoint_step = NON_FINITE[case]
+    proc = run_script(SCRIPT, ["--run-name", "nan", "--num-envs", "2", "--num-steps", "32", "--total-timesteps", "640",
+                               "--metrics-batch", "64", "--learning-rate", "1e30", *extra],
+                      cwd=tmp_path, timeout=300, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: " + message), proc.stderr
+    assert "written to runs/nan/checkpoint_last_good.pt" in lines[0]
+    if checkpoint_step is None:
+        assert lines[0].endswith("the resumable checkpoint is (none yet)")
+        assert not (tmp_path / "runs" / "nan" / "checkpoint.pt").exists()
+    else:
+        assert lines[0].endswith(f"the resumable checkpoint is runs/nan/checkpoint.pt (step {checkpoint_step})")
+        resumable = torch.load(tmp_path / "runs" / "nan" / "checkpoint.pt", weights_only=False)
+        assert resumable["global_step"] == checkpoint_step  # left alone by the stop
+    good = torch.load(tmp_path / "runs" / "nan" / "checkpoint_last_good.pt", weights_only=False)
+    assert good["global_step"] == (checkpoint_step or 0)
+    for name, tensor in good["agent"].items():
+        assert torch.isfinite(tensor).all(), name
+    for state in good["optimizer"]["state"].values():
+        assert all(torch.isfinite(t).all() for t in state.values())
+    agent = ppo_atari_hr.Agent(ppo_atari_hr.Args(**good["args"]), num_actions=4)
+    agent.load_state_dict(good["agent"])
+    assert not (tmp_path / "runs" / "nan" / "finished").exists()
+
+
+def test_last_good_snapshot_copies_into_preallocated_clones():
+    torch.manual_seed(0)
+    agent = ppo_atari_hr.Agent(ppo_atari_hr.Args(hidden_dim=16), num_actions=3)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3, eps=1e-5)
+    snapshot = ppo_atari_hr.LastGood(ppo_atari_hr.Args(), "unused")
+    snapshot.update(0, agent, optimizer)
+    assert snapshot.state["optimizer"]["state"] == {}
+
+    def train_step():
+        obs = torch.randint(0, 256, (5, 4, 84, 84), dtype=torch.uint8)
+        _, logprob, _, value = agent.get_action_and_value(obs)
+        optimizer.zero_grad()
+        (value.sum() - logprob.sum()).backward()
+        optimizer.step()
+
+    train_step()
+    snapshot.update(64, agent, optimizer)  # Adam's moments exist now: allocated once
+    kept = {k: v.data_ptr() for k, v in snapshot.state["agent"].items()}
+    moments = snapshot.state["optimizer"]["state"][0]["exp_avg"]
+    train_step()
+    assert not torch.equal(snapshot.state["agent"]["actor.weight"], agent.actor.weight)  # a copy, not the live tensor
+    snapshot.update(128, agent, optimizer)
+    assert snapshot.step == 128 and {k: v.data_ptr() for k, v in snapshot.state["agent"].items()} == kept
+    assert snapshot.state["optimizer"]["state"][0]["exp_avg"] is moments
+    for name, tensor in agent.state_dict().items():
+        assert torch.equal(snapshot.state["agent"][name], tensor), name
+    live = optimizer.state_dict()["state"]
+    for idx, state in snapshot.state["optimizer"]["state"].items():
+        for key, tensor in state.items():
+            assert torch.equal(tensor, live[idx][key]), (idx, key)
