@@ -23,12 +23,24 @@ Usage:
     python pqn_atari_hr.py --env-id Breakout-v5 --encoder hadamax        # Hadamax-PQN
     python pqn_atari_hr.py --env-id Breakout-v5 --activation crelu       # CReLU baseline
     python pqn_atari_hr.py --env-id Breakout-v5 --redo                   # ReDo baseline
+    python pqn_atari_hr.py --run-name b1 --resume                        # continue runs/b1 from its checkpoint
+
+Checkpoints: every --checkpoint-every agent steps (at the end of the update that crosses a multiple),
+runs/NAME/checkpoint.pt holds everything needed to continue (network, RAdam state, update/gradient-step counters
+that drive the epsilon and learning-rate schedules, RNG states, the metric probe batch); about 50 MB with the
+default network and probe batch, written atomically. --resume continues from it; the environments start fresh
+episodes (seeded with --seed + the resume step). A non-finite loss or parameter stops the run and writes the last
+finite state to runs/NAME/checkpoint_last_good.pt.
 """
+import contextlib
+import copy
 import dataclasses
+import io
 import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -69,6 +81,11 @@ class Args:
     """save the final Q-network to runs/NAME/"""
     run_name: Optional[str] = None
     """run directory runs/NAME (default {env_id}__{exp_name}__{seed}__{unix_time})"""
+    checkpoint_every: int = 2_000_000
+    """agent steps between checkpoints in runs/NAME/checkpoint.pt (0 = off); the default is about 30 minutes of
+    training on one GPU; each costs one ~50 MB write (network, RAdam moments, the probe batch), well under a second"""
+    resume: bool = False
+    """continue runs/NAME (needs --run-name) from its checkpoint; flags that change training must match args.json"""
 
     # environment (official PQN Atari config)
     env_id: str = "Breakout-v5"
@@ -152,11 +169,28 @@ class Args:
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu", "selu", "crelu")
 
 
+def parse_args() -> Args:
+    """tyro.cli, with tyro's boxed parse errors (unknown flag, invalid choice such as --activation foo, a value that
+    is not a number) folded into one "error: ..." line, like the rest of the bad input."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return tyro.cli(Args)
+    except SystemExit as e:
+        if e.code in (0, None):
+            raise
+        body = err.getvalue().split("\u2500\u2500\u2500 \u2502", 1)[0]  # the box's text before its first rule
+        text = " ".join(re.sub(r"[\u2500-\u257f]+", " ", line).strip() for line in body.splitlines()[1:])
+        sys.exit(f"error: {' '.join(text.split()) or 'bad command line (see --help)'}")
+
+
 def validate(args: Args) -> None:
     """Reject bad input before any environment or tensor is allocated: one line on stderr, non-zero exit."""
     def fail(msg):
         sys.exit(f"error: {msg}")
 
+    if args.resume and args.run_name is None:
+        fail("--resume needs --run-name NAME (the run directory to continue)")
     if args.env_id not in envpool.list_all_envs():
         fail(f"--env-id {args.env_id!r} is not an envpool environment (e.g. Breakout-v5)")
     try:
@@ -174,7 +208,8 @@ def validate(args: Args) -> None:
                         ("--metrics-every", args.metrics_every, 0), ("--metrics-batch", args.metrics_batch, 2),
                         ("--envpool-threads", args.envpool_threads, 0),
                         ("--max-episode-steps", args.max_episode_steps, 1),
-                        ("--torch-threads", args.torch_threads, 0)]:
+                        ("--torch-threads", args.torch_threads, 0), ("--total-timesteps", args.total_timesteps, 1),
+                        ("--checkpoint-every", args.checkpoint_every, 0)]:
         if v < lo:
             fail(f"{flag} must be >= {lo}, got {v}")
     batch = args.num_envs * args.num_steps
@@ -189,8 +224,13 @@ def validate(args: Args) -> None:
         fail(f"--q-lambda and --gamma must be in [0, 1], got {args.q_lambda}, {args.gamma}")
     if not 0.0 < args.exploration_fraction <= 1.0:
         fail(f"--exploration-fraction must be in (0, 1], got {args.exploration_fraction}")
-    if args.redo_tau < 0:
-        fail(f"--redo-tau must be >= 0, got {args.redo_tau}")
+    if not 0.0 <= args.start_e <= 1.0 or not 0.0 <= args.end_e <= 1.0:
+        fail(f"--start-e and --end-e must be in [0, 1], got {args.start_e}, {args.end_e}")
+    for flag, v in [("--learning-rate", args.learning_rate), ("--max-grad-norm", args.max_grad_norm)]:
+        if not (math.isfinite(v) and v > 0):
+            fail(f"{flag} must be a positive number, got {v}")
+    if args.redo_tau < 0 or args.kde_noise_std < 0:
+        fail(f"--redo-tau and --kde-noise-std must be >= 0, got {args.redo_tau}, {args.kde_noise_std}")
     if args.capture_video:
         fail("--capture-video is not supported by this envpool script")
     if args.track:
@@ -200,10 +240,64 @@ def validate(args: Args) -> None:
             fail("--track needs wandb, which is not installed (pip install wandb)")
 
 
-def make_env(args: Args, num_envs: int):
+# flags that do not change the training itself: a resumed run may set them differently
+RESUME_MAY_DIFFER = ("resume", "checkpoint_every", "run_name", "cuda", "torch_deterministic", "torch_threads",
+                     "envpool_threads", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model")
+CHECKPOINT_FORMAT = 1
+
+
+def check_run_dir(args: Args, run_dir: str) -> None:
+    """Before any environment exists: the --resume rules (finished run, missing checkpoint, other flags than the
+    run's args.json), then that runs/NAME can be created and written."""
+    def fail(msg):
+        sys.exit(f"error: {msg}")
+
+    if args.resume:
+        finished = os.path.join(run_dir, "finished")
+        if os.path.exists(finished):
+            try:
+                with open(finished) as f:
+                    detail = f"step {json.load(f)['global_step']}"
+            except (OSError, ValueError, KeyError, TypeError):
+                detail = finished
+            print(f"run {args.run_name} already finished ({detail}); nothing to resume")
+            sys.exit(0)
+        if not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+            fail(f"--resume: no checkpoint in {run_dir}")
+        try:
+            with open(os.path.join(run_dir, "args.json")) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as e:
+            fail(f"--resume: cannot read {run_dir}/args.json ({' '.join(str(e).split())})")
+        current = dataclasses.asdict(args)
+        differ = common.arg_conflicts(saved, current, RESUME_MAY_DIFFER)
+        if differ:
+            fail(f"--resume: {run_dir} was made with other flags: " + ", ".join(
+                f"--{k.replace('_', '-')} (saved {saved.get(k)}, now {current.get(k)})" for k in differ))
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        probe = os.path.join(run_dir, f".write_test.{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        fail(f"--run-name {args.run_name}: cannot write {run_dir} ({e.strerror or e})")
+
+
+def load_checkpoint(path: str, device: torch.device) -> dict:
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # empty, truncated by hand, not a torch file...
+        sys.exit(f"error: --resume: cannot read {path} ({' '.join(str(e).split())[:200]})")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        sys.exit(f"error: --resume: {path} is not a format-{CHECKPOINT_FORMAT} checkpoint of this script")
+    return ckpt
+
+
+def make_env(args: Args, num_envs: int, seed: int):
     """One envpool pool: the official PQN Atari settings (episodic life, reward clip, noop 30, no sticky actions).
     info["reward"] is the unclipped reward; a full game ends when info["terminated"] (lives reach 0) or truncation."""
-    return envpool.make(args.env_id, env_type="gymnasium", num_envs=num_envs, seed=args.seed,
+    return envpool.make(args.env_id, env_type="gymnasium", num_envs=num_envs, seed=seed,
                         episodic_life=True, reward_clip=True, noop_max=30, frame_skip=4,
                         repeat_action_probability=0.0, num_threads=args.envpool_threads,
                         max_episode_steps=args.max_episode_steps)
@@ -443,25 +537,65 @@ class EpisodeStats:
         return finished
 
 
+def _copy_into(dst, src):
+    """`src` (a nested state dict) with its tensors copied into the matching preallocated tensors of `dst`."""
+    if torch.is_tensor(src):
+        return dst.copy_(src)
+    if isinstance(src, dict):
+        return {k: _copy_into(dst[k], v) for k, v in src.items()}
+    if isinstance(src, list):
+        return [_copy_into(d, v) for d, v in zip(dst, src)]
+    return copy.deepcopy(src)
+
+
+class LastGood:
+    """The last state whose loss and parameters were finite (network, RAdam state, step), kept in preallocated
+    clones on the device and refreshed with copy_ (no host sync); written out only if training goes non-finite."""
+
+    def __init__(self, net: nn.Module, optimizer: torch.optim.Optimizer, step: int):
+        self.net, self.optimizer, self.saved = net, optimizer, None
+        self.refresh(step)
+
+    def refresh(self, step: int) -> None:
+        src = {"network": self.net.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self.saved is None or len(src["optimizer"]["state"]) != len(self.saved["optimizer"]["state"]):
+            self.saved = copy.deepcopy(src)  # first call, or RAdam made its moments at the first step
+        else:
+            self.saved = _copy_into(self.saved, src)
+        self.step = step
+
+
+def param_checksum(net: nn.Module) -> float:
+    """Sum of every float tensor of the state dict, in float64: printed on resume so a test can compare it with the
+    checkpoint file."""
+    return sum(t.double().sum().item() for t in net.state_dict().values() if t.is_floating_point())
+
+
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = parse_args()
     validate(args)
     if args.activation is None:
         args.activation = "gelu" if args.encoder == "hadamax" else "relu"
     if args.run_name is None:
         args.run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join("runs", args.run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(dataclasses.asdict(args), f, indent=2)
+    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+    check_run_dir(args, run_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    ckpt = load_checkpoint(ckpt_path, device) if args.resume else None
+    if ckpt is None:
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(dataclasses.asdict(args), f, indent=2)
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=args.run_name, save_code=True)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
-                    "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
+    # on resume, TensorBoard drops what the killed process logged at or after the checkpoint's step
+    writer = SummaryWriter(run_dir, purge_step=ckpt["global_step"] if ckpt else None)
+    if ckpt is None:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
+                        "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items()))
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -469,23 +603,25 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     game = common.atari_game_name(args.env_id)
 
-    # one pool: training envs first, then the greedy test envs (as the official code)
+    # one pool: training envs first, then the greedy test envs (as the official code); a resumed run starts fresh
+    # episodes, seeded differently so they do not replay the run's first ones
     n_train, n_total = args.num_envs, args.num_envs + args.num_test_envs
-    envs = make_env(args, n_total)
+    envs = make_env(args, n_total, args.seed + (ckpt["global_step"] if ckpt else 0))
     n_actions = envs.action_space.n
     net = QNetwork(args, n_actions, envs.observation_space.shape).to(device)
     n_params = sum(p.numel() for p in net.parameters())
     print(net, f"\nparameters: {n_params:,}")
-    writer.add_text("architecture", f"```\n{net}\n```\nparameters: {n_params:,}")
+    if ckpt is None:
+        writer.add_text("architecture", f"```\n{net}\n```\nparameters: {n_params:,}")
     optimizer = torch.optim.RAdam(net.parameters(), lr=args.learning_rate)
 
     batch_size = args.num_envs * args.num_steps
     minibatch_size = batch_size // args.num_minibatches
     num_updates = args.total_timesteps // batch_size
-    total_grad_steps = num_updates * args.update_epochs * args.num_minibatches
+    n_mb = args.update_epochs * args.num_minibatches
+    total_grad_steps = num_updates * n_mb
     # rollout storage, on the device
     obs = torch.zeros((args.num_steps, n_train) + envs.observation_space.shape, dtype=torch.uint8, device=device)
     actions = torch.zeros((args.num_steps, n_train), dtype=torch.long, device=device)
@@ -497,11 +633,31 @@ if __name__ == "__main__":
     stats = EpisodeStats(n_total)
     probe_obs, probe_gen, next_probe = None, torch.Generator(device=device).manual_seed(args.seed), args.metrics_every
 
-    global_step, grad_steps, start_time = 0, 0, time.time()
+    # counters: `update` drives epsilon and ReDo, `grad_steps` the learning rate; all restored on resume
+    global_step, grad_steps, first_update, last_return, wall_before = 0, 0, 0, float("nan"), 0.0
+    next_checkpoint, checkpoint_step = args.checkpoint_every, None
+    if ckpt is not None:
+        net.load_state_dict(ckpt["network"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        global_step, grad_steps, first_update = ckpt["global_step"], ckpt["grad_steps"], ckpt["update"]
+        probe_obs, next_probe, last_return = ckpt["probe_obs"], ckpt["next_probe"], ckpt["last_return"]
+        wall_before, checkpoint_step = ckpt["wall_seconds"], ckpt["global_step"]
+        if args.checkpoint_every:
+            next_checkpoint = (global_step // args.checkpoint_every + 1) * args.checkpoint_every
+        rng = dict(ckpt["rng"], torch=ckpt["rng"]["torch"].cpu(), cuda=[t.cpu() for t in ckpt["rng"]["cuda"]])
+        common.set_rng_state(rng)  # RNG states must be CPU tensors; map_location may have moved them
+        if ckpt["probe_generator"][0] == device.type:  # a probe generator's state is tied to its device type
+            probe_gen.set_state(ckpt["probe_generator"][1].cpu())
+        print(f"resumed {run_dir} from step {global_step} (parameter checksum {param_checksum(net)!r})", flush=True)
+        for k, v in ckpt["logs"].items():  # the checkpointed update's scalars, logged at its step (see below)
+            writer.add_scalar(k, v, global_step)
+    last_good = LastGood(net, optimizer, global_step)
+    del ckpt
+
+    start_step, start_time = global_step, time.time()
     print_every = max(1, 20_000 // batch_size)
-    last_return = float("nan")
     next_obs = torch.from_numpy(envs.reset()[0]).to(device)  # seeded in envpool.make
-    for update in range(num_updates):
+    for update in range(first_update, num_updates):
         epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * num_updates, update)
         train_eps, eval_eps = [], []
         for step in range(args.num_steps):
@@ -547,36 +703,66 @@ if __name__ == "__main__":
                 loss_sum += loss.detach()
                 q_sum += q_taken.detach().mean()
 
+        # the one host sync of the update: mean loss and Q, and whether every parameter is still finite
+        params_finite = torch.stack([p.isfinite().all() for p in net.parameters()]).all()
+        loss_mean, q_mean, finite = torch.stack([loss_sum / n_mb, q_sum / n_mb, params_finite.float()]).tolist()
+        if not (math.isfinite(loss_mean) and math.isfinite(q_mean) and finite):
+            good_path = os.path.join(run_dir, "checkpoint_last_good.pt")
+            common.atomic_save({"format": CHECKPOINT_FORMAT, "global_step": last_good.step,
+                                "args": dataclasses.asdict(args), **last_good.saved}, good_path)
+            what = "loss" if not math.isfinite(loss_mean) else ("Q-values" if finite else "parameters")
+            resumable = f"(step {checkpoint_step})" if checkpoint_step is not None else "(none yet)"
+            writer.close()
+            envs.close()
+            sys.exit(f"error: non-finite {what} at step {global_step}; last good state (step {last_good.step}) "
+                     f"written to {good_path}; the resumable checkpoint is {ckpt_path} {resumable}")
+
+        logs = {"losses/td_loss": loss_mean, "losses/q_values": q_mean,
+                "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/epsilon": epsilon}
         if args.redo and (update + 1) % args.redo_interval == 0:
             idx = torch.randperm(batch_size, device=device)[: min(args.metrics_batch, batch_size)]
-            for k, v in redo_step(net, optimizer, b_obs[idx], args).items():
-                writer.add_scalar(k, v, global_step)
+            logs.update(redo_step(net, optimizer, b_obs[idx], args))
 
         if args.metrics_every and global_step >= next_probe:
             next_probe += args.metrics_every * ((global_step - next_probe) // args.metrics_every + 1)
             if probe_obs is None:  # fixed probe batch, chosen once from the rollout
                 pick = torch.randperm(batch_size, generator=probe_gen, device=device)[: args.metrics_batch]
                 probe_obs = b_obs[pick].clone()
-            scalars = probe_metrics(net, probe_obs, args, probe_gen)
-            for k, v in scalars.items():
-                writer.add_scalar(k, v, global_step)
+            logs.update(probe_metrics(net, probe_obs, args, probe_gen))
 
-        # scalar logging once per update (one host sync)
-        n_mb = args.update_epochs * args.num_minibatches
-        sps = int(global_step / (time.time() - start_time))
-        writer.add_scalar("losses/td_loss", loss_sum.item() / n_mb, global_step)
-        writer.add_scalar("losses/q_values", q_sum.item() / n_mb, global_step)
-        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-        writer.add_scalar("charts/epsilon", epsilon, global_step)
-        writer.add_scalar("charts/SPS", sps, global_step)
+        sps = int((global_step - start_step) / (time.time() - start_time))  # since this process (re)started
+        logs["charts/SPS"] = sps
         for prefix, eps in (("charts", train_eps), ("eval", eval_eps)):
             if eps:
                 ret = float(np.mean([e[0] for e in eps]))
-                writer.add_scalar(f"{prefix}/episodic_return", ret, global_step)
-                writer.add_scalar(f"{prefix}/episodic_length", float(np.mean([e[1] for e in eps])), global_step)
-                writer.add_scalar(f"{prefix}/human_normalized", common.human_normalized(game, ret), global_step)
+                logs[f"{prefix}/episodic_return"] = ret
+                logs[f"{prefix}/episodic_length"] = float(np.mean([e[1] for e in eps]))
+                logs[f"{prefix}/human_normalized"] = common.human_normalized(game, ret)
                 if prefix == "charts":
                     last_return = ret
+
+        # Checkpoint before this update's scalars are written: every event already logged has a step below
+        # global_step, and the checkpoint carries `logs`, which a resumed run writes at global_step itself (its
+        # purge_step), so per-update tags have neither a gap nor a duplicate at the resume point. None after the
+        # last update: the run is about to write its `finished` marker.
+        if args.checkpoint_every and global_step >= next_checkpoint and update + 1 < num_updates:
+            next_checkpoint = (global_step // args.checkpoint_every + 1) * args.checkpoint_every
+            t0 = time.time()
+            writer.flush()
+            size = common.atomic_save({
+                "format": CHECKPOINT_FORMAT, "global_step": global_step, "update": update + 1,
+                "grad_steps": grad_steps, "args": dataclasses.asdict(args), "network": net.state_dict(),
+                "optimizer": optimizer.state_dict(), "rng": common.rng_state(),
+                "probe_generator": (device.type, probe_gen.get_state()), "probe_obs": probe_obs,
+                "next_probe": next_probe, "last_return": last_return, "logs": logs,
+                "wall_seconds": wall_before + time.time() - start_time}, ckpt_path)
+            checkpoint_step = global_step
+            print(f"checkpoint: step {global_step}, {size / 1e6:.1f} MB, {time.time() - t0:.2f} s -> {ckpt_path}",
+                  flush=True)
+
+        for k, v in logs.items():
+            writer.add_scalar(k, v, global_step)
+        last_good.refresh(global_step)
         if update % print_every == 0 or update == num_updates - 1:
             print(f"global_step={global_step}, SPS={sps}, episodic_return={last_return:.1f}, epsilon={epsilon:.3f}",
                   flush=True)
@@ -587,3 +773,5 @@ if __name__ == "__main__":
         print(f"model saved to {path}")
     envs.close()
     writer.close()
+    with open(os.path.join(run_dir, "finished"), "w") as f:  # sweeps skip finished runs; analyze.py counts them
+        json.dump({"global_step": global_step, "wall_seconds": wall_before + time.time() - start_time}, f)

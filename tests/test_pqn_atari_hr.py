@@ -1,8 +1,16 @@
 """Tests for pqn_atari_hr.py: Q(lambda) targets against a slow reference, the network variants (Hadamax shapes and
-parameter count, LayerNorm over channels, HR product, ReDo wiring), smoke runs of the real script, bad input."""
+parameter count, LayerNorm over channels, HR product, ReDo wiring), smoke runs of the real script, bad input,
+checkpoint / kill / resume, the non-finite stop."""
+import dataclasses
 import json
 import math
 import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -10,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import pqn_atari_hr as pqn
+from conftest import REPO, read_scalars
 
 SCRIPT = "pqn_atari_hr.py"
 
@@ -253,6 +262,13 @@ def test_smoke_run_logs_every_tag(variant, tmp_path, run_script, read_scalars):
     (dict(combine="sum"), "--combine"),
     (dict(num_envs=8, num_steps=16, num_minibatches=3), "--num-minibatches"),
     (dict(num_envs=8, num_steps=16, num_minibatches=4, metrics_batch=1024), "--metrics-batch"),
+    (dict(checkpoint_every=-1), "--checkpoint-every"),
+    (dict(total_timesteps=0), "--total-timesteps"),
+    (dict(learning_rate=0.0), "--learning-rate"),
+    (dict(learning_rate=float("nan")), "--learning-rate"),
+    (dict(max_grad_norm=-1.0), "--max-grad-norm"),
+    (dict(end_e=1.5), "--end-e"),
+    (dict(resume=True), "--run-name"),
 ])
 def test_validate_rejects_bad_input(bad, flag):
     with pytest.raises(SystemExit) as e:
@@ -268,3 +284,205 @@ def test_bad_input_exits_with_one_clear_line(tmp_path, run_script):
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "--hr-branches" in lines[0], proc.stderr
     assert not os.path.exists(tmp_path / "runs")
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad input from the command line: the rows of the README's bad-input table for this script
+
+# (flags, substring of the one error line); "other-flags" and "blocked" get prepared as in tests/test_readme.py
+BAD_INPUT_ROWS = [
+    ("--env-id NotAGame-v5", "--env-id 'NotAGame-v5' is not an envpool environment"),
+    ("--activation foo", "invalid choice 'foo' for argument '--activation'"),
+    ("--encoder resnet", "invalid choice 'resnet' for argument '--encoder'"),
+    ("--combine sum", "--combine sum only makes sense with --hr"),
+    ("--num-envs 0", "--num-envs must be >= 1, got 0"),
+    ("--total-timesteps 0", "--total-timesteps must be >= 1, got 0"),
+    ("--num-envs 8 --num-steps 16 --num-minibatches 3", "--num-minibatches (3) must divide --num-envs x --num-steps"),
+    ("--checkpoint-every -1", "--checkpoint-every must be >= 0, got -1"),
+    ("--learning-rate 0", "--learning-rate must be a positive number"),
+    ("--resume", "--resume needs --run-name NAME"),
+    ("--resume --run-name missing", "--resume: no checkpoint in runs/missing"),
+    ("--resume --run-name other-flags --learning-rate 0.001", "--learning-rate (saved 0.00025, now 0.001)"),
+    ("--run-name blocked", "--run-name blocked: cannot write runs/blocked"),
+]
+
+
+def prepare_row(flags, cwd):
+    if "--run-name other-flags" in flags:  # an earlier run made with the default flags
+        run_dir = cwd / "runs" / "other-flags"
+        run_dir.mkdir(parents=True)
+        (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(pqn.Args())))
+        (run_dir / "checkpoint.pt").write_bytes(b"")
+    if "--run-name blocked" in flags:  # a regular file where the run directory should go
+        (cwd / "runs").mkdir()
+        (cwd / "runs" / "blocked").write_text("")
+
+
+def assert_one_error_line(proc, message):
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 1, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("error:") and message in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("flags, message", BAD_INPUT_ROWS, ids=[r[0] for r in BAD_INPUT_ROWS])
+def test_bad_input_row(flags, message, tmp_path, run_script):
+    prepare_row(flags, tmp_path)
+    proc = run_script(SCRIPT, flags.split(), cwd=tmp_path, timeout=120)
+    assert_one_error_line(proc, message)
+    runs = tmp_path / "runs"
+    assert not runs.exists() or not any(p.name.startswith("events.out") for p in runs.rglob("*")), "a run started"
+    assert not (runs / "missing").exists()  # a refused resume creates nothing
+
+
+def test_resume_of_unreadable_checkpoint_fails_clearly(tmp_path, run_script):
+    run_dir = tmp_path / "runs" / "broken"
+    run_dir.mkdir(parents=True)
+    saved = dataclasses.asdict(pqn.Args(activation="relu", run_name="broken"))
+    (run_dir / "args.json").write_text(json.dumps(saved))
+    (run_dir / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    proc = run_script(SCRIPT, ["--resume", "--run-name", "broken"], cwd=tmp_path, timeout=120)
+    assert_one_error_line(proc, "--resume: cannot read runs/broken/checkpoint.pt")
+    assert json.loads((run_dir / "args.json").read_text()) == saved  # untouched
+
+
+def test_resume_of_finished_run_exits_0(tmp_path, run_script):
+    run_dir = tmp_path / "runs" / "done"
+    run_dir.mkdir(parents=True)
+    (run_dir / "finished").write_text(json.dumps({"global_step": 512, "wall_seconds": 3.0}))
+    proc = run_script(SCRIPT, ["--resume", "--run-name", "done"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "run done already finished (step 512); nothing to resume" in proc.stdout
+    assert sorted(p.name for p in run_dir.iterdir()) == ["finished"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoint, SIGKILL, resume
+
+# batch 32, 20 updates, a checkpoint every 4 updates; ReDo every 2 updates and metric probes every 2 updates so
+# their tags cross the resume point too
+RESUMABLE = ["--env-id", "Breakout-v5", "--num-envs", 4, "--num-test-envs", 1, "--num-steps", 8,
+             "--total-timesteps", 640, "--num-minibatches", 4, "--metrics-every", 64, "--metrics-batch", 16,
+             "--max-episode-steps", 30, "--torch-threads", 1, "--checkpoint-every", 128, "--redo",
+             "--redo-interval", 2, "--seed", 5, "--run-name", "kr"]
+
+
+def checksum(state_dict):
+    return sum(t.double().sum().item() for t in state_dict.values() if t.is_floating_point())
+
+
+def test_kill_and_resume_continues_without_gap(tmp_path, run_script):
+    run_dir = tmp_path / "runs" / "kr"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, SCRIPT), *map(str, RESUMABLE)], cwd=tmp_path,
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # wait for a checkpoint, then until the process has logged past it (so the purge has something to drop)
+        deadline, beyond = time.time() + 240, False
+        while time.time() < deadline and proc.poll() is None and not beyond:
+            time.sleep(0.2)
+            written = re.findall(r"checkpoint: step (\d+)", (tmp_path / "killed.log").read_text())
+            if written and any(f.name.startswith("events.out") for f in run_dir.iterdir()):
+                sps = read_scalars(str(run_dir)).get("charts/SPS", [])
+                beyond = bool(sps) and sps[-1][0] > int(written[-1])
+        assert beyond and proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+    assert not (run_dir / "finished").exists()
+    shutil.copy(run_dir / "checkpoint.pt", tmp_path / "copy.pt")
+    ckpt = torch.load(tmp_path / "copy.pt", map_location="cpu", weights_only=False)
+    k = ckpt["global_step"]
+    assert k % 128 == 0 and ckpt["update"] == k // 32 and ckpt["grad_steps"] == (k // 32) * 8
+    assert ckpt["probe_obs"].shape == (16, 4, 84, 84) and ckpt["probe_obs"].dtype == torch.uint8
+    assert ckpt["optimizer"]["state"] and ckpt["rng"]["generators"] == []
+    killed = read_scalars(str(run_dir))["charts/SPS"]
+    assert killed[-1][0] > k  # the killed process logged past its checkpoint: those events must go
+
+    proc = run_script(SCRIPT, RESUMABLE + ["--resume"], cwd=tmp_path, timeout=300, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    m = re.search(r"resumed runs/kr from step (\d+) \(parameter checksum (\S+)\)", proc.stdout)
+    assert m and int(m.group(1)) == k, proc.stdout[-2000:]
+    assert float(m.group(2)) == checksum(ckpt["network"])
+    assert json.loads((run_dir / "finished").read_text())["global_step"] == 640
+
+    s = read_scalars(str(run_dir))
+    steps = [st for st, _ in s["charts/SPS"]]
+    assert steps == list(range(32, 641, 32)), steps  # no gap, no duplicate, up to the total
+    for tag in ("losses/td_loss", "charts/epsilon", "charts/learning_rate"):
+        assert [st for st, _ in s[tag]] == steps, tag
+    for tag in ("redo/recycled_fraction", "representation/latent/srank", "representation/hidden_bias"):
+        assert [st for st, _ in s[tag]] == list(range(64, 641, 64)), tag
+    # the schedules continue from the checkpointed update: epsilon over the first 10% of the 20 updates, the
+    # learning rate annealed over the 160 gradient steps (logged after the update's last one)
+    for st, eps in s["charts/epsilon"]:
+        u = st // 32 - 1
+        assert eps == pytest.approx(1.0 + min(u / 2.0, 1.0) * (0.001 - 1.0), rel=1e-6), st
+    for st, lr in s["charts/learning_rate"]:
+        assert lr == pytest.approx(2.5e-4 * (1 - (st // 32 * 8 - 1) / 160), rel=1e-5), st
+    saved = json.loads((run_dir / "args.json").read_text())
+    assert saved["resume"] is False and saved["total_timesteps"] == 640  # args.json was not rewritten
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# non-finite stop
+
+NONFINITE = ["--env-id", "Breakout-v5", "--num-envs", 4, "--num-test-envs", 1, "--num-steps", 8,
+             "--total-timesteps", 640, "--num-minibatches", 4, "--metrics-every", 0, "--max-episode-steps", 30,
+             "--torch-threads", 1, "--checkpoint-every", 32, "--run-name", "nf"]
+
+
+@pytest.mark.parametrize("flags, bad_step, good_step, resumable", [
+    # without LayerNorm, learning rate 1e3: the first update stays finite, the second overflows (seeds 1-8 all did)
+    (["--no-layernorm", "--learning-rate", 1e3], 64, 32, "(step 32)"),
+    # an absurd learning rate overflows in the first update: the last good state is the initial one
+    (["--learning-rate", 1e38], 32, 0, "(none yet)"),
+])
+def test_non_finite_loss_stops_with_last_good_state(flags, bad_step, good_step, resumable, tmp_path, run_script):
+    proc = run_script(SCRIPT, NONFINITE + flags, cwd=tmp_path, timeout=300, env={"OMP_NUM_THREADS": "1"})
+    assert_one_error_line(proc, f"error: non-finite loss at step {bad_step}; last good state (step {good_step}) "
+                                "written to runs/nf/checkpoint_last_good.pt; the resumable checkpoint is "
+                                f"runs/nf/checkpoint.pt {resumable}")
+    run_dir = tmp_path / "runs" / "nf"
+    good = torch.load(run_dir / "checkpoint_last_good.pt", map_location="cpu", weights_only=False)
+    assert good["global_step"] == good_step
+    assert all(torch.isfinite(t).all() for t in good["network"].values())
+    moments = [t for st in good["optimizer"]["state"].values() for t in st.values()]
+    assert all(torch.isfinite(t).all() for t in moments) and (len(moments) > 0) == (good_step > 0)
+    if good_step:  # the snapshot is the checkpointed state itself, and checkpoint.pt was left alone
+        ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+        assert ckpt["global_step"] == good_step
+        assert all(torch.equal(good["network"][n], t) for n, t in ckpt["network"].items())
+    else:
+        assert not (run_dir / "checkpoint.pt").exists()
+    assert not (run_dir / "finished").exists()
+
+
+def test_last_good_snapshot_copies_not_aliases():
+    torch.manual_seed(0)
+    net = pqn.QNetwork(make_args(hidden_dim=16), 4)
+    opt = torch.optim.RAdam(net.parameters(), lr=1e-3)
+    snap = pqn.LastGood(net, opt, 0)
+    assert snap.saved["optimizer"]["state"] == {}
+    x = torch.randint(0, 256, (4, 4, 84, 84), dtype=torch.uint8)
+    for step in (32, 64):
+        net(x).pow(2).mean().backward()
+        opt.step()
+        snap.refresh(step)
+    buffers = {n: t.data_ptr() for n, t in snap.saved["network"].items()}
+    expect = {n: t.clone() for n, t in net.state_dict().items()}
+    moments = opt.state_dict()["state"][0]["exp_avg"].clone()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(float("nan"))  # the live network goes bad; the snapshot must not follow it
+    assert snap.step == 64
+    assert all(torch.equal(snap.saved["network"][n], t) for n, t in expect.items())
+    assert torch.equal(snap.saved["optimizer"]["state"][0]["exp_avg"], moments)
+    snap.refresh(96)  # refreshes copy into the same preallocated tensors
+    assert {n: t.data_ptr() for n, t in snap.saved["network"].items()} == buffers
