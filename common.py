@@ -453,9 +453,9 @@ def set_rng_state(state: dict, *generators: np.random.Generator) -> None:
     """Restore what rng_state returned, in place (the same Generators, in the same order)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())  # a checkpoint loaded with map_location=cuda moves these too
     if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     if len(state["generators"]) != len(generators):
         raise ValueError(f"checkpoint holds {len(state['generators'])} generator states, {len(generators)} given")
     for g, s in zip(generators, state["generators"]):
