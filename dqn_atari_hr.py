@@ -33,12 +33,15 @@ after writing the last good networks + optimiser state to runs/NAME/checkpoint_l
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import dataclasses
+import io
 import json
 import math
 import os
 import random
+import re
 import sys
 import time
 import warnings
@@ -171,6 +174,24 @@ def mem_available_bytes() -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("MemAvailable not found in /proc/meminfo")
+
+
+def parse_args() -> Args:
+    """tyro.cli, with tyro's boxed parse errors (unknown flag, invalid choice such as --activation swish, a value that
+    is not a number) folded into one "error: ..." line and exit 1, like the rest of the bad input."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            args = tyro.cli(Args)
+    except SystemExit as e:
+        if e.code in (0, None):  # --help
+            sys.stderr.write(err.getvalue())
+            raise
+        body = err.getvalue().split("\u2500\u2500\u2500 \u2502", 1)[0]  # the box's message, before its first rule
+        words = " ".join(re.sub(r"[\u2500-\u257f]", " ", line) for line in body.splitlines()[1:]).split()
+        sys.exit(f"error: {' '.join(words) or 'bad command line (see --help)'}")
+    sys.stderr.write(err.getvalue())  # warnings, if any
+    return args
 
 
 def validate(args: Args) -> None:
@@ -860,7 +881,7 @@ def evaluate(model_path, args: Args, device, n_actions, seed):
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = parse_args()
     validate(args)
     resolve_defaults(args)  # recorded in args.json
     warnings.filterwarnings("ignore", message="Using padding='same' with even kernel")  # Hadamax 8x8/4x4 convs
@@ -869,6 +890,9 @@ if __name__ == "__main__":
     run_dir = os.path.join("runs", args.run_name)
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
     ckpt = check_resume(args, run_dir) if args.resume else None  # exits if finished, missing or made with other flags
+    if ckpt is None and os.path.exists(ckpt_path):  # a fresh start would overwrite the run's logs and resume point
+        sys.exit(f"error: --run-name {args.run_name}: {run_dir} already holds a checkpoint; add --resume to continue "
+                 f"it, or choose another --run-name")
     check_memory(args)
     ensure_writable(args, run_dir)
     if ckpt is None:  # a resumed run keeps the args.json it was made with (identical up to MAY_DIFFER_ON_RESUME)
