@@ -253,8 +253,8 @@ def test_atari_table_complete():
     assert len(common.ATARI_RANDOM_HUMAN) == 57
     assert len(common.ATARI_51) == 51
     assert "MontezumaRevenge" not in common.ATARI_51 and "Breakout" in common.ATARI_51
-    for game, (random, human) in common.ATARI_RANDOM_HUMAN.items():
-        assert random != human, game
+    for game, (rand, human) in common.ATARI_RANDOM_HUMAN.items():
+        assert rand != human, game
     assert common.ATARI_RANDOM_HUMAN["Breakout"] == (1.7, 30.5)
     assert common.ATARI_RANDOM_HUMAN["Pong"] == (-20.7, 14.6)
     assert common.ATARI_RANDOM_HUMAN["BeamRider"] == (363.9, 16926.5)

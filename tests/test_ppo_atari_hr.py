@@ -1,6 +1,5 @@
 """Tests of ppo_atari_hr.py: GAE against a slow reference, smoke runs of the real script, checkpoint / kill / resume,
-the non-finite stop, bad-input handling (every row of the README table)."""
-import dataclasses
+the non-finite stop, bad-input handling (the README's bad-input table is run by tests/test_readme.py)."""
 import json
 import math
 import os
@@ -231,57 +230,6 @@ def test_episode_stats_count_full_games_with_raw_rewards():
         (0, 6.0, 3), (2, 6.0, 3)]
     assert step([1.0, 1.0, 1.0], [3, 0, 3], terminated=[False, True, False]) == [(1, 8.0, 4)]
     assert stats.returns.tolist() == [1.0, 0.0, 1.0] and stats.lengths.tolist() == [1, 0, 1]
-
-
-# The README's bad-input table, this script's rows, verbatim: | `script` | `flags` | substring of the error line |.
-# Rows with `--run-name other-flags` find runs/other-flags/args.json = the default Args() as JSON plus an empty
-# checkpoint.pt; rows with `--run-name blocked` find a regular file at runs/blocked.
-README_ROWS = """
-| `ppo_atari_hr.py` | `--env-id NotAGame-v5` | `--env-id 'NotAGame-v5' is not an envpool Atari environment` |
-| `ppo_atari_hr.py` | `--env-id CartPole-v1` | `--env-id 'CartPole-v1' is not an envpool Atari environment` |
-| `ppo_atari_hr.py` | `--activation swish` | `invalid choice 'swish' for argument '--activation'` |
-| `ppo_atari_hr.py` | `--encoder impala` | `invalid choice 'impala' for argument '--encoder'` |
-| `ppo_atari_hr.py` | `--combine sum` | `--combine sum only applies to HR layers; add --hr` |
-| `ppo_atari_hr.py` | `--encoder hadamax --hr-layers all` | `--hr-layers all targets the Nature conv trunk` |
-| `ppo_atari_hr.py` | `--hr --hr-branches 1` | `--hr-branches must be >= 2 with --hr` |
-| `ppo_atari_hr.py` | `--num-envs 0` | `--num-envs must be positive, got 0` |
-| `ppo_atari_hr.py` | `--hidden-dim -3` | `--hidden-dim must be positive, got -3` |
-| `ppo_atari_hr.py` | `--total-timesteps 0` | `--total-timesteps must be positive, got 0` |
-| `ppo_atari_hr.py` | `--num-steps 0` | `--num-steps must be positive, got 0` |
-| `ppo_atari_hr.py` | `--total-timesteps 100` | `--total-timesteps 100 is less than one rollout` |
-| `ppo_atari_hr.py` | `--num-envs 3 --num-steps 5 --num-minibatches 4` | `--num-minibatches 4 does not divide the rollout batch` |
-| `ppo_atari_hr.py` | `--learning-rate inf` | `--learning-rate must be a finite number > 0, got inf` |
-| `ppo_atari_hr.py` | `--gamma 1.5` | `--gamma must be in [0, 1], got 1.5` |
-| `ppo_atari_hr.py` | `--checkpoint-every -1` | `--checkpoint-every must be >= 0 (0 = off), got -1` |
-| `ppo_atari_hr.py` | `--num-envs 65536 --num-steps 65536 --total-timesteps 5000000000` | `--num-envs 65536 x --num-steps 65536: the rollout storage needs 121341.4 GB` |
-| `ppo_atari_hr.py` | `--capture-video` | `--capture-video is not supported` |
-| `ppo_atari_hr.py` | `--resume` | `--resume needs --run-name NAME` |
-| `ppo_atari_hr.py` | `--resume --run-name missing` | `--resume: no checkpoint in runs/missing` |
-| `ppo_atari_hr.py` | `--resume --run-name other-flags --learning-rate 0.001` | `--resume: runs/other-flags was made with other flags: --learning-rate (saved 0.00025, now 0.001)` |
-| `ppo_atari_hr.py` | `--run-name blocked` | `--run-name blocked: cannot write runs/blocked` |
-"""
-ROWS = [tuple(cell.strip().strip("`") for cell in line.strip().strip("|").split("|"))
-        for line in README_ROWS.strip().splitlines()]
-
-
-def prepare_bad_input_dir(cwd):
-    """What the README rows rely on: runs/other-flags (default args, empty checkpoint), runs/blocked (a file)."""
-    (cwd / "runs" / "other-flags").mkdir(parents=True)
-    (cwd / "runs" / "other-flags" / "args.json").write_text(json.dumps(dataclasses.asdict(ppo_atari_hr.Args())))
-    (cwd / "runs" / "other-flags" / "checkpoint.pt").write_bytes(b"")
-    (cwd / "runs" / "blocked").write_text("a file where the run directory should be")
-    return sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*"))
-
-
-@pytest.mark.parametrize("script, flags, message", ROWS, ids=[row[1] for row in ROWS])
-def test_readme_bad_input_row(script, flags, message, tmp_path, run_script):
-    before = prepare_bad_input_dir(tmp_path)
-    proc = run_script(script, flags.split(), cwd=tmp_path, timeout=120, env={"COLUMNS": "60"})  # tyro boxes wrap
-    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
-    assert "parameters:" not in proc.stdout  # no network (and so no environment) was made
-    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before, "nothing may be created"
 
 
 @pytest.mark.parametrize("bad, flag", [

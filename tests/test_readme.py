@@ -1,0 +1,94 @@
+"""The README is executable documentation: its first commands are the set-up and the tests, and every row of its
+bad-input table is run here, as a user would type it, and must fail the way the table says."""
+import dataclasses
+import importlib
+import json
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import REPO, run_script
+
+SCRIPTS = ("dqn_atari_hr.py", "ppo_atari_hr.py", "pqn_atari_hr.py", "drq_dmc_dominance.py")
+
+
+def readme_text():
+    with open(os.path.join(REPO, "README.md")) as f:
+        return f.read()
+
+
+def bad_input_rows():
+    """(script, flags, message) rows of the README's '## Bad input' table."""
+    section = readme_text().split("\n## Bad input", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        m = re.match(r"^\|\s*`([\w.]+\.py)`\s*\|\s*`([^`]*)`\s*\|\s*(.+?)\s*\|\s*$", line)
+        if m:
+            rows.append((m.group(1), m.group(2), m.group(3).strip("`")))
+    return rows
+
+
+ROWS = bad_input_rows()
+
+
+def test_readme_opens_with_setup_and_test_commands():
+    first_block = readme_text().split("```", 2)[1].splitlines()
+    assert [line for line in first_block[1:] if line.strip()] == ["pip install -r requirements.txt",
+                                                                 "python -m pytest -q"]
+    with open(os.path.join(REPO, ".ci", "run")) as f:
+        ci = f.read()
+    assert "pip install -r requirements.txt" in ci and "python -m pytest -q" in ci
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bad_input_table_covers_the_kinds_of_bad_input(script):
+    flags = " ".join(f for s, f, _ in ROWS if s == script)
+    for needed in ("--env-id", "--total-timesteps 0", "--checkpoint-every -1", "--resume --run-name", "other-flags",
+                   "blocked", "--hr-branches 1" if script != "pqn_atari_hr.py" else "--combine sum"):
+        assert needed in flags, (script, needed)
+    if script != "drq_dmc_dominance.py":
+        assert "--activation" in flags and "--encoder" in flags
+    else:
+        assert "--mitigation" in flags
+    if script in ("dqn_atari_hr.py", "drq_dmc_dominance.py"):
+        assert "--buffer-size 1000000000" in flags and "--batch-size" in flags
+
+
+def prepare(script, flags, cwd):
+    """Rows that name these run directories need them first; returns the tree the row must leave as it is."""
+    if "--run-name other-flags" in flags:  # an earlier run, made with the script's default flags
+        run_dir = cwd / "runs" / "other-flags"
+        run_dir.mkdir(parents=True)
+        module = importlib.import_module(script[:-3])
+        (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(module.Args())))
+        (run_dir / "checkpoint.pt").write_bytes(b"")
+    if "--run-name blocked" in flags:  # a file where the run directory should go: unwritable even for root
+        (cwd / "runs").mkdir(exist_ok=True)
+        (cwd / "runs" / "blocked").write_text("")
+    return sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory):
+    """Every row, two processes at a time (the CI box has 2 cores): {(script, flags): (proc, cwd, tree before)}."""
+    def go(row):
+        script, flags, _ = row
+        cwd = tmp_path_factory.mktemp("bad")
+        before = prepare(script, flags, cwd)
+        proc = run_script(script, flags.split(), cwd=cwd, timeout=180, env={"OMP_NUM_THREADS": "1", "COLUMNS": "60"})
+        return (script, flags), (proc, cwd, before)
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(pool.map(go, ROWS))
+
+
+@pytest.mark.parametrize("script,flags,message", ROWS, ids=[f"{s[:3]}:{f}" for s, f, _ in ROWS])
+def test_bad_input_row_fails_with_one_line_and_creates_nothing(script, flags, message, bad_runs):
+    proc, cwd, before = bad_runs[(script, flags)]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr[-3000:]
+    assert "parameters:" not in proc.stdout  # refused before any network, environment or buffer was built
+    assert sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*")) == before, "a refused run must create nothing"
