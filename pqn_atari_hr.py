@@ -654,7 +654,7 @@ if __name__ == "__main__":
     last_good = LastGood(net, optimizer, global_step)
     del ckpt
 
-    start_step, start_time = global_step, time.time()
+    start_step, start_time, probe_time = global_step, time.time(), 0.0
     print_every = max(1, 20_000 // batch_size)
     next_obs = torch.from_numpy(envs.reset()[0]).to(device)  # seeded in envpool.make
     for update in range(first_update, num_updates):
@@ -728,7 +728,9 @@ if __name__ == "__main__":
             if probe_obs is None:  # fixed probe batch, chosen once from the rollout
                 pick = torch.randperm(batch_size, generator=probe_gen, device=device)[: args.metrics_batch]
                 probe_obs = b_obs[pick].clone()
+            t0 = time.time()
             logs.update(probe_metrics(net, probe_obs, args, probe_gen))
+            probe_time += time.time() - t0
 
         sps = int((global_step - start_step) / (time.time() - start_time))  # since this process (re)started
         logs["charts/SPS"] = sps
@@ -767,6 +769,10 @@ if __name__ == "__main__":
             print(f"global_step={global_step}, SPS={sps}, episodic_return={last_return:.1f}, epsilon={epsilon:.3f}",
                   flush=True)
 
+    elapsed = max(time.time() - start_time, 1e-9)
+    print(f"done: {global_step} steps, {global_step - start_step} in {elapsed:.1f}s in this process "
+          f"(SPS={int((global_step - start_step) / elapsed)}), metric probes {probe_time:.2f}s = "
+          f"{100 * probe_time / elapsed:.2f}% of this process's time", flush=True)
     if args.save_model:
         path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
         torch.save(net.state_dict(), path)
