@@ -1,0 +1,717 @@
+"""Speed benchmark of the training scripts: one markdown table of steady-state steps per second with representation
+metrics on and off, the share of time the metric probes take, peak host and GPU memory, and, for the envpool
+scripts, the envpool ceiling (envpool alone stepping random actions with the same envs and threads).
+
+Each script runs as a user would run it: `python <script> ...` in a temporary working directory, with a unique
+--run-name, one process per measurement.
+
+    python scripts/bench.py --quick                      # the 2-core CPU check (small budgets, < 10 minutes)
+    python scripts/bench.py --out                        # full budgets (GPU machine), appends to bench/RESULTS.md
+    python scripts/bench.py --quick --scripts dqn pqn --variants relu --out
+
+Steady-state SPS: the rate between the first charts/SPS TensorBoard event at or after the warm-up step and the
+last one, from the events' wall-clock stamps (start-up, warm-up and end-of-run work are excluded).
+
+Metric cadence: the time share of the probes depends only on the cadence in steps (one probe costs p seconds,
+whatever the run length), so shrinking the cadence with the budget would inflate the share. The metrics-on run
+uses the script's default cadence when the measured window holds 3 default-cadence probes (full mode on a GPU);
+otherwise (--quick) a cadence scaled so that the window holds --probes (1) probe, which measures p; the table
+then also gives the projection to the default cadence D: on/off = (D / SPS_off) / (D / SPS_off + p).
+"""
+import argparse
+import datetime
+import glob
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CEILING_SCRIPT = os.path.join(REPO, "scripts", "bench_envpool_ceiling.py")
+DEFAULT_OUT = os.path.join(REPO, "bench", "RESULTS.md")
+OFF_FALLBACK = 10 ** 15  # --metrics-every for "off" where a script rejects 0 (one probe at most, in the warm-up)
+REJECTS_ZERO = set()  # scripts seen rejecting --metrics-every 0 in this bench run
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What is benchmarked
+
+
+@dataclass
+class Budget:
+    warmup: int  # presets: steps (frames for DrQ) after learning starts; resolved: the window's first step
+    measure: int  # length of the measured window
+    args: list = field(default_factory=list)  # extra flags of this mode (recorded in the results)
+    ceiling_steps: int = 0  # pool steps timed by bench_envpool_ceiling.py (envpool scripts)
+
+
+@dataclass
+class Spec:
+    key: str
+    file: str
+    unit: str  # what total_timesteps counts
+    default_cadence: int  # the script's default --metrics-every
+    variants: dict
+    quick: Budget
+    full: Budget
+    envpool: bool = False
+
+    def gran(self, args: list) -> int:
+        """Steps between two charts/SPS events (= probe checks for PPO/PQN) with these flags."""
+        if self.key == "dqn":
+            return 100  # dqn_atari_hr.LOG_EVERY
+        if self.key == "ppo":
+            return flag(args, "--num-envs", 8) * flag(args, "--num-steps", 128)
+        if self.key == "pqn":
+            return flag(args, "--num-envs", 128) * flag(args, "--num-steps", 32)
+        if self.key == "drq":
+            return flag(args, "--log-every", 1000)
+        return 1
+
+
+ATARI_VARIANTS = {"relu": [], "tanh_hr": ["--activation", "tanh", "--hr"], "hadamax": ["--encoder", "hadamax"]}
+DRQ_VARIANTS = {"none": ["--mitigation", "none"]}
+
+# Budgets. Quick mode (the 2-core CPU, all rows in < 10 minutes): small rollouts that keep the default compute
+# per sample (gradient steps per sample and minibatch size of the defaults), so the probe batch of ppo and pqn is
+# their 256-sample rollout instead of 1024; learning starts early enough that the window is all training.
+SPECS = {
+    "dqn": Spec(
+        "dqn", "dqn_atari_hr.py", "steps", 25_000, ATARI_VARIANTS,
+        quick=Budget(200, 800, ["--learning-starts", "200", "--buffer-size", "100000"]),  # 0.7 GB replay
+        full=Budget(10_000, 150_000, [])),  # after the default learning_starts 80k; 6 default-cadence probes
+    "ppo": Spec(
+        "ppo", "ppo_atari_hr.py", "steps", 102_400, ATARI_VARIANTS,
+        # 8 envs x 32 steps, one minibatch of 256 (default: 8 x 128, four of 256): same 4 epochs of 256-minibatches
+        quick=Budget(256, 768, ["--num-steps", "32", "--num-minibatches", "1"], ceiling_steps=300),
+        full=Budget(102_400, 1_024_000, [], ceiling_steps=5000), envpool=True),
+    "pqn": Spec(
+        "pqn", "pqn_atari_hr.py", "steps", 100_000, ATARI_VARIANTS,
+        # 16 envs x 16 steps, minibatches of 128 as the default 128 x 32 / 32; probe batch = the 256-sample rollout
+        quick=Budget(256, 512, ["--num-envs", "16", "--num-steps", "16", "--num-minibatches", "2",
+                                "--metrics-batch", "256"], ceiling_steps=200),
+        full=Budget(409_600, 3_276_800, [], ceiling_steps=2000), envpool=True),
+    "drq": Spec(
+        "drq", "drq_dmc_dominance.py", "frames", 10_000, DRQ_VARIANTS,
+        # cartpole (action repeat 8): the probe needs --metrics-batch (256) transitions in the replay, so learning
+        # starts after 2,080 frames (260 agent steps) of random actions; then 1 update of batch 512 (~7 s on the
+        # 2-core CPU) warms up and 3 are measured, with charts/SPS logged at every agent step
+        quick=Budget(8, 24, ["--learning-starts", "2080", "--buffer-size", "10000", "--log-every", "8",
+                             "--eval-every", "0", "--checkpoint-every", "0"]),
+        full=Budget(4000, 40_000, ["--eval-every", "0", "--checkpoint-every", "0"])),
+}
+# Hadamax is ~10x slower than the Nature CNN on the CPU (~2x on a GPU): its warm-up and window are scaled down
+VARIANT_SCALE = {"quick": {"hadamax": 0.25}, "full": {"hadamax": 0.5}}
+
+
+LEARNING_STARTS = {"dqn": 80_000, "drq": 1000}  # the scripts' defaults (ppo and pqn learn from the first rollout)
+
+
+def flag(args: list, name: str, default: int) -> int:
+    """Integer value of `name` in an argv list (last one wins), else default."""
+    value = default
+    for i, a in enumerate(args[:-1]):
+        if a == name:
+            value = int(args[i + 1])
+    return value
+
+
+def round_up(x: int, g: int) -> int:
+    return -(-x // g) * g
+
+
+def choose_cadence(default: int, measure: int, gran: int, probes: int = 1, mode: str = "auto",
+                   min_default: int = 3):
+    """(cadence, scaled?): the default cadence when the window of `measure` steps holds at least `min_default`
+    default-cadence probes (or mode == 'default'), else the largest multiple of `gran` that puts about `probes`
+    probes in the window (enough to measure the cost of one)."""
+    if mode == "default" or (mode == "auto" and measure >= min_default * default):
+        return default, False
+    return max(gran, (measure // max(probes, 1)) // gran * gran), True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure measurement helpers (tested in tests/test_bench.py)
+
+
+def steady_sps(events, warmup_step: int) -> Optional[dict]:
+    """Steady-state rate from (wall_time, step) events: from the first event at step >= warmup_step to the last
+    event. None when fewer than two events are in that range or no time passed between them."""
+    ev = sorted(events, key=lambda e: (e[1], e[0]))
+    window = [e for e in ev if e[1] >= warmup_step]
+    if len(window) < 2:
+        return None
+    (t0, s0), (t1, s1) = window[0], window[-1]
+    if t1 <= t0 or s1 <= s0:
+        return None
+    return {"sps": (s1 - s0) / (t1 - t0), "step0": s0, "step1": s1, "seconds": t1 - t0}
+
+
+PROGRESS_RE = re.compile(r"global_step=(\d+),?\s+SPS=([\d.]+)")
+
+
+def progress_events(text: str) -> list:
+    """(time since the script's start, step) from its progress lines `global_step=N[,] SPS=R`, where R is the
+    cumulative rate N / elapsed: elapsed = N / R (the fallback when no TensorBoard events can be read)."""
+    out = []
+    for m in PROGRESS_RE.finditer(text):
+        step, rate = int(m.group(1)), float(m.group(2))
+        if rate > 0:
+            out.append((step / rate, step))
+    return out
+
+
+def parse_probe_report(text: str) -> Optional[dict]:
+    """The script's own end-of-run probe accounting: {'seconds', 'share' (0..1), 'n' (or None)}.
+    dqn:  `metrics: N probes took Xs = Y% of wall time` (any `N probes took Xs = Y%`)
+    ppo:  `... metric probes Xs = Y% of the run's time`
+    drq:  `done: ... (K in this process, Ts, ...) ... metrics=X ...` (the metrics timer over the run's wall time)"""
+    m = re.search(r"(\d+) probes? took ([\d.]+)s = ([\d.]+)%", text)
+    if m:
+        return {"seconds": float(m.group(2)), "share": float(m.group(3)) / 100, "n": int(m.group(1))}
+    m = re.search(r"metric probes:? ([\d.]+)s = ([\d.]+)%", text)
+    if m:
+        return {"seconds": float(m.group(1)), "share": float(m.group(2)) / 100, "n": None}
+    for line in text.splitlines():
+        if line.startswith("done:"):
+            total = re.search(r"in this process, ([\d.]+)s", line)
+            metrics = re.search(r"\bmetrics=([\d.]+)", line)
+            if total and metrics and float(total.group(1)) > 0:
+                return {"seconds": float(metrics.group(1)),
+                        "share": float(metrics.group(1)) / float(total.group(1)), "n": None}
+    return None
+
+
+GPU_RE = re.compile(r"peak GPU memory[^\d\n]*([\d.]+)\s*(GiB|GB|MiB|MB)", re.IGNORECASE)
+
+
+def parse_peak_gpu_mib(text: str) -> Optional[float]:
+    """MiB from a `peak GPU memory: X MiB|GiB|MB|GB` line (the last one), if the script prints one."""
+    found = GPU_RE.findall(text)
+    if not found:
+        return None
+    value, unit = float(found[-1][0]), found[-1][1].lower()
+    return value * {"gib": 1024.0, "gb": 1e9 / 2 ** 20, "mib": 1.0, "mb": 1e6 / 2 ** 20}[unit]
+
+
+def parse_ceiling(text: str) -> Optional[float]:
+    """Training-env SPS printed by bench_envpool_ceiling.py."""
+    m = re.search(r"SPS \(training-env steps, as charts/SPS\) = (\d+)", text)
+    return float(m.group(1)) if m else None
+
+
+def probe_steps_of(scalars: dict) -> list:
+    """Steps at which representation/* scalars were logged (one per probe)."""
+    return sorted({e[1] for tag, evs in scalars.items() if tag.startswith("representation/") for e in evs})
+
+
+def estimate_probe_seconds(events, probe_steps, warmup_step: int, baseline_sps: Optional[float] = None):
+    """Seconds per probe from the charts/SPS events' wall times, for a script that does not report its probe time:
+    an interval (previous event, event] that holds a probe lasts longer than its steps take at the rate of the
+    intervals without one (or at `baseline_sps`, the metrics-off run's rate, when the window has fewer than two
+    probe-free intervals). Only intervals at or after warmup_step count. Returns (seconds per probe, probes used)
+    or (None, 0)."""
+    ev = sorted((s, t) for t, s in events)
+    ev = [e for e in ev if e[0] >= warmup_step]
+    probes = sorted(probe_steps)
+    with_probe, without = [], []
+    for (s0, t0), (s1, t1) in zip(ev, ev[1:]):
+        n = sum(1 for p in probes if s0 < p <= s1)
+        (with_probe if n else without).append((s1 - s0, t1 - t0, n))
+    if not with_probe:
+        return None, 0
+    if len(without) >= 2:
+        rate = sum(d for d, _, _ in without) / max(sum(t for _, t, _ in without), 1e-12)
+    elif baseline_sps:
+        rate = baseline_sps
+    else:
+        return None, 0
+    n = sum(k for _, _, k in with_probe)
+    extra = sum(t - d / rate for d, t, _ in with_probe)
+    return max(extra, 0.0) / n, n
+
+
+def project(p: float, sps_off: float, cadence: int) -> float:
+    """Metrics-on speed as a fraction of metrics-off when a probe of p seconds runs every `cadence` steps."""
+    base = cadence / sps_off
+    return base / (base + p)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running a child process
+
+
+class GpuPoller:
+    """Peak GPU memory of one process via nvidia-smi (per-pid; or the device's used memory above what it was
+    at the start, when the pid is not visible, e.g. in a container)."""
+
+    def __init__(self, pid: int, interval: float = 0.5):
+        self.pid, self.interval = pid, interval
+        self.peak_pid, self.peak_dev, self.base = None, None, self._device_used()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _query(args):
+        try:
+            return subprocess.run(["nvidia-smi", *args, "--format=csv,noheader,nounits"], capture_output=True,
+                                  text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    def _device_used(self):
+        vals = [float(x) for x in self._query(["--query-gpu=memory.used"]).split() if x.strip()]
+        return sum(vals) if vals else None
+
+    def _run(self):
+        while not self._stop.is_set():
+            for line in self._query(["--query-compute-apps=pid,used_memory"]).splitlines():
+                parts = [x.strip() for x in line.split(",")]
+                if len(parts) == 2 and parts[0] == str(self.pid) and parts[1].replace(".", "").isdigit():
+                    self.peak_pid = max(self.peak_pid or 0.0, float(parts[1]))
+            used = self._device_used()
+            if used is not None and self.base is not None:
+                self.peak_dev = max(self.peak_dev or 0.0, used - self.base)
+            self._stop.wait(self.interval)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(timeout=15)
+        if self.peak_pid is not None:
+            return self.peak_pid, "nvidia-smi (process)"
+        if self.peak_dev is not None:
+            return self.peak_dev, "nvidia-smi (device used minus start)"
+        return None, None
+
+
+def cuda_info():
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001 - torch missing or broken CUDA: report the CPU
+        pass
+    return None
+
+
+CHILD_ENV = {"PYTHONUNBUFFERED": "1"}  # --threads adds OMP_NUM_THREADS / MKL_NUM_THREADS
+
+
+def run_child(cmd: list, cwd: str, timeout: float, log_path: str, poll_gpu: bool = False) -> dict:
+    """Run cmd in cwd with stdout+stderr to log_path; wait4 gives the child's own peak RSS."""
+    env = dict(os.environ, **CHILD_ENV)
+    start = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        poller = GpuPoller(proc.pid) if poll_gpu else None
+        timed_out = False
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.time() - start > timeout:
+                timed_out = True
+                os.killpg(proc.pid, signal.SIGKILL)
+                _, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.2)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    gpu, gpu_src = poller.stop() if poller else (None, None)
+    with open(log_path, errors="replace") as f:
+        text = f.read()
+    return {"rc": proc.returncode, "timed_out": timed_out, "text": text, "wall": time.time() - start,
+            "cpu": usage.ru_utime + usage.ru_stime, "maxrss_mib": usage.ru_maxrss / 1024.0, "gpu_mib": gpu,
+            "gpu_src": gpu_src}
+
+
+def read_scalars(run_dir: str) -> dict:
+    """{tag: [(wall_time, step, value), ...]} of every TensorBoard event file under run_dir."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = {}
+    for directory in sorted({os.path.dirname(f) for f in
+                             glob.glob(os.path.join(run_dir, "**", "events.out.tfevents.*"), recursive=True)}):
+        acc = EventAccumulator(directory, size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, []).extend((e.wall_time, e.step, e.value) for e in acc.Scalars(tag))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One measurement, one row
+
+
+def measure(spec: Spec, variant: str, budget: Budget, cadence: int, workdir: str, timeout: float, tag: str,
+            poll_gpu: bool, log=print) -> dict:
+    """One run of spec's script with metrics every `cadence` steps (0 = off)."""
+    gran = spec.gran(budget.args)
+    total = round_up(budget.warmup + budget.measure, gran) + (gran if spec.key == "dqn" else 0)
+    run_name = f"bench_{spec.key}_{variant}_{tag}_{os.getpid()}_{int(time.time() * 1000) % 10 ** 9}"
+    base = [sys.executable, os.path.join(REPO, spec.file), "--total-timesteps", str(total), "--run-name", run_name,
+            *budget.args, *spec.variants[variant]]
+    res = None
+    for every in ([cadence] if cadence else [OFF_FALLBACK] if spec.key in REJECTS_ZERO else [0, OFF_FALLBACK]):
+        cmd = base + ["--metrics-every", str(every)]
+        log(f"  {spec.key}/{variant} metrics {'every ' + str(every) if every else 'off'}: "
+            f"{total} {spec.unit} ({budget.warmup} warm-up) ...", flush=True)
+        res = run_child(cmd, workdir, timeout, os.path.join(workdir, f"{run_name}.log"), poll_gpu)
+        res["cmd"], res["metrics_every"] = cmd, every
+        if not (every == 0 and res["rc"] != 0 and "metrics-every" in res["text"]):
+            break
+        REJECTS_ZERO.add(spec.key)
+        log(f"  {spec.file} rejects --metrics-every 0; metrics off = --metrics-every {OFF_FALLBACK}")
+    run_dir = os.path.join(workdir, "runs", run_name)
+    res["scalars"] = read_scalars(run_dir) if os.path.isdir(run_dir) else {}
+    sps_events = [(t, s) for t, s, _ in res["scalars"].get("charts/SPS", [])]
+    res["window"], res["sps_source"] = steady_sps(sps_events, budget.warmup), "tb"
+    if res["window"] is None:
+        res["window"], res["sps_source"] = steady_sps(progress_events(res["text"]), budget.warmup), "stdout"
+    res["sps_events"] = sps_events
+    res["probe_steps"] = probe_steps_of(res["scalars"])
+    res["probe"] = parse_probe_report(res["text"])
+    if res["gpu_mib"] is None:
+        res["gpu_mib"] = parse_peak_gpu_mib(res["text"])
+        res["gpu_src"] = "script" if res["gpu_mib"] is not None else None
+    else:
+        printed = parse_peak_gpu_mib(res["text"])
+        if printed is not None:
+            res["gpu_mib"], res["gpu_src"] = printed, "script"
+    m = re.search(r"device:? (cuda[:\w]*|cpu)\b", res["text"])
+    res["device"] = m.group(1) if m else None
+    log(f"    {res['wall']:.0f}s wall, {res['cpu']:.0f}s CPU; window "
+        f"{fmt_sps(res['window']['sps']) if res['window'] else '—'} {spec.unit}/s", flush=True)
+    if res["rc"] != 0:
+        last = [ln for ln in res["text"].strip().splitlines() if ln.strip()]
+        log(f"  FAILED (rc {res['rc']}{', timeout' if res['timed_out'] else ''}): {last[-1] if last else ''}")
+    return res
+
+
+def run_ceiling(spec: Spec, budget: Budget, workdir: str, timeout: float, log=print) -> dict:
+    """bench_envpool_ceiling.py with the pool the script builds (same envs, test envs and threads)."""
+    if spec.key == "ppo":  # ppo_atari_hr.make_env: num_envs envs, envpool's default threads, no test envs
+        n, n_test, threads = flag(budget.args, "--num-envs", 8), 0, 0
+    else:
+        n, n_test = flag(budget.args, "--num-envs", 128), flag(budget.args, "--num-test-envs", 8)
+        threads = flag(budget.args, "--envpool-threads", 0)
+    env_id = next((budget.args[i + 1] for i, a in enumerate(budget.args[:-1]) if a == "--env-id"), "Breakout-v5")
+    cmd = [sys.executable, CEILING_SCRIPT, "--env-id", env_id, "--num-envs", str(n), "--num-test-envs", str(n_test),
+           "--envpool-threads", str(threads), "--steps", str(budget.ceiling_steps)]
+    log(f"  {spec.key} envpool ceiling: {n} + {n_test} envs, threads {threads or 'default'} ...", flush=True)
+    res = run_child(cmd, workdir, timeout, os.path.join(workdir, f"ceiling_{spec.key}.log"))
+    return {"sps": parse_ceiling(res["text"]), "envs": n, "test_envs": n_test, "threads": threads, "cmd": cmd,
+            "rc": res["rc"]}
+
+
+def make_row(spec: Spec, variant: str, budget: Budget, on: dict, off: dict, cadence: int, scaled: bool,
+             ceiling: Optional[dict], device: str) -> dict:
+    """Everything the table shows for one (script, variant)."""
+    row = {"script": spec.key, "variant": variant, "device": on.get("device") or off.get("device") or device,
+           "envs": None, "cadence": cadence, "scaled": scaled, "default_cadence": spec.default_cadence,
+           "errors": []}
+    if spec.envpool:
+        row["envs"] = flag(budget.args, "--num-envs", 8 if spec.key == "ppo" else 128)
+    for name, r in (("on", on), ("off", off)):
+        if r["rc"] != 0:
+            row["errors"].append(f"metrics {name}: rc {r['rc']}{' (timeout)' if r['timed_out'] else ''}")
+        row[f"sps_{name}"] = r["window"]["sps"] if r["window"] else None
+        row[f"src_{name}"] = r["sps_source"] if r["window"] else None
+    row["ratio"] = row["sps_on"] / row["sps_off"] if row["sps_on"] and row["sps_off"] else None
+    w = on["window"]
+    row["probes_in_window"] = (sum(1 for p in on["probe_steps"] if w["step0"] < p <= w["step1"]) if w else None)
+    # probe share and seconds per probe: the script's own report, else estimated from the event wall times
+    n_total = len(on["probe_steps"])
+    if on["probe"]:
+        n = on["probe"]["n"] if on["probe"]["n"] is not None else n_total
+        row["share"], row["share_src"] = on["probe"]["share"], "script"
+        row["p"] = on["probe"]["seconds"] / n if n else None
+    else:
+        p, _ = estimate_probe_seconds(on["sps_events"], on["probe_steps"], budget.warmup, row["sps_off"])
+        row["p"], row["share_src"] = p, "estimate"  # share over the measured window
+        row["share"] = (p * row["probes_in_window"] / w["seconds"]
+                        if p is not None and w and row["probes_in_window"] is not None else None)
+    row["projected"] = (project(row["p"], row["sps_off"], spec.default_cadence)
+                        if row["p"] is not None and row["sps_off"] else None)
+    row["rss_mib"] = max(on["maxrss_mib"], off["maxrss_mib"])
+    gpus = [r["gpu_mib"] for r in (on, off) if r["gpu_mib"] is not None]
+    row["gpu_mib"] = max(gpus) if gpus else None
+    row["gpu_src"] = next((r["gpu_src"] for r in (on, off) if r["gpu_src"]), None)
+    row["ceiling"] = ceiling["sps"] if ceiling else None
+    # our SPS at the default cadence: measured when the run used it, else projected from metrics-off
+    at_default = row["sps_on"] if not scaled else (row["sps_off"] * row["projected"] if row["projected"] else None)
+    row["pct_ceiling"] = at_default / row["ceiling"] if at_default and row["ceiling"] else None
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output
+
+
+def fmt_sps(x):
+    if x is None:
+        return "—"
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
+
+
+def fmt_pct(x, digits=1):
+    return "—" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def fmt_mib(x):
+    if x is None:
+        return "n/a"
+    return f"{x / 1024:.2f} GiB" if x >= 1024 else f"{x:.0f} MiB"
+
+
+COLUMNS = ["script", "variant", "device", "envs", "SPS metrics on", "SPS metrics off", "on / off",
+           "probe cadence", "probe share", "s / probe", "on / off at default cadence", "peak host RSS",
+           "peak GPU mem", "envpool ceiling", "% of ceiling"]
+
+
+def format_table(rows: list) -> str:
+    """The markdown table (one line per row; missing values as —, unmeasurable GPU memory as n/a)."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    for r in rows:
+        cadence = f"{r['cadence']:,}" + (" (scaled)" if r["scaled"] else " (default)")
+        share = fmt_pct(r.get("share"), 2)
+        if r.get("share") is not None and r.get("share_src") == "estimate":
+            share = "~" + share
+        proj = fmt_pct(r.get("projected")) if r["scaled"] else fmt_pct(r.get("ratio"))
+        cells = [r["script"], r["variant"], r["device"], "—" if r.get("envs") is None else str(r["envs"]),
+                 fmt_sps(r.get("sps_on")), fmt_sps(r.get("sps_off")), fmt_pct(r.get("ratio")), cadence, share,
+                 "—" if r.get("p") is None else f"{r['p']:.2f}", proj, fmt_mib(r.get("rss_mib")),
+                 fmt_mib(r.get("gpu_mib")), fmt_sps(r.get("ceiling")) if r.get("envs") is not None else "—",
+                 fmt_pct(r.get("pct_ceiling"))]
+        if r.get("errors"):
+            cells[0] += " (" + "; ".join(r["errors"]) + ")"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+FOOTNOTES = """\
+- SPS: steady state, the rate between the first charts/SPS TensorBoard event at or after the warm-up step and the
+  last one (wall-clock stamps of the events; start-up, warm-up and end-of-run work excluded). Steps are agent steps
+  (frames for drq). Single runs, no repeats: on a shared CPU the on/off ratio carries a few % of noise.
+- probe cadence: `--metrics-every` of the metrics-on run. "(scaled)": the measured window is too short for the
+  default cadence, so probes ran more often (about {probes} in the window) to measure the cost of one probe;
+  "on / off" then is the speed at that inflated cadence, and "on / off at default cadence" the projection
+  (D / SPS_off) / (D / SPS_off + s per probe) with D the script's default cadence (dqn 25,000, ppo 102,400,
+  pqn 100,000 steps, drq 10,000 frames). With "(default)" that column repeats the measured on / off.
+- probe share: the script's own end-of-run report of its probe time over its wall time (whole run, warm-up
+  included). "~": the script does not report its probe time; s / probe is then estimated from how much longer
+  the charts/SPS intervals that hold a probe take than those without (or than the metrics-off rate), and the
+  share is s / probe x probes in the window / window seconds. Otherwise s / probe = probe time / probes.
+- metrics off: `--metrics-every 0`.
+- peak host RSS: the child's own ru_maxrss (os.wait4), the larger of the two runs. Peak GPU memory: the script's
+  `peak GPU memory` line when it prints one, else nvidia-smi polled every 0.5 s; n/a on a CPU machine.
+- envpool ceiling: scripts/bench_envpool_ceiling.py (envpool alone, random actions, the script's pool: same
+  training envs, test envs and threads), training-env steps per second; % of ceiling uses our SPS at the default
+  cadence (measured, or SPS_off x the projected on / off when the cadence was scaled).
+"""
+
+
+def machine_header(argv: list, load: Optional[tuple], load_end: Optional[tuple] = None) -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        import torch
+
+        torch_v = torch.__version__
+    except Exception:  # noqa: BLE001
+        torch_v = "not importable"
+    try:
+        import envpool
+
+        envpool_v = envpool.__version__
+    except Exception:  # noqa: BLE001
+        envpool_v = "not importable"
+    gpu = cuda_info()
+    command = shlex.join(["scripts/bench.py", *argv])
+    lines = [f"## {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} — `{command}`",
+             "",
+             f"- CPU: {cpu}, {os.cpu_count()} cores (logical)",
+             f"- GPU: {gpu or 'none (CPU only)'}",
+             f"- torch {torch_v}, envpool {envpool_v}, Python {platform.python_version()}, {platform.platform()}",
+             f"- OMP_NUM_THREADS of the runs: {os.environ.get('OMP_NUM_THREADS', 'unset (torch default)')}"
+             + (" (set by --threads)" if "OMP_NUM_THREADS" in CHILD_ENV else "")]
+    if load:
+        lines.append(f"- load average at start: {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1/5/15 min)"
+                     + (f", at the end: {load_end[0]:.2f} / {load_end[1]:.2f} / {load_end[2]:.2f}" if load_end
+                        else "") + " (other processes on the machine skew the numbers)")
+    return "\n".join(lines)
+
+
+def settings_md(used: list, off_fallback: dict) -> str:
+    """The flags and budgets each script ran with; used = [(spec, variants, budget)]."""
+    lines = ["Flags per script (besides `--total-timesteps`, `--run-name`, `--metrics-every` and the variant's):", ""]
+    for i, (spec, variants, b) in enumerate(used):
+        flags = " ".join(b.args) or "(defaults)"
+        lines.append(f"- {spec.key} ({', '.join(variants)}): `{spec.file} {flags}`; warm-up {b.warmup:,} "
+                     f"{spec.unit}, measured window {b.measure:,} {spec.unit}")
+        if off_fallback.get(spec.key) and all(u[0] is not spec for u in used[i + 1:]):
+            lines.append(f"  ({spec.file} rejects `--metrics-every 0`: metrics off ran with `--metrics-every "
+                         f"{OFF_FALLBACK}`, one probe in the warm-up at most)")
+    lines.append("- variants: " + ", ".join(f"{k} = `{' '.join(v) or '(defaults)'}`" for k, v in
+                                              {**ATARI_VARIANTS, **DRQ_VARIANTS}.items()))
+    return "\n".join(lines)
+
+
+def write_results(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, "a") as f:
+        if new:
+            f.write("# Benchmark results\n\nWritten by `scripts/bench.py --out`; newest at the bottom.\n")
+        f.write("\n" + text.rstrip() + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small budgets for the 2-core CPU (under 10 minutes)")
+    p.add_argument("--scripts", nargs="+", choices=list(SPECS), default=list(SPECS), metavar="S",
+                   help=f"scripts to run, of {', '.join(SPECS)} (default all)")
+    p.add_argument("--variants", nargs="+", choices=list(ATARI_VARIANTS), default=list(ATARI_VARIANTS),
+                   metavar="V", help=f"Atari variants, of {', '.join(ATARI_VARIANTS)} (default all); drq always runs "
+                   "--mitigation none")
+    p.add_argument("--out", nargs="?", const=DEFAULT_OUT, default=None, metavar="PATH",
+                   help=f"append the table and the machine description to PATH (default {DEFAULT_OUT})")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="multiply the warm-up and window budgets (e.g. 0.3 for a smoke test of the harness)")
+    p.add_argument("--probes", type=int, default=1, help="probes in the measured window when the cadence is scaled")
+    p.add_argument("--cadence", choices=["auto", "default"], default="auto",
+                   help="auto: the default cadence when the window holds 3 default-cadence probes, else scaled; "
+                   "default: always the script's default")
+    p.add_argument("--args", action="append", default=[], metavar="SCRIPT=FLAGS",
+                   help="extra flags for one script, appended last (repeatable), e.g. "
+                   "--args 'pqn=--num-envs 64 --envpool-threads 8'")
+    p.add_argument("--threads", type=int, default=None,
+                   help="OMP_NUM_THREADS / MKL_NUM_THREADS of the runs (default: inherited)")
+    p.add_argument("--no-ceiling", action="store_true", help="skip the envpool ceiling runs")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per run (default 300 quick, 1800 full)")
+    p.add_argument("--workdir", default=None, help="keep the runs here (default: a temporary dir, removed)")
+    args = p.parse_args(argv)
+    if args.scale <= 0 or args.probes < 1:
+        p.error("--scale must be > 0 and --probes >= 1")
+    try:
+        parse_extra(args.args)
+    except ValueError as e:
+        p.error(str(e))
+    return args
+
+
+def resolve_budget(spec: Spec, b: Budget, scale: float = 1.0, extra: Optional[list] = None) -> Budget:
+    """The budget a run uses: the preset's post-learning-starts warm-up and window times `scale` (dqn's learning
+    starts too; drq keeps its own, which fills the probe batch), `extra` flags appended, and the warm-up made
+    absolute (learning starts + warm-up, a multiple of the charts/SPS interval)."""
+    args = list(b.args)
+    if spec.key == "dqn" and scale != 1.0 and "--learning-starts" in args:
+        i = args.index("--learning-starts") + 1
+        args[i] = str(max(1, int(int(args[i]) * scale)))
+    args += list(extra or [])
+    g = spec.gran(args)
+    starts = flag(args, "--learning-starts", LEARNING_STARTS.get(spec.key, 0))
+    warmup = round_up(starts + max(int(b.warmup * scale), 1), g)
+    return Budget(warmup, max(round_up(int(b.measure * scale), g), g), args,
+                  max(10, int(b.ceiling_steps * scale)) if b.ceiling_steps else 0)
+
+
+def parse_extra(items: list) -> dict:
+    """--args KEY=FLAGS items -> {key: [flags]}."""
+    out = {}
+    for item in items or []:
+        key, sep, flags = item.partition("=")
+        if not sep or key not in SPECS:
+            raise ValueError(f"--args {item!r}: expected SCRIPT=FLAGS with SCRIPT one of {', '.join(SPECS)}")
+        out.setdefault(key, []).extend(flags.split())
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    mode = "quick" if args.quick else "full"
+    if args.threads:
+        CHILD_ENV.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+        os.environ.update(OMP_NUM_THREADS=str(args.threads))  # so the header reports it
+    timeout = args.timeout or (300 if args.quick else 1800)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    extra = parse_extra(args.args)
+    gpu = cuda_info()
+    device = "cuda" if gpu else "cpu"
+    poll_gpu = bool(gpu) and shutil.which("nvidia-smi") is not None
+    workdir = args.workdir or tempfile.mkdtemp(prefix="bench_")
+    os.makedirs(workdir, exist_ok=True)
+    t_start = time.time()
+    print(f"bench: {mode} mode, {', '.join(args.scripts)}; runs in {workdir}", flush=True)
+    rows, used, off_fallback = [], [], {}
+    try:
+        for key in args.scripts:
+            spec = SPECS[key]
+            variants = list(spec.variants) if key == "drq" else [v for v in args.variants if v in spec.variants]
+            if not variants:
+                continue
+            budgets = {v: resolve_budget(spec, getattr(spec, mode), args.scale * VARIANT_SCALE[mode].get(v, 1.0),
+                                         extra.get(key)) for v in variants}
+            for v in variants:  # one settings line per distinct budget
+                same = next((u for u in used if u[0] is spec and (u[2].warmup, u[2].measure, u[2].args)
+                             == (budgets[v].warmup, budgets[v].measure, budgets[v].args)), None)
+                if same:
+                    same[1].append(v)
+                else:
+                    used.append((spec, [v], budgets[v]))
+            ceiling = None
+            if spec.envpool and not args.no_ceiling:
+                ceiling = run_ceiling(spec, budgets[variants[0]], workdir, timeout)
+                print(f"  ceiling: {fmt_sps(ceiling['sps'])} SPS", flush=True)
+            for variant in variants:
+                budget = budgets[variant]
+                cadence, scaled = choose_cadence(spec.default_cadence, budget.measure, spec.gran(budget.args),
+                                                 args.probes, args.cadence)
+                on = measure(spec, variant, budget, cadence, workdir, timeout, "on", poll_gpu)
+                off = measure(spec, variant, budget, 0, workdir, timeout, "off", poll_gpu)
+                if off["metrics_every"]:
+                    off_fallback[key] = True
+                row = make_row(spec, variant, budget, on, off, cadence, scaled, ceiling, device)
+                rows.append(row)
+                print(f"  -> on {fmt_sps(row['sps_on'])}, off {fmt_sps(row['sps_off'])} SPS "
+                      f"({fmt_pct(row['ratio'])}); {row['probes_in_window']} probes in window; "
+                      f"{time.time() - t_start:.0f}s so far", flush=True)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    elapsed = time.time() - t_start
+    sources = {r[k] for r in rows for k in ("src_on", "src_off") if r.get(k)}
+    notes = FOOTNOTES.format(probes=args.probes)
+    if "stdout" in sources:
+        notes += ("- some SPS came from the scripts' progress lines (`global_step=N SPS=R`, cumulative: elapsed = "
+                  "N / R) because their TensorBoard events could not be read.\n")
+    load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
+    header = machine_header(sys.argv[1:] if argv is None else argv, load, load_end)
+    report = "\n\n".join([header, format_table(rows), notes.rstrip(),
+                          settings_md(used, off_fallback) + f"\n\nTotal bench time: {elapsed:.0f}s."])
+    print("\n" + report)
+    if args.out:
+        write_results(args.out, report)
+        print(f"\nappended to {args.out}")
+    return 0 if rows and all(not r["errors"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
