@@ -62,8 +62,12 @@ def test_parse_probe_report_of_each_script():
            "done: 2320 frames (2320 in this process, 80.0s, SPS=29.00); seconds: physics=1.0 render=2.0 (eval env: "
            "physics=0.0 render=0.0) replay=0.5 update=40.0 mitigation=0.0 metrics=4.0 eval=0.0 checkpoint=0.0\n")
     assert bench.parse_probe_report(drq) == {"seconds": 4.0, "share": pytest.approx(0.05), "n": None}
-    pqn = "global_step=1024, SPS=100, episodic_return=nan, epsilon=0.500\n"  # reports no probe time
-    assert bench.parse_probe_report(pqn) is None
+    pqn = ("global_step=512, SPS=343, episodic_return=nan, epsilon=0.001\n"
+           "done: 512 steps, 512 in 1.5s in this process (SPS=342), metric probes 0.29s = 19.30% of this process's "
+           "time\n")
+    assert bench.parse_probe_report(pqn) == {"seconds": 0.29, "share": pytest.approx(0.193), "n": None}
+    silent = "global_step=1024, SPS=100, episodic_return=nan, epsilon=0.500\n"  # no probe accounting printed
+    assert bench.parse_probe_report(silent) is None
 
 
 def test_parse_peak_gpu_and_ceiling():
