@@ -1041,6 +1041,9 @@ if __name__ == "__main__":
     total_wall = wall_before + wall
     print(f"metrics: {n_probes} probes took {probe_seconds:.2f}s = {100 * probe_seconds / total_wall:.2f}% of "
           "wall time")
+    if device.type == "cuda":  # scripts/bench.py reads this line
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB allocated, "
+              f"{torch.cuda.max_memory_reserved(device) / 2**20:.0f} MiB reserved")
     slot_bytes, n_trans = rb.nbytes // rb.capacity, rb.num_transitions()
     used = rb.capacity if rb.full else rb.ptr
     print(f"replay: {slot_bytes} B per slot; {slot_bytes * used / max(n_trans, 1):.0f} B per stored transition "

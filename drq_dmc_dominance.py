@@ -1118,6 +1118,9 @@ if __name__ == "__main__":
           f"update={timers['update']:.1f} "
           f"mitigation={timers['mitigation']:.1f} metrics={timers['metrics']:.1f} eval={timers['eval']:.1f} "
           f"checkpoint={timers['checkpoint']:.1f}")
+    if device.type == "cuda":  # scripts/bench.py reads this line
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB allocated, "
+              f"{torch.cuda.max_memory_reserved(device) / 2**20:.0f} MiB reserved")
     if args.save_model:
         path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
         torch.save({"critic": critic.state_dict(), "actor": actor.state_dict(), "log_alpha": log_alpha.detach()}, path)

@@ -82,7 +82,7 @@ class Args:
     run_name: Optional[str] = None
     """run directory runs/NAME; default {env_id}__{exp_name}__{seed}__{unix_time}"""
     metrics_every: int = 102_400
-    """agent steps between representation-metric probes (default: every 100 updates of 8x128, << 1% of run time)"""
+    """agent steps between representation-metric probes (0 = off; default: every 100 updates of 8x128)"""
     metrics_batch: int = 1024
     """observations in the fixed probe batch (drawn from the first probed rollout; at most num_envs * num_steps)"""
     redo_tau: float = 0.1
@@ -191,11 +191,13 @@ def validate(args: Args) -> None:
     if args.resume and not args.run_name:
         sys.exit("error: --resume needs --run-name NAME (the run directory to continue)")
     for flag in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "hidden_layers",
-                 "hidden_dim", "metrics_every", "metrics_batch", "eval_episodes"):
+                 "hidden_dim", "metrics_batch", "eval_episodes"):
         if getattr(args, flag) <= 0:
             sys.exit(f"error: --{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.checkpoint_every < 0:
         sys.exit(f"error: --checkpoint-every must be >= 0 (0 = off), got {args.checkpoint_every}")
+    if args.metrics_every < 0:
+        sys.exit(f"error: --metrics-every must be >= 0 (0 = off), got {args.metrics_every}")
     for flag in ("learning_rate", "clip_coef", "max_grad_norm", "kde_threshold"):
         if not (getattr(args, flag) > 0 and math.isfinite(getattr(args, flag))):
             sys.exit(f"error: --{flag.replace('_', '-')} must be a finite number > 0, got {getattr(args, flag)}")
@@ -725,7 +727,7 @@ if __name__ == "__main__":
                 writer.add_scalar("charts/episodic_length", episodic_length, global_step)
 
         # representation probe on the fixed batch, with the network that collected this rollout
-        if global_step >= next_probe:
+        if args.metrics_every and global_step >= next_probe:
             probe_start = time.time()
             if probe_obs is None:
                 n = min(args.metrics_batch, args.batch_size)
@@ -840,6 +842,9 @@ if __name__ == "__main__":
     print(f"done: {global_step} steps, {global_step - start_step} in {elapsed:.1f}s in this process "
           f"(SPS={int((global_step - start_step) / elapsed)}), metric probes {probe_time:.2f}s = "
           f"{100 * probe_time / wall_seconds:.2f}% of the run's time", flush=True)
+    if device.type == "cuda":  # scripts/bench.py reads this line
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB allocated, "
+              f"{torch.cuda.max_memory_reserved(device) / 2**20:.0f} MiB reserved")
 
     if args.save_model:
         model_path = os.path.join(run_dir, "ppo_atari_hr.pt")

@@ -773,6 +773,9 @@ if __name__ == "__main__":
     print(f"done: {global_step} steps, {global_step - start_step} in {elapsed:.1f}s in this process "
           f"(SPS={int((global_step - start_step) / elapsed)}), metric probes {probe_time:.2f}s = "
           f"{100 * probe_time / elapsed:.2f}% of this process's time", flush=True)
+    if device.type == "cuda":  # scripts/bench.py reads this line
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB allocated, "
+              f"{torch.cuda.max_memory_reserved(device) / 2**20:.0f} MiB reserved")
     if args.save_model:
         path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
         torch.save(net.state_dict(), path)

@@ -38,8 +38,6 @@ from typing import Optional
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CEILING_SCRIPT = os.path.join(REPO, "scripts", "bench_envpool_ceiling.py")
 DEFAULT_OUT = os.path.join(REPO, "bench", "RESULTS.md")
-OFF_FALLBACK = 10 ** 15  # --metrics-every for "off" where a script rejects 0 (one probe at most, in the warm-up)
-REJECTS_ZERO = set()  # scripts seen rejecting --metrics-every 0 in this bench run
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -361,17 +359,11 @@ def measure(spec: Spec, variant: str, budget: Budget, cadence: int, workdir: str
     run_name = f"bench_{spec.key}_{variant}_{tag}_{os.getpid()}_{int(time.time() * 1000) % 10 ** 9}"
     base = [sys.executable, os.path.join(REPO, spec.file), "--total-timesteps", str(total), "--run-name", run_name,
             *budget.args, *spec.variants[variant]]
-    res = None
-    for every in ([cadence] if cadence else [OFF_FALLBACK] if spec.key in REJECTS_ZERO else [0, OFF_FALLBACK]):
-        cmd = base + ["--metrics-every", str(every)]
-        log(f"  {spec.key}/{variant} metrics {'every ' + str(every) if every else 'off'}: "
-            f"{total} {spec.unit} ({budget.warmup} warm-up) ...", flush=True)
-        res = run_child(cmd, workdir, timeout, os.path.join(workdir, f"{run_name}.log"), poll_gpu)
-        res["cmd"], res["metrics_every"] = cmd, every
-        if not (every == 0 and res["rc"] != 0 and "metrics-every" in res["text"]):
-            break
-        REJECTS_ZERO.add(spec.key)
-        log(f"  {spec.file} rejects --metrics-every 0; metrics off = --metrics-every {OFF_FALLBACK}")
+    cmd = base + ["--metrics-every", str(cadence)]
+    log(f"  {spec.key}/{variant} metrics {'every ' + str(cadence) if cadence else 'off'}: "
+        f"{total} {spec.unit} ({budget.warmup} warm-up) ...", flush=True)
+    res = run_child(cmd, workdir, timeout, os.path.join(workdir, f"{run_name}.log"), poll_gpu)
+    res["cmd"], res["metrics_every"] = cmd, cadence
     run_dir = os.path.join(workdir, "runs", run_name)
     res["scalars"] = read_scalars(run_dir) if os.path.isdir(run_dir) else {}
     sps_events = [(t, s) for t, s, _ in res["scalars"].get("charts/SPS", [])]
@@ -556,16 +548,13 @@ def machine_header(argv: list, load: Optional[tuple], load_end: Optional[tuple] 
     return "\n".join(lines)
 
 
-def settings_md(used: list, off_fallback: dict) -> str:
+def settings_md(used: list) -> str:
     """The flags and budgets each script ran with; used = [(spec, variants, budget)]."""
     lines = ["Flags per script (besides `--total-timesteps`, `--run-name`, `--metrics-every` and the variant's):", ""]
-    for i, (spec, variants, b) in enumerate(used):
+    for spec, variants, b in used:
         flags = " ".join(b.args) or "(defaults)"
         lines.append(f"- {spec.key} ({', '.join(variants)}): `{spec.file} {flags}`; warm-up {b.warmup:,} "
                      f"{spec.unit}, measured window {b.measure:,} {spec.unit}")
-        if off_fallback.get(spec.key) and all(u[0] is not spec for u in used[i + 1:]):
-            lines.append(f"  ({spec.file} rejects `--metrics-every 0`: metrics off ran with `--metrics-every "
-                         f"{OFF_FALLBACK}`, one probe in the warm-up at most)")
     lines.append("- variants: " + ", ".join(f"{k} = `{' '.join(v) or '(defaults)'}`" for k, v in
                                               {**ATARI_VARIANTS, **DRQ_VARIANTS}.items()))
     return "\n".join(lines)
@@ -660,7 +649,7 @@ def main(argv=None) -> int:
     os.makedirs(workdir, exist_ok=True)
     t_start = time.time()
     print(f"bench: {mode} mode, {', '.join(args.scripts)}; runs in {workdir}", flush=True)
-    rows, used, off_fallback = [], [], {}
+    rows, used = [], []
     try:
         for key in args.scripts:
             spec = SPECS[key]
@@ -686,8 +675,6 @@ def main(argv=None) -> int:
                                                  args.probes, args.cadence)
                 on = measure(spec, variant, budget, cadence, workdir, timeout, "on", poll_gpu)
                 off = measure(spec, variant, budget, 0, workdir, timeout, "off", poll_gpu)
-                if off["metrics_every"]:
-                    off_fallback[key] = True
                 row = make_row(spec, variant, budget, on, off, cadence, scaled, ceiling, device)
                 rows.append(row)
                 print(f"  -> on {fmt_sps(row['sps_on'])}, off {fmt_sps(row['sps_off'])} SPS "
@@ -705,7 +692,7 @@ def main(argv=None) -> int:
     load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
     header = machine_header(sys.argv[1:] if argv is None else argv, load, load_end)
     report = "\n\n".join([header, format_table(rows), notes.rstrip(),
-                          settings_md(used, off_fallback) + f"\n\nTotal bench time: {elapsed:.0f}s."])
+                          settings_md(used) + f"\n\nTotal bench time: {elapsed:.0f}s."])
     print("\n" + report)
     if args.out:
         write_results(args.out, report)
