@@ -1063,3 +1063,5 @@ if __name__ == "__main__":
     writer.close()
     with open(os.path.join(run_dir, "finished"), "w") as f:  # sweeps skip finished runs; analyze.py counts them
         json.dump({"global_step": args.total_timesteps, "wall_seconds": total_wall}, f)
+    if os.path.exists(ckpt_path):  # a finished run is never resumed, and its checkpoint holds gigabytes of replay
+        os.remove(ckpt_path)
