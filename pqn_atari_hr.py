@@ -644,8 +644,7 @@ if __name__ == "__main__":
         wall_before, checkpoint_step = ckpt["wall_seconds"], ckpt["global_step"]
         if args.checkpoint_every:
             next_checkpoint = (global_step // args.checkpoint_every + 1) * args.checkpoint_every
-        rng = dict(ckpt["rng"], torch=ckpt["rng"]["torch"].cpu(), cuda=[t.cpu() for t in ckpt["rng"]["cuda"]])
-        common.set_rng_state(rng)  # RNG states must be CPU tensors; map_location may have moved them
+        common.set_rng_state(ckpt["rng"])
         if ckpt["probe_generator"][0] == device.type:  # a probe generator's state is tied to its device type
             probe_gen.set_state(ckpt["probe_generator"][1].cpu())
         print(f"resumed {run_dir} from step {global_step} (parameter checksum {param_checksum(net)!r})", flush=True)
