@@ -212,32 +212,6 @@ def probe_steps_of(scalars: dict) -> list:
     return sorted({e[1] for tag, evs in scalars.items() if tag.startswith("representation/") for e in evs})
 
 
-def estimate_probe_seconds(events, probe_steps, warmup_step: int, baseline_sps: Optional[float] = None):
-    """Seconds per probe from the charts/SPS events' wall times, for a script that does not report its probe time:
-    an interval (previous event, event] that holds a probe lasts longer than its steps take at the rate of the
-    intervals without one (or at `baseline_sps`, the metrics-off run's rate, when the window has fewer than two
-    probe-free intervals). Only intervals at or after warmup_step count. Returns (seconds per probe, probes used)
-    or (None, 0)."""
-    ev = sorted((s, t) for t, s in events)
-    ev = [e for e in ev if e[0] >= warmup_step]
-    probes = sorted(probe_steps)
-    with_probe, without = [], []
-    for (s0, t0), (s1, t1) in zip(ev, ev[1:]):
-        n = sum(1 for p in probes if s0 < p <= s1)
-        (with_probe if n else without).append((s1 - s0, t1 - t0, n))
-    if not with_probe:
-        return None, 0
-    if len(without) >= 2:
-        rate = sum(d for d, _, _ in without) / max(sum(t for _, t, _ in without), 1e-12)
-    elif baseline_sps:
-        rate = baseline_sps
-    else:
-        return None, 0
-    n = sum(k for _, _, k in with_probe)
-    extra = sum(t - d / rate for d, t, _ in with_probe)
-    return max(extra, 0.0) / n, n
-
-
 def project(p: float, sps_off: float, cadence: int) -> float:
     """Metrics-on speed as a fraction of metrics-off when a probe of p seconds runs every `cadence` steps."""
     base = cadence / sps_off
@@ -422,17 +396,12 @@ def make_row(spec: Spec, variant: str, budget: Budget, on: dict, off: dict, cade
     row["ratio"] = row["sps_on"] / row["sps_off"] if row["sps_on"] and row["sps_off"] else None
     w = on["window"]
     row["probes_in_window"] = (sum(1 for p in on["probe_steps"] if w["step0"] < p <= w["step1"]) if w else None)
-    # probe share and seconds per probe: the script's own report, else estimated from the event wall times
-    n_total = len(on["probe_steps"])
+    # probe share and seconds per probe: the script's own end-of-run report (every script prints one)
+    row["share"], row["p"] = None, None
     if on["probe"]:
-        n = on["probe"]["n"] if on["probe"]["n"] is not None else n_total
-        row["share"], row["share_src"] = on["probe"]["share"], "script"
+        n = on["probe"]["n"] if on["probe"]["n"] is not None else len(on["probe_steps"])
+        row["share"] = on["probe"]["share"]
         row["p"] = on["probe"]["seconds"] / n if n else None
-    else:
-        p, _ = estimate_probe_seconds(on["sps_events"], on["probe_steps"], budget.warmup, row["sps_off"])
-        row["p"], row["share_src"] = p, "estimate"  # share over the measured window
-        row["share"] = (p * row["probes_in_window"] / w["seconds"]
-                        if p is not None and w and row["probes_in_window"] is not None else None)
     row["projected"] = (project(row["p"], row["sps_off"], spec.default_cadence)
                         if row["p"] is not None and row["sps_off"] else None)
     row["rss_mib"] = max(on["maxrss_mib"], off["maxrss_mib"])
@@ -477,8 +446,6 @@ def format_table(rows: list) -> str:
     for r in rows:
         cadence = f"{r['cadence']:,}" + (" (scaled)" if r["scaled"] else " (default)")
         share = fmt_pct(r.get("share"), 2)
-        if r.get("share") is not None and r.get("share_src") == "estimate":
-            share = "~" + share
         proj = fmt_pct(r.get("projected")) if r["scaled"] else fmt_pct(r.get("ratio"))
         cells = [r["script"], r["variant"], r["device"], "—" if r.get("envs") is None else str(r["envs"]),
                  fmt_sps(r.get("sps_on")), fmt_sps(r.get("sps_off")), fmt_pct(r.get("ratio")), cadence, share,
@@ -501,9 +468,7 @@ FOOTNOTES = """\
   (D / SPS_off) / (D / SPS_off + s per probe) with D the script's default cadence (dqn 25,000, ppo 102,400,
   pqn 100,000 steps, drq 10,000 frames). With "(default)" that column repeats the measured on / off.
 - probe share: the script's own end-of-run report of its probe time over its wall time (whole run, warm-up
-  included). "~": the script does not report its probe time; s / probe is then estimated from how much longer
-  the charts/SPS intervals that hold a probe take than those without (or than the metrics-off rate), and the
-  share is s / probe x probes in the window / window seconds. Otherwise s / probe = probe time / probes.
+  included); s / probe = probe time / probes.
 - metrics off: `--metrics-every 0`.
 - peak host RSS: the child's own ru_maxrss (os.wait4), the larger of the two runs. Peak GPU memory: the script's
   `peak GPU memory` line when it prints one, else nvidia-smi polled every 0.5 s; n/a on a CPU machine.
