@@ -16,6 +16,9 @@ Metrics and the papers they implement:
 
 Checkpoint helpers (the only functions here that touch files or global RNG state, by design): atomic_save,
 rng_state / set_rng_state, arg_conflicts.
+
+GPU fast paths shared by the training scripts: compiled (torch.compile with an eager fallback), cuda_graphed
+(capture of a fixed-shape step into a CUDA graph), set_capturable_ (optimizer state a graph can update).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import math
 import os
 import random
 import re
+import sys
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -33,6 +37,7 @@ __all__ = [
     "max_activation_score", "saturation_fractions", "layer_metrics", "head_contributions", "redo_recycle_",
     "ATARI_RANDOM_HUMAN", "ATARI_57", "ATARI_HARD_EXPLORATION", "ATARI_51", "atari_game_name", "human_normalized",
     "baseline_normalized", "iqm", "bootstrap_ci", "atomic_save", "rng_state", "set_rng_state", "arg_conflicts",
+    "compiled", "cuda_graphed", "set_capturable_",
 ]
 
 # --------------------------------------------------------------------------------------------------------------
@@ -468,3 +473,100 @@ def arg_conflicts(saved: dict, current: dict, may_differ: Iterable[str]) -> list
     skip = set(may_differ)
     keys = (set(saved) | set(current)) - skip
     return sorted(k for k in keys if saved.get(k) != current.get(k))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GPU fast paths
+
+
+def compiled(fn: Callable, enabled: bool = True, strict: bool = False, **compile_kwargs) -> Callable:
+    """`torch.compile(fn)` when `enabled`, else `fn`. Compilation happens at the first call; if it fails (no C++
+    compiler or Triton on the machine, an unsupported op) and not `strict`, one warning goes to stderr and `fn`
+    runs eagerly from then on: a missing toolchain slows a run down, it never kills it. Tests pass strict=True."""
+    if not enabled:
+        return fn
+    fast = torch.compile(fn, **compile_kwargs)
+    chosen: list[Callable] = []
+
+    def call(*args):
+        if chosen:
+            return chosen[0](*args)
+        try:
+            out = fast(*args)
+        except Exception as e:  # noqa: BLE001 - any compiler failure means "run eagerly"
+            if strict:
+                raise
+            print(f"warning: torch.compile of {getattr(fn, '__name__', fn)} failed ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0] if str(e) else ''}); running it eagerly", file=sys.stderr, flush=True)
+            chosen.append(fn)
+            return fn(*args)
+        chosen.append(fast)
+        return out
+
+    return call
+
+
+def cuda_graphed(fn: Callable, warmup: int = 3, strict: bool = False) -> Callable:
+    """A callable equivalent to `fn(*tensors)` whose steady state replays a CUDA graph of `fn`.
+
+    `fn` takes CUDA tensors of fixed shapes and returns a tensor or a tuple of tensors; it must not sync with the
+    host (no .item(), no data-dependent Python branching) and whatever it updates (parameters, optimizer state) must
+    be updated in place (see set_capturable_). The first `warmup` calls run `fn` eagerly on a side stream (cuBLAS
+    and cuDNN workspaces, torch.compile autotuning and the optimizer's lazily created state all happen there, as
+    the CUDA-graphs section of the PyTorch docs requires); the next call captures `fn` on static copies of its
+    inputs and replays it; later calls copy their inputs into the static tensors and replay. The returned tensors
+    are the graph's static outputs: consume them (e.g. add them to an accumulator) before the next call.
+    If capture fails and not `strict`, one warning goes to stderr and `fn` runs eagerly from then on."""
+    state: dict = {"calls": 0, "graph": None, "eager": False}
+
+    def call(*args):
+        if state["graph"] is not None:
+            for static, a in zip(state["inputs"], args):
+                static.copy_(a, non_blocking=True)
+            state["graph"].replay()
+            return state["outputs"]
+        if state["eager"]:
+            return fn(*args)
+        if not args or not all(torch.is_tensor(a) and a.is_cuda for a in args):
+            raise ValueError("cuda_graphed: every argument must be a CUDA tensor (CUDA graphs need a GPU)")
+        if state["calls"] < warmup:
+            state["calls"] += 1
+            side = state.setdefault("stream", torch.cuda.Stream())
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = fn(*args)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        inputs = [a.clone() for a in args]
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outputs = fn(*inputs)
+        except Exception as e:  # noqa: BLE001
+            if strict:
+                raise
+            print(f"warning: CUDA-graph capture of {getattr(fn, '__name__', fn)} failed ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0] if str(e) else ''}); running it eagerly", file=sys.stderr, flush=True)
+            state["eager"] = True
+            return fn(*args)
+        state.update(graph=graph, inputs=inputs, outputs=outputs)
+        graph.replay()  # capture records the kernels without running them: this call's step happens here
+        return outputs
+
+    return call
+
+
+def set_capturable_(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
+    """Make an Adam-family optimizer's state updatable inside a CUDA graph (`capturable=True`: the learning rate and
+    the step counters become device tensors, so no step reads a host value) or undo it. In place; call it after
+    load_state_dict too, since a checkpoint carries the capturable setting of the run that wrote it. The
+    learning rate is then changed with `group["lr"].fill_(value)` (no host sync)."""
+    for group in optimizer.param_groups:
+        device = group["params"][0].device
+        lr = float(group["lr"])
+        group["lr"] = torch.tensor(lr, device=device) if capturable else lr
+        group["capturable"] = capturable
+        for p in group["params"]:
+            st = optimizer.state.get(p, {})
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].to(device if capturable else "cpu", torch.float32)

@@ -69,6 +69,12 @@ class Args:
     """if toggled, cuda will be enabled when available"""
     torch_threads: int = 0
     """torch intra-op CPU threads (0 = torch's default); 1 is much faster on a CPU shared with envpool/other jobs"""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile the acting step, the TD loss and the Q(lambda) targets (auto: on with CUDA; off on CPU, where
+    compiling takes about a minute and gains little)"""
+    cudagraphs: Literal["auto", "on", "off"] = "auto"
+    """replay the acting step and the whole gradient step (loss, backward, clipping, RAdam) as CUDA graphs, which
+    removes the per-kernel launch cost of these small networks (auto: on with CUDA; needs CUDA)"""
     track: bool = False
     """track with Weights and Biases (wandb must be installed)"""
     wandb_project_name: str = "cleanRL"
@@ -233,6 +239,8 @@ def validate(args: Args) -> None:
         fail(f"--redo-tau and --kde-noise-std must be >= 0, got {args.redo_tau}, {args.kde_noise_std}")
     if args.capture_video:
         fail("--capture-video is not supported by this envpool script")
+    if args.cudagraphs == "on" and not (args.cuda and torch.cuda.is_available()):
+        fail("--cudagraphs on needs a CUDA GPU (none is available, or --no-cuda); use --cudagraphs auto or off")
     if args.track:
         try:
             import wandb  # noqa: F401
@@ -242,6 +250,7 @@ def validate(args: Args) -> None:
 
 # flags that do not change the training itself: a resumed run may set them differently
 RESUME_MAY_DIFFER = ("resume", "checkpoint_every", "run_name", "cuda", "torch_deterministic", "torch_threads",
+                     "compile", "cudagraphs",
                      "envpool_threads", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model")
 CHECKPOINT_FORMAT = 1
 
@@ -468,6 +477,66 @@ def linear_schedule(start: float, end: float, duration: float, t: float) -> floa
     return start + min(t / duration, 1.0) * (end - start)
 
 
+def make_policy(net: QNetwork, n_actions: int, eps_mask: torch.Tensor):
+    """act(obs, epsilon) -> (actions, max Q): epsilon-greedy over all envs (eps_mask is 0 for the greedy test envs).
+    Tensors in, tensors out, no host sync: it can be compiled and replayed as a CUDA graph."""
+    @torch.no_grad()
+    def act(obs: torch.Tensor, epsilon: torch.Tensor):
+        q = net(obs)
+        explore = torch.rand(eps_mask.shape, device=obs.device) < epsilon * eps_mask
+        random_actions = torch.randint(0, n_actions, eps_mask.shape, device=obs.device)
+        return torch.where(explore, random_actions, q.argmax(dim=1)), q.max(dim=1).values
+
+    return act
+
+
+def make_train_step(net: QNetwork, optimizer: torch.optim.Optimizer, b_obs: torch.Tensor, b_actions: torch.Tensor,
+                    b_targets: torch.Tensor, max_grad_norm: float, compile_loss: bool = False):
+    """train_step(idx) -> (loss, mean Q taken): one RAdam step on the minibatch b_*[idx] of the rollout storage
+    (persistent tensors, refilled in place every update). The loss (0.5 * MSE to the Q(lambda) targets) is what
+    torch.compile sees; the whole step, backward and optimizer included, is what a CUDA graph captures."""
+    def td_loss(idx: torch.Tensor):
+        q_taken = net(b_obs[idx]).gather(1, b_actions[idx, None]).squeeze(1)
+        return 0.5 * (q_taken - b_targets[idx]).pow(2).mean(), q_taken.detach().mean()
+
+    td_loss = common.compiled(td_loss, compile_loss)
+
+    def train_step(idx: torch.Tensor):
+        loss, q_mean = td_loss(idx)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm)
+        optimizer.step()
+        return loss.detach(), q_mean
+
+    return train_step
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    group = optimizer.param_groups[0]
+    if torch.is_tensor(group["lr"]):
+        group["lr"].fill_(lr)  # capturable optimizer: the graph reads this tensor, filled without a host sync
+    else:
+        group["lr"] = lr
+
+
+class Staging:
+    """A host buffer (`.host`, a numpy view to fill) and its device twin: on CUDA `upload()` is one non-blocking copy
+    from pinned memory (no pageable staging, no sync); on CPU both are the same memory. Refilling `.host` is safe
+    because the loop waits for the actions every step, after which every earlier copy has finished."""
+
+    def __init__(self, shape, dtype: torch.dtype, device: torch.device):
+        cuda = device.type == "cuda"
+        self.host_tensor = torch.empty(shape, dtype=dtype, pin_memory=cuda)
+        self.host = self.host_tensor.numpy()
+        self.device_tensor = torch.empty(shape, dtype=dtype, device=device) if cuda else self.host_tensor
+
+    def upload(self) -> torch.Tensor:
+        if self.device_tensor is not self.host_tensor:
+            self.device_tensor.copy_(self.host_tensor, non_blocking=True)
+        return self.device_tensor
+
+
 @torch.no_grad()
 def probe_acts(net: QNetwork, obs: torch.Tensor, chunk: int = 256) -> dict:
     """{layer: (post, pre)} on `obs`, forwarded in chunks to bound memory (Hadamax conv1 maps are 84x84)."""
@@ -616,6 +685,8 @@ if __name__ == "__main__":
     if ckpt is None:
         writer.add_text("architecture", f"```\n{net}\n```\nparameters: {n_params:,}")
     optimizer = torch.optim.RAdam(net.parameters(), lr=args.learning_rate)
+    use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    use_graphs = device.type == "cuda" and args.cudagraphs != "off"
 
     batch_size = args.num_envs * args.num_steps
     minibatch_size = batch_size // args.num_minibatches
@@ -628,6 +699,7 @@ if __name__ == "__main__":
     rewards = torch.zeros((args.num_steps, n_train), device=device)
     dones = torch.zeros((args.num_steps, n_train), device=device)
     q_max = torch.zeros((args.num_steps, n_train), device=device)
+    targets = torch.zeros((args.num_steps, n_train), device=device)
     eps_mask = torch.zeros(n_total, device=device)  # 1 for training envs, 0 (greedy) for test envs
     eps_mask[:n_train] = 1.0
     stats = EpisodeStats(n_total)
@@ -635,6 +707,7 @@ if __name__ == "__main__":
 
     # counters: `update` drives epsilon and ReDo, `grad_steps` the learning rate; all restored on resume
     global_step, grad_steps, first_update, last_return, wall_before = 0, 0, 0, float("nan"), 0.0
+    lr = args.learning_rate
     next_checkpoint, checkpoint_step = args.checkpoint_every, None
     if ckpt is not None:
         net.load_state_dict(ckpt["network"])
@@ -650,28 +723,43 @@ if __name__ == "__main__":
         print(f"resumed {run_dir} from step {global_step} (parameter checksum {param_checksum(net)!r})", flush=True)
         for k, v in ckpt["logs"].items():  # the checkpointed update's scalars, logged at its step (see below)
             writer.add_scalar(k, v, global_step)
+    common.set_capturable_(optimizer, use_graphs)  # after load_state_dict, which brings the saved run's setting
     last_good = LastGood(net, optimizer, global_step)
     del ckpt
 
+    # the hot functions, compiled and/or replayed as CUDA graphs (README "GPU fast paths")
+    b_obs = obs.reshape((batch_size,) + obs.shape[2:])
+    b_actions, b_targets = actions.reshape(-1), targets.reshape(-1)
+    act = common.compiled(make_policy(net, n_actions, eps_mask), use_compile)
+    train_step = make_train_step(net, optimizer, b_obs, b_actions, b_targets, args.max_grad_norm, use_compile)
+    compute_targets = common.compiled(q_lambda_targets, use_compile)
+    if use_graphs:
+        act, train_step = common.cuda_graphed(act), common.cuda_graphed(train_step)
+    print(f"fast paths: torch.compile {'on' if use_compile else 'off'}, CUDA graphs {'on' if use_graphs else 'off'}, "
+          f"pinned transfers {'on' if device.type == 'cuda' else 'off (CPU)'}", flush=True)
+    obs_in = Staging((n_total,) + envs.observation_space.shape, torch.uint8, device)
+    step_in = Staging((2, n_train), torch.float32, device)  # rewards and dones in one copy
+    epsilon_t = torch.zeros((), device=device)
+
     start_step, start_time, probe_time = global_step, time.time(), 0.0
     print_every = max(1, 20_000 // batch_size)
-    next_obs = torch.from_numpy(envs.reset()[0]).to(device)  # seeded in envpool.make
+    obs_in.host[:] = envs.reset()[0]  # seeded in envpool.make
+    next_obs = obs_in.upload()
     for update in range(first_update, num_updates):
         epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * num_updates, update)
+        epsilon_t.fill_(epsilon)
         train_eps, eval_eps = [], []
         for step in range(args.num_steps):
-            with torch.no_grad():
-                q = net(next_obs)
-            greedy = q.argmax(dim=1)
-            explore = torch.rand(n_total, device=device) < epsilon * eps_mask
-            action = torch.where(explore, torch.randint(0, n_actions, (n_total,), device=device), greedy)
+            action, q_best = act(next_obs, epsilon_t)
             obs[step] = next_obs[:n_train]
             actions[step] = action[:n_train]
-            q_max[step] = q[:n_train].max(dim=1).values
+            q_max[step] = q_best[:n_train]
             o, r, term, trunc, info = envs.step(action.cpu().numpy())  # the one host sync per step
-            next_obs = torch.from_numpy(o).to(device)
-            rewards[step] = torch.from_numpy(r[:n_train]).to(device)
-            dones[step] = torch.from_numpy((term | trunc)[:n_train]).to(device)
+            obs_in.host[:] = o
+            next_obs = obs_in.upload()
+            step_in.host[0] = r[:n_train]
+            step_in.host[1] = (term | trunc)[:n_train]
+            rewards[step], dones[step] = step_in.upload()
             for i, ret, length in stats.step(info, trunc):
                 (train_eps if i < n_train else eval_eps).append((ret, length))
         global_step += batch_size
@@ -680,10 +768,8 @@ if __name__ == "__main__":
         with torch.no_grad():
             last_q = net(next_obs[:n_train]).max(dim=1).values
             next_q_max = torch.cat([q_max[1:], last_q[None]])
-            targets = q_lambda_targets(rewards, dones, next_q_max, args.gamma, args.q_lambda)
+            targets.copy_(compute_targets(rewards, dones, next_q_max, args.gamma, args.q_lambda))
 
-        b_obs = obs.reshape((batch_size,) + obs.shape[2:])
-        b_actions, b_targets = actions.reshape(-1), targets.reshape(-1)
         loss_sum = torch.zeros((), device=device)
         q_sum = torch.zeros((), device=device)
         for epoch in range(args.update_epochs):
@@ -691,16 +777,12 @@ if __name__ == "__main__":
             for start in range(0, batch_size, minibatch_size):
                 idx = perm[start:start + minibatch_size]
                 if args.anneal_lr:
-                    optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - grad_steps / total_grad_steps)
-                q_taken = net(b_obs[idx]).gather(1, b_actions[idx, None]).squeeze(1)
-                loss = 0.5 * (q_taken - b_targets[idx]).pow(2).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm)
-                optimizer.step()
+                    lr = args.learning_rate * (1.0 - grad_steps / total_grad_steps)
+                    set_lr(optimizer, lr)
+                loss, q_mean = train_step(idx)
                 grad_steps += 1
-                loss_sum += loss.detach()
-                q_sum += q_taken.detach().mean()
+                loss_sum += loss  # static outputs of a graph: consumed here, before the next replay
+                q_sum += q_mean
 
         # the one host sync of the update: mean loss and Q, and whether every parameter is still finite
         params_finite = torch.stack([p.isfinite().all() for p in net.parameters()]).all()
@@ -717,7 +799,7 @@ if __name__ == "__main__":
                      f"written to {good_path}; the resumable checkpoint is {ckpt_path} {resumable}")
 
         logs = {"losses/td_loss": loss_mean, "losses/q_values": q_mean,
-                "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/epsilon": epsilon}
+                "charts/learning_rate": lr, "charts/epsilon": epsilon}
         if args.redo and (update + 1) % args.redo_interval == 0:
             idx = torch.randperm(batch_size, device=device)[: min(args.metrics_batch, batch_size)]
             logs.update(redo_step(net, optimizer, b_obs[idx], args))

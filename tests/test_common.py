@@ -389,3 +389,68 @@ def test_arg_conflicts_lists_changed_added_and_removed_names():
     current = {"lr": 2e-4, "seed": 1, "checkpoint_every": 20, "new": 0}
     assert common.arg_conflicts(saved, current, may_differ=["checkpoint_every"]) == ["gone", "lr", "new"]
     assert common.arg_conflicts(saved, dict(saved), may_differ=[]) == []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GPU fast-path helpers (their CPU-checkable parts; the CUDA paths are measured by scripts/bench.py on a GPU)
+
+
+def _failing_backend(gm, example_inputs):
+    raise RuntimeError("no compiler here")
+
+
+def test_compiled_falls_back_to_eager_with_one_warning(capsys):
+    calls = []
+
+    def f(x):
+        calls.append(1)
+        return x * 2 + 1
+
+    torch._dynamo.reset()
+    fast = common.compiled(f, True, backend=_failing_backend)
+    x = torch.arange(4.0)
+    assert torch.equal(fast(x), x * 2 + 1) and torch.equal(fast(x), x * 2 + 1)
+    err = capsys.readouterr().err
+    assert err.count("warning: torch.compile of f failed") == 1 and "running it eagerly" in err
+    torch._dynamo.reset()
+    with pytest.raises(Exception):
+        common.compiled(f, True, strict=True, backend=_failing_backend)(x)
+    assert common.compiled(f, False) is f
+
+
+def test_compiled_really_compiles():
+    torch._dynamo.reset()
+    seen = []
+
+    def recording_backend(gm, example_inputs):
+        seen.append(gm)
+        return gm.forward
+
+    fast = common.compiled(lambda x: torch.tanh(x) * x, True, strict=True, backend=recording_backend)
+    x = torch.randn(5)
+    torch.testing.assert_close(fast(x), torch.tanh(x) * x)
+    assert len(seen) == 1  # one FX graph went through the compiler: no graph break, no host sync inside
+
+
+def test_cuda_graphed_rejects_cpu_tensors():
+    step = common.cuda_graphed(lambda x: x + 1)
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        step(torch.zeros(3))
+
+
+def test_set_capturable_round_trip_keeps_lr_and_state():
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = torch.optim.RAdam([p], lr=2.5e-4)
+    p.grad = torch.ones(3)
+    opt.step()
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    common.set_capturable_(opt, True)  # what a CUDA run does (the step itself only works on a GPU)
+    group = opt.param_groups[0]
+    assert group["capturable"] and torch.is_tensor(group["lr"]) and float(group["lr"]) == pytest.approx(2.5e-4)
+    group["lr"].fill_(1e-4)
+    common.set_capturable_(opt, False)  # e.g. that run's checkpoint resumed on a CPU
+    assert group["lr"] == pytest.approx(1e-4) and isinstance(group["lr"], float) and not group["capturable"]
+    for k, v in opt.state[p].items():
+        assert torch.equal(v, before[k]) and v.device.type == "cpu"
+    opt.step()  # the plain CPU path runs with the converted state
+    assert float(opt.state[p]["step"]) == 2

@@ -197,6 +197,126 @@ def test_redo_step_recycles_dormant_units_only():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# fast paths (README "GPU fast paths"): equivalence with the plain code on CPU
+
+
+def tiny_rollout(seed=0, n=64, n_actions=4):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 256, (n, 4, 84, 84), dtype=torch.uint8, generator=g),
+            torch.randint(0, n_actions, (n,), generator=g), torch.randn(n, generator=g))
+
+
+def reference_steps(net, optimizer, b_obs, b_actions, b_targets, idxs, lrs, max_grad_norm):
+    """The update loop as written before the fast paths: float learning rate set in the param group, inline loss."""
+    out = []
+    for idx, lr in zip(idxs, lrs):
+        optimizer.param_groups[0]["lr"] = lr
+        q_taken = net(b_obs[idx]).gather(1, b_actions[idx, None]).squeeze(1)
+        loss = 0.5 * (q_taken - b_targets[idx]).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm)
+        optimizer.step()
+        out.append((loss.detach(), q_taken.detach().mean()))
+    return out
+
+
+def twin_networks(**kw):
+    torch.manual_seed(0)
+    a = pqn.QNetwork(make_args(hidden_dim=64, **kw), 4)
+    b = pqn.QNetwork(make_args(hidden_dim=64, **kw), 4)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_train_step_matches_reference_update(tensor_lr):
+    """make_train_step + set_lr (a float lr, or a tensor lr filled in place as the CUDA-graph path does) performs the
+    same RAdam steps as the inline reference loop."""
+    ref_net, net = twin_networks()
+    b_obs, b_actions, b_targets = tiny_rollout()
+    ref_opt = torch.optim.RAdam(ref_net.parameters(), lr=2.5e-4)
+    opt = torch.optim.RAdam(net.parameters(), lr=torch.tensor(2.5e-4) if tensor_lr else 2.5e-4)
+    idxs = [torch.randperm(64, generator=torch.Generator().manual_seed(i))[:16] for i in range(4)]
+    lrs = [2.5e-4 * (1 - i / 4) for i in range(4)]
+    ref = reference_steps(ref_net, ref_opt, b_obs, b_actions, b_targets, idxs, lrs, 0.5)
+    step = pqn.make_train_step(net, opt, b_obs, b_actions, b_targets, 0.5)
+    for (ref_loss, ref_q), idx, lr in zip(ref, idxs, lrs):
+        pqn.set_lr(opt, lr)
+        loss, q_mean = step(idx)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(q_mean, ref_q, rtol=1e-6, atol=1e-7)
+    for (name, p_ref), p in zip(ref_net.named_parameters(), net.parameters()):
+        if tensor_lr:  # float32 lr tensor vs a float64 Python lr: equal up to rounding
+            torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-7, msg=name)
+        else:
+            assert torch.equal(p, p_ref), name
+    assert not torch.equal(ref_net.head.weight, twin_networks()[0].head.weight)  # the steps did change the net
+
+
+def test_policy_matches_inline_epsilon_greedy():
+    """make_policy draws the same random numbers in the same order as the inline code it replaced."""
+    net, _ = twin_networks()
+    obs = tiny_rollout(n=10)[0]
+    eps_mask = torch.tensor([1.0] * 8 + [0.0] * 2)
+    act = pqn.make_policy(net, 4, eps_mask)
+    torch.manual_seed(5)
+    action, q_best = act(obs, torch.tensor(0.5))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        q = net(obs)
+    explore = torch.rand(10) < 0.5 * eps_mask
+    expected = torch.where(explore, torch.randint(0, 4, (10,)), q.argmax(dim=1))
+    assert torch.equal(action, expected) and torch.equal(q_best, q.max(dim=1).values)
+    assert torch.equal(action[8:], q[8:].argmax(dim=1))  # test envs are greedy
+    assert explore.any() and not explore.all()
+
+
+def test_compiled_paths_match_eager(monkeypatch):
+    """torch.compile (inductor, on CPU here) of the acting step, the TD loss and the Q(lambda) targets gives the eager
+    results. strict: a compiler failure fails the test instead of silently falling back to eager."""
+    import functools
+
+    import common
+    monkeypatch.setattr(common, "compiled", functools.partial(common.compiled, strict=True))
+    torch._dynamo.reset()
+    eager_net, net = twin_networks(activation="tanh", hr=True)
+    b_obs, b_actions, b_targets = tiny_rollout()
+    eager_opt = torch.optim.RAdam(eager_net.parameters(), lr=1e-3)
+    opt = torch.optim.RAdam(net.parameters(), lr=1e-3)
+    eager_step = pqn.make_train_step(eager_net, eager_opt, b_obs, b_actions, b_targets, 10.0)
+    fast_step = pqn.make_train_step(net, opt, b_obs, b_actions, b_targets, 10.0, compile_loss=True)
+    for i in range(3):
+        idx = torch.arange(16 * i, 16 * i + 16)
+        for got, want in zip(fast_step(idx), eager_step(idx)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for p, q in zip(net.parameters(), eager_net.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    # greedy acting: identical choices up to exact ties, same max Q
+    mask = torch.ones(12)
+    fast_act = common.compiled(pqn.make_policy(net, 4, mask), True)
+    action, q_best = fast_act(b_obs[:12], torch.tensor(0.0))
+    want_action, want_q = pqn.make_policy(net, 4, mask)(b_obs[:12], torch.tensor(0.0))
+    torch.testing.assert_close(q_best, want_q, rtol=1e-4, atol=1e-5)
+    assert torch.equal(action, want_action)
+    # with epsilon 1 every action is a uniform random one (inductor draws its own random numbers)
+    action, _ = fast_act(b_obs[:12], torch.tensor(1.0))
+    assert action.min() >= 0 and action.max() < 4
+    r, d = torch.rand(8, 3), (torch.rand(8, 3) < 0.3).float()
+    nq = torch.randn(8, 3)
+    torch.testing.assert_close(common.compiled(pqn.q_lambda_targets, True)(r, d, nq, 0.99, 0.65),
+                               pqn.q_lambda_targets(r, d, nq, 0.99, 0.65), rtol=1e-5, atol=1e-6)
+
+
+def test_cudagraphs_on_needs_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit) as e:
+        pqn.validate(pqn.Args(cudagraphs="on"))
+    assert "--cudagraphs" in str(e.value.code)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # smoke runs of the real script
 
 SMALL = ["--env-id", "Breakout-v5", "--num-envs", 8, "--num-test-envs", 2, "--num-steps", 16,
@@ -213,6 +333,7 @@ VARIANTS = {
     "hadamax": HADAMAX,
     "crelu": SMALL + ["--activation", "crelu"],
     "redo": SMALL + ["--redo", "--redo-interval", 2],
+    "compiled": SMALL + ["--compile", "on"],  # the torch.compile fast path in the real loop, on CPU
 }
 LAYERS = ["conv1", "conv2", "conv3", "latent"]
 METRICS = ["dormant_kde", "dormant_score", "srank", "max_score", "saturated", "zombie"]
@@ -225,6 +346,9 @@ def test_smoke_run_logs_every_tag(variant, tmp_path, run_script, read_scalars):
                       env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "SPS=" in proc.stdout and "parameters:" in proc.stdout
+    compiled = variant == "compiled"
+    assert f"torch.compile {'on' if compiled else 'off'}, CUDA graphs off" in proc.stdout
+    assert "warning: torch.compile" not in proc.stderr  # compiled for real, no eager fallback
     run_dir = tmp_path / "runs" / variant
     saved = json.loads((run_dir / "args.json").read_text())
     assert saved["seed"] == 3 and saved["run_name"] == variant
