@@ -201,6 +201,18 @@ def parse_peak_gpu_mib(text: str) -> Optional[float]:
     return value * {"gib": 1024.0, "gb": 1e9 / 2 ** 20, "mib": 1.0, "mb": 1e6 / 2 ** 20}[unit]
 
 
+FAST_RE = re.compile(r"fast paths: torch\.compile (on|off), CUDA graphs (on|off), pinned transfers (on|off)")
+
+
+def parse_fast_paths(text: str) -> Optional[str]:
+    """The GPU fast paths a run used, from its `fast paths: ...` line: 'compile+graphs+pinned', ..., 'eager'."""
+    m = FAST_RE.search(text)
+    if not m:
+        return None
+    used = [name for name, state in zip(("compile", "graphs", "pinned"), m.groups()) if state == "on"]
+    return "+".join(used) or "eager"
+
+
 def parse_ceiling(text: str) -> Optional[float]:
     """Training-env SPS printed by bench_envpool_ceiling.py."""
     m = re.search(r"SPS \(training-env steps, as charts/SPS\) = (\d+)", text)
@@ -347,6 +359,7 @@ def measure(spec: Spec, variant: str, budget: Budget, cadence: int, workdir: str
     res["sps_events"] = sps_events
     res["probe_steps"] = probe_steps_of(res["scalars"])
     res["probe"] = parse_probe_report(res["text"])
+    res["fast"] = parse_fast_paths(res["text"])
     if res["gpu_mib"] is None:
         res["gpu_mib"] = parse_peak_gpu_mib(res["text"])
         res["gpu_src"] = "script" if res["gpu_mib"] is not None else None
@@ -384,6 +397,7 @@ def make_row(spec: Spec, variant: str, budget: Budget, on: dict, off: dict, cade
              ceiling: Optional[dict], device: str) -> dict:
     """Everything the table shows for one (script, variant)."""
     row = {"script": spec.key, "variant": variant, "device": on.get("device") or off.get("device") or device,
+           "fast": on.get("fast") or off.get("fast"),
            "envs": None, "cadence": cadence, "scaled": scaled, "default_cadence": spec.default_cadence,
            "errors": []}
     if spec.envpool:
@@ -435,7 +449,7 @@ def fmt_mib(x):
     return f"{x / 1024:.2f} GiB" if x >= 1024 else f"{x:.0f} MiB"
 
 
-COLUMNS = ["script", "variant", "device", "envs", "SPS metrics on", "SPS metrics off", "on / off",
+COLUMNS = ["script", "variant", "device", "fast paths", "envs", "SPS metrics on", "SPS metrics off", "on / off",
            "probe cadence", "probe share", "s / probe", "on / off at default cadence", "peak host RSS",
            "peak GPU mem", "envpool ceiling", "% of ceiling"]
 
@@ -447,7 +461,7 @@ def format_table(rows: list) -> str:
         cadence = f"{r['cadence']:,}" + (" (scaled)" if r["scaled"] else " (default)")
         share = fmt_pct(r.get("share"), 2)
         proj = fmt_pct(r.get("projected")) if r["scaled"] else fmt_pct(r.get("ratio"))
-        cells = [r["script"], r["variant"], r["device"], "—" if r.get("envs") is None else str(r["envs"]),
+        cells = [r["script"], r["variant"], r["device"], r.get("fast") or "—", "—" if r.get("envs") is None else str(r["envs"]),
                  fmt_sps(r.get("sps_on")), fmt_sps(r.get("sps_off")), fmt_pct(r.get("ratio")), cadence, share,
                  "—" if r.get("p") is None else f"{r['p']:.2f}", proj, fmt_mib(r.get("rss_mib")),
                  fmt_mib(r.get("gpu_mib")), fmt_sps(r.get("ceiling")) if r.get("envs") is not None else "—",
@@ -470,6 +484,8 @@ FOOTNOTES = """\
 - probe share: the script's own end-of-run report of its probe time over its wall time (whole run, warm-up
   included); s / probe = probe time / probes.
 - metrics off: `--metrics-every 0`.
+- fast paths: what the run's `fast paths:` line reported (torch.compile, CUDA graphs, pinned-memory uploads;
+  "eager" = none; — = the script has none). Compare with `--args "pqn=--compile off --cudagraphs off"`.
 - peak host RSS: the child's own ru_maxrss (os.wait4), the larger of the two runs. Peak GPU memory: the script's
   `peak GPU memory` line when it prints one, else nvidia-smi polled every 0.5 s; n/a on a CPU machine.
 - envpool ceiling: scripts/bench_envpool_ceiling.py (envpool alone, random actions, the script's pool: same

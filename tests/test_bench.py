@@ -70,6 +70,14 @@ def test_parse_probe_report_of_each_script():
     assert bench.parse_probe_report(silent) is None
 
 
+def test_parse_fast_paths():
+    line = "fast paths: torch.compile {}, CUDA graphs {}, pinned transfers {}"
+    assert bench.parse_fast_paths(line.format("on", "on", "on")) == "compile+graphs+pinned"
+    assert bench.parse_fast_paths("x\n" + line.format("off", "off", "off (CPU)") + "\ny") == "eager"
+    assert bench.parse_fast_paths(line.format("on", "off", "off (CPU)")) == "compile"
+    assert bench.parse_fast_paths("no such line") is None
+
+
 def test_parse_peak_gpu_and_ceiling():
     assert bench.parse_peak_gpu_mib("nothing here") is None
     assert bench.parse_peak_gpu_mib("peak GPU memory: 1.5 GiB (max_memory_reserved)") == pytest.approx(1536.0)
@@ -123,7 +131,7 @@ def test_make_row_and_table():
 
     table = bench.format_table([row, row2]).splitlines()
     assert len(table) == 4 and all(line.count("|") == len(bench.COLUMNS) + 1 for line in table)
-    assert table[2].startswith("| pqn | relu | cpu | 32 | ")
+    assert table[2].startswith("| pqn | relu | cpu | — | 32 | ")
     cells = [c.strip() for c in table[2].strip("|").split("|")]
     named = dict(zip(bench.COLUMNS, cells))
     assert named["SPS metrics off"] == "100" and named["probe cadence"] == "3,072 (scaled)"
