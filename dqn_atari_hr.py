@@ -29,6 +29,11 @@ of the replay ring (raw bytes, no copy in memory), so a full 1M-slot buffer make
 `--resume --run-name NAME` continues from it: same step counter, schedules and replay; environments restart fresh
 episodes (the interrupted episode is cut in the replay as a truncation). A non-finite loss or parameter stops the run
 after writing the last good networks + optimiser state to runs/NAME/checkpoint_last_good.pt.
+
+GPU fast paths (README "GPU fast paths"; auto = on with CUDA): `--compile` (torch.compile of the greedy acting step and
+the TD loss), `--cudagraphs` (both replayed as CUDA graphs, the update with backward and a capturable Adam), and
+pinned-memory uploads (the acting stack; each replay batch in two copies). Per step the only host sync is the greedy
+action the environment needs (none when the agent explores); per logged update, one read of loss, Q and finiteness.
 """
 from __future__ import annotations
 
@@ -75,6 +80,12 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, cuda will be used when available"""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile the greedy acting step and the TD loss (auto: on with CUDA; off on CPU, where compiling takes
+    about a minute and gains little)"""
+    cudagraphs: Literal["auto", "on", "off"] = "auto"
+    """replay the greedy acting step and the whole gradient step (target max, TD loss, backward, Adam) as CUDA graphs,
+    which removes the per-kernel launch cost of these batch-1 and batch-32 networks (auto: on with CUDA; needs CUDA)"""
     track: bool = False
     """track with Weights and Biases (wandb is not installed in this project's environment)"""
     wandb_project_name: str = "cleanRL"
@@ -251,6 +262,8 @@ def validate(args: Args) -> None:
         fail("--resume needs --run-name NAME (the run directory to continue)")
     if args.run_name is not None and (not args.run_name.strip() or os.path.normpath(args.run_name) in (".", "..")):
         fail(f"--run-name {args.run_name!r} is not a directory name under runs/")
+    if args.cudagraphs == "on" and not (args.cuda and torch.cuda.is_available()):
+        fail("--cudagraphs on needs a CUDA GPU (none is available, or --no-cuda); use --cudagraphs auto or off")
 
 
 def check_memory(args: Args) -> None:
@@ -660,6 +673,107 @@ class QNetwork(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Hot path: acting, replay sampling and the update, as functions of tensors (README "GPU fast paths"). The loop
+# builds them once; with --compile / --cudagraphs they are compiled and/or replayed as CUDA graphs. None of them
+# syncs with the host, and everything a graph reads (parameters, Adam state, the batch tensors) stays in place.
+
+
+def make_greedy_action(q_network: QNetwork):
+    """greedy_action(obs) -> (1,) action tensor: argmax of Q for one stacked uint8 observation (1, 4, 84, 84)."""
+    @torch.no_grad()
+    def greedy_action(obs: torch.Tensor) -> torch.Tensor:
+        return q_network(obs).argmax(dim=1)
+
+    return greedy_action
+
+
+def make_train_step(q_network: QNetwork, target_network: QNetwork, optimizer: torch.optim.Optimizer, gamma: float,
+                    compile_loss: bool = False):
+    """train_step(obs, actions, rewards, next_obs, dones) -> (loss, mean Q taken): one Adam step of CleanRL's DQN
+    update (target-network max, TD target, MSE). The loss is what torch.compile sees; the whole step, backward and
+    optimizer included, is what a CUDA graph captures (its static outputs: read them before the next call)."""
+    def td_loss(obs, actions, rewards, next_obs, dones):
+        with torch.no_grad():
+            target_max = target_network(next_obs).max(dim=1).values
+            td_target = rewards + gamma * target_max * (1 - dones)
+        old_val = q_network(obs).gather(1, actions.unsqueeze(1)).squeeze(1)
+        return F.mse_loss(td_target, old_val), old_val.detach().mean()
+
+    td_loss = common.compiled(td_loss, compile_loss)
+
+    def train_step(obs, actions, rewards, next_obs, dones):
+        loss, q_mean = td_loss(obs, actions, rewards, next_obs, dones)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach(), q_mean
+
+    return train_step
+
+
+@torch.no_grad()
+def update_target(target_network: QNetwork, q_network: QNetwork, tau: float) -> None:
+    """target <- tau * online + (1 - tau) * target, written in place (copy_) into the target's own parameters: a CUDA
+    graph of train_step reads them at fixed addresses, so they are never replaced."""
+    for tp, p in zip(target_network.parameters(), q_network.parameters()):
+        tp.copy_(tau * p + (1.0 - tau) * tp)
+
+
+class Staging:
+    """A host tensor to fill (`.host`, `.np` its numpy view) and its device twin (`.device`). On CUDA the host side
+    is pinned and upload() is one non-blocking copy, after which an event is recorded; `wait()` blocks on that event,
+    so a host buffer is never rewritten while a copy from it may still be in flight (call it before refilling). On
+    CPU both sides are the same memory: upload() copies nothing and wait() returns at once."""
+
+    def __init__(self, shape, dtype: torch.dtype, device: torch.device):
+        cuda = device.type == "cuda"
+        self.host = torch.empty(shape, dtype=dtype, pin_memory=cuda)
+        self.np = self.host.numpy()
+        self.device = torch.empty(shape, dtype=dtype, device=device) if cuda else self.host
+        self.copied = torch.cuda.Event() if cuda else None
+
+    def wait(self) -> np.ndarray:
+        if self.copied is not None:
+            self.copied.synchronize()  # returns at once if the last copy is done (or none was recorded yet)
+        return self.np
+
+    def upload(self) -> torch.Tensor:
+        if self.copied is not None:
+            self.device.copy_(self.host, non_blocking=True)
+            self.copied.record()
+        return self.device
+
+
+class ReplaySampler:
+    """rb.sample(batch_size) into persistent tensors, with batched transfers: the obs and next_obs stacks are
+    gathered straight into one uint8 host buffer (2B, 4, 84, 84) and action, reward, done into one float32 buffer
+    (3, B); on CUDA both are pinned and go up in one non-blocking copy each (2 copies instead of rb.sample's 5
+    pageable ones). The returned tensors are views of the same device memory at every call (CUDA-graph inputs): use
+    them before the next sample(). Same indices, same RNG draws and same values as rb.sample."""
+
+    def __init__(self, rb: FrameReplayBuffer, batch_size: int, device: torch.device):
+        self.rb, self.batch_size = rb, batch_size
+        self.frames = Staging((2 * batch_size, rb.stack, *rb.frames.shape[1:]), torch.uint8, device)
+        self.scalars = Staging((3, batch_size), torch.float32, device)
+        self.actions = torch.empty(batch_size, dtype=torch.int64, device=device)
+        b, d = batch_size, self.scalars.device
+        self.batch = (self.frames.device[:b], self.actions, d[1], self.frames.device[b:], d[2])
+
+    def sample(self):
+        rb, b = self.rb, self.batch_size
+        idx = rb.sample_indices(b)
+        both = np.concatenate([idx, (idx + 1) % rb.capacity])  # obs at idx, next_obs at idx + 1
+        np.take(rb.frames, rb.stack_indices(both), axis=0, out=self.frames.wait(), mode="clip")  # indices are valid
+        scalars = self.scalars.wait()
+        scalars[0] = rb.actions[idx]
+        scalars[1] = rb.rewards[idx]
+        scalars[2] = (rb.flags[idx] & rb.TERMINATED) != 0
+        self.frames.upload()
+        self.actions.copy_(self.scalars.upload()[0])  # small integers: exact in float32
+        return self.batch
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Helpers
 
 
@@ -717,9 +831,9 @@ class LastGoodState:
 
 CHECKPOINT_VERSION = 1
 # flags that do not change what is trained: they may differ between a run and its --resume
-MAY_DIFFER_ON_RESUME = ("resume", "checkpoint_every", "run_name", "cuda", "torch_deterministic", "track",
-                        "wandb_project_name", "wandb_entity", "capture_video", "save_model", "eval_episodes",
-                        "eval_epsilon")
+MAY_DIFFER_ON_RESUME = ("resume", "checkpoint_every", "run_name", "cuda", "torch_deterministic", "compile",
+                        "cudagraphs", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model",
+                        "eval_episodes", "eval_epsilon")
 COUNTERS = ("probe_seconds", "n_probes", "last_return", "wall_seconds")  # running values that feed the logs
 
 
@@ -920,6 +1034,8 @@ if __name__ == "__main__":
     n_actions = int(env.action_space.n)
     q_network = QNetwork(args, n_actions).to(device)
     optimizer = torch.optim.Adam(q_network.parameters(), lr=args.learning_rate)
+    use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    use_graphs = device.type == "cuda" and args.cudagraphs != "off"
     target_network = QNetwork(args, n_actions).to(device)
     target_network.load_state_dict(q_network.state_dict())
     n_params = sum(p.numel() for p in q_network.parameters())
@@ -944,6 +1060,18 @@ if __name__ == "__main__":
         print(f"resumed {run_dir} from step {start_step} (parameter checksum {param_checksum(q_network)!r}); "
               f"restored in {time.perf_counter() - t0:.1f}s")
 
+    common.set_capturable_(optimizer, use_graphs)  # after load_state_dict, which brings the saved run's setting
+
+    # the hot functions, built once: compiled and/or replayed as CUDA graphs (README "GPU fast paths")
+    greedy_action = common.compiled(make_greedy_action(q_network), use_compile)
+    train_step = make_train_step(q_network, target_network, optimizer, args.gamma, use_compile)
+    if use_graphs:
+        greedy_action, train_step = common.cuda_graphed(greedy_action), common.cuda_graphed(train_step)
+    print(f"fast paths: torch.compile {'on' if use_compile else 'off'}, CUDA graphs {'on' if use_graphs else 'off'}, "
+          f"pinned transfers {'on' if device.type == 'cuda' else 'off (CPU)'}", flush=True)
+    sampler = ReplaySampler(rb, args.batch_size, device)
+    obs_in = Staging((1, FRAME_STACK, *FRAME_SHAPE), torch.uint8, device) if device.type == "cuda" else None
+
     frame, _ = env.reset(seed=env_seed)
     stack = FrameStack(frame)
     rb.start_episode(frame)
@@ -954,12 +1082,15 @@ if __name__ == "__main__":
     for global_step in range(start_step, args.total_timesteps):
         epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * args.total_timesteps,
                                   global_step)
-        if rng.random() < epsilon:
+        if rng.random() < epsilon:  # the coin and the random action come from the host RNG: no GPU work
             action = int(rng.integers(n_actions))
         else:
-            with torch.no_grad():
-                q_values = q_network(torch.from_numpy(stack.frames).unsqueeze(0).to(device))
-            action = int(q_values.argmax(dim=1).item())
+            if obs_in is None:  # CPU: the stack itself, no copy
+                obs = torch.from_numpy(stack.frames).unsqueeze(0)
+            else:  # CUDA: through a pinned buffer, one non-blocking copy
+                obs_in.wait()[0] = stack.frames
+                obs = obs_in.upload()
+            action = greedy_action(obs).item()  # the one host sync of a step: the environment needs the action
 
         frame, reward, terminated, truncated, info = env.step(action)
         if "episode" in info:  # a full game ended (all lives): raw score
@@ -976,26 +1107,19 @@ if __name__ == "__main__":
 
         if global_step > args.learning_starts:
             if global_step % args.train_frequency == 0:
-                obs, actions, rewards, next_obs, dones = rb.sample(args.batch_size)
-                with torch.no_grad():
-                    target_max = target_network(next_obs).max(dim=1).values
-                    td_target = rewards + args.gamma * target_max * (1 - dones)
-                old_val = q_network(obs).gather(1, actions.unsqueeze(1)).squeeze(1)
-                loss = F.mse_loss(td_target, old_val)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
+                # with CUDA graphs, loss and q_mean are the graph's static outputs, overwritten by the next update:
+                # they are read below (logged update) or by all_finite before then (probe, checkpoint)
+                loss, q_mean = train_step(*sampler.sample())
                 if global_step % LOG_EVERY == 0:  # the one host sync of logged updates: log, and stop on divergence
-                    td_loss, q_mean, finite = torch.stack([loss.detach(), old_val.detach().mean(),
-                                                           all_finite(q_network.parameters(), loss).float()]).tolist()
+                    td_loss, q_value, finite = torch.stack([loss, q_mean,
+                                                            all_finite(q_network.parameters(), loss).float()]).tolist()
                     if not finite:
                         stop_nonfinite(global_step, loss, run_dir, args, last_good, ckpt_step, writer)
                     writer.add_scalar("losses/td_loss", td_loss, global_step)
-                    writer.add_scalar("losses/q_values", q_mean, global_step)
+                    writer.add_scalar("losses/q_values", q_value, global_step)
                     last_good.update(global_step + 1, training_state(q_network, target_network, optimizer))
             if global_step % args.target_network_frequency == 0:
-                for tp, p in zip(target_network.parameters(), q_network.parameters()):
-                    tp.data.copy_(args.tau * p.data + (1.0 - args.tau) * tp.data)
+                update_target(target_network, q_network, args.tau)
 
         if args.metrics_every and global_step > 0 and global_step % args.metrics_every == 0:
             t0 = time.perf_counter()
@@ -1015,7 +1139,8 @@ if __name__ == "__main__":
             sps = int((global_step - start_step) / max(time.time() - start_time, 1e-9))  # since this process started
             writer.add_scalar("charts/SPS", sps, global_step)
             writer.add_scalar("charts/epsilon", epsilon, global_step)
-            writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+            # constant; read from args: the capturable optimizer's lr is a device tensor, reading it would sync
+            writer.add_scalar("charts/learning_rate", args.learning_rate, global_step)
         if global_step % PRINT_EVERY == 0 and global_step > 0:
             print(f"global_step={global_step} SPS={int((global_step - start_step) / (time.time() - start_time))} "
                   f"episodic_return={last_return} epsilon={epsilon:.3f} "

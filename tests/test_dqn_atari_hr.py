@@ -33,6 +33,8 @@ SMOKE = {  # id -> (extra flags, probed layers)
     "widen": (["--hidden-dim", 1024], ["conv1", "conv2", "conv3", "latent"]),
     "2hr": (["--hr", "--hidden-layers", 2], ["conv1", "conv2", "conv3", "fc1", "latent"]),
     "hadamax": (["--encoder", "hadamax", "--activation", "gelu", "--layernorm"], ["conv1", "conv2", "conv3", "latent"]),
+    # the torch.compile fast path (acting step and TD loss) in the real loop, on CPU
+    "compiled": (["--compile", "on"], ["conv1", "conv2", "conv3", "latent"]),
 }
 
 
@@ -60,6 +62,10 @@ def test_smoke_logs_every_tag(key, smoke_runs, read_scalars):
     variant, layers = SMOKE[key]
     proc, cwd = smoke_runs[key]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    compiled = key == "compiled"
+    assert f"fast paths: torch.compile {'on' if compiled else 'off'}, CUDA graphs off, pinned transfers off (CPU)" \
+        in proc.stdout
+    assert "warning: torch.compile" not in proc.stderr  # compiled for real, no eager fallback
     run_dir = cwd / "runs" / "smoke"
     assert (run_dir / "finished").exists()  # marker the sweeps and analyze.py rely on
     scalars = read_scalars(str(run_dir))
@@ -232,6 +238,155 @@ def test_conv_preactivation_reduction_keeps_saturation():
     pre[:, 1] = pre[:, 1].abs() + 0.1  # zombie channel
     reduced = torch.stack([pre.amax(dim=(2, 3)), pre.amin(dim=(2, 3))], dim=-1).unsqueeze(2)
     assert common.saturation_fractions(reduced) == common.saturation_fractions(pre) == (1 / 8, 1 / 8)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# fast paths (README "GPU fast paths"): equivalence with the code they replaced, on CPU
+
+
+def reference_sample(rb, batch_size):
+    """FrameReplayBuffer.sample as the training loop used it before the batched sampler: five .to(device) calls."""
+    idx = rb.sample_indices(batch_size)
+    nxt = (idx + 1) % rb.capacity
+    return (rb.observations(idx),
+            torch.from_numpy(rb.actions[idx].astype(np.int64)).to(rb.device),
+            torch.from_numpy(rb.rewards[idx]).to(rb.device),
+            rb.observations(nxt),
+            torch.from_numpy((rb.flags[idx] & rb.TERMINATED) != 0).float().to(rb.device))
+
+
+def reference_update(q_network, target_network, optimizer, batch, gamma):
+    """The inline update of the training loop before train_step (CleanRL's dqn_atari)."""
+    obs, actions, rewards, next_obs, dones = batch
+    with torch.no_grad():
+        target_max = target_network(next_obs).max(dim=1).values
+        td_target = rewards + gamma * target_max * (1 - dones)
+    old_val = q_network(obs).gather(1, actions.unsqueeze(1)).squeeze(1)
+    loss = torch.nn.functional.mse_loss(td_target, old_val)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), old_val.detach().mean()
+
+
+def reference_target_update(target_network, q_network, tau):
+    for tp, p in zip(target_network.parameters(), q_network.parameters()):
+        tp.data.copy_(tau * p.data + (1.0 - tau) * tp.data)
+
+
+@pytest.mark.parametrize("episodes", [6, 40], ids=["partly-filled", "wrapped-ring"])
+def test_batched_sampler_returns_what_rb_sample_returned(episodes):
+    rb = dqn.FrameReplayBuffer(257, frame_shape=(84, 84), seed=3)
+    fill_scripted(rb, np.random.default_rng(episodes), episodes)
+    assert rb.full == (episodes == 40)
+    sampler = dqn.ReplaySampler(rb, 64, torch.device("cpu"))
+    ptrs, n_done = None, 0
+    for _ in range(5):
+        state = rb.rng.bit_generator.state
+        want = reference_sample(rb, 64)
+        after = rb.rng.bit_generator.state
+        rb.rng.bit_generator.state = state  # the same RNG state for both
+        got = sampler.sample()
+        assert rb.rng.bit_generator.state == after  # the same draws
+        assert [g.dtype for g in got] == [w.dtype for w in want] == [torch.uint8, torch.int64, torch.float32,
+                                                                     torch.uint8, torch.float32]
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and torch.equal(g, w)
+        n_done += int(got[4].sum())
+        # persistent tensors: a CUDA graph reads its inputs at fixed addresses
+        now = [t.data_ptr() for t in got]
+        assert ptrs is None or now == ptrs
+        ptrs = now
+    assert n_done > 0  # terminal transitions were among the samples
+
+
+def small_nets(seed=0, **kw):
+    args = dqn.resolve_defaults(dqn.Args(hidden_dim=64, **kw))
+    torch.manual_seed(seed)
+    q, target = dqn.QNetwork(args, 4), dqn.QNetwork(args, 4)
+    target.load_state_dict(q.state_dict())
+    return q, target
+
+
+def twin_nets(**kw):
+    a, b = small_nets(**kw), small_nets(**kw)
+    for x, y in zip(a, b):
+        y.load_state_dict(x.state_dict())
+    return a, b
+
+
+def scripted_batches(n, batch_size=16, tau=0.6):
+    rb = dqn.FrameReplayBuffer(300, frame_shape=(84, 84), seed=1)
+    fill_scripted(rb, np.random.default_rng(2), 30)
+    batches = []
+    for _ in range(n):
+        obs, actions, rewards, next_obs, dones = reference_sample(rb, batch_size)
+        batches.append((obs, actions % 4, rewards, next_obs, dones))
+    return batches
+
+
+def test_train_step_matches_reference_update():
+    """make_train_step (+ update_target) performs exactly the Adam steps of the inline update it replaced, and
+    greedy_action picks the inline argmax."""
+    (ref_q, ref_target), (q, target) = twin_nets()
+    ref_opt = torch.optim.Adam(ref_q.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(q.parameters(), lr=1e-3)
+    common.set_capturable_(opt, False)  # what the CPU run does after the (absent) restore: a no-op
+    step = dqn.make_train_step(q, target, opt, gamma=0.99)
+    target_params = [p for p in target.parameters()]
+    for i, batch in enumerate(scripted_batches(5)):
+        ref_loss, ref_mean = reference_update(ref_q, ref_target, ref_opt, batch, 0.99)
+        loss, q_mean = step(*batch)
+        assert torch.equal(loss, ref_loss) and torch.equal(q_mean, ref_mean) and not loss.requires_grad
+        if i % 2:  # a soft target update in between: the later steps read it
+            reference_target_update(ref_target, ref_q, 0.6)
+            dqn.update_target(target, q, 0.6)
+    for (name, p_ref), p in zip([*ref_q.named_parameters(), *ref_target.named_parameters()],
+                                [*q.parameters(), *target.parameters()]):
+        assert torch.equal(p, p_ref), name
+    assert all(a is b for a, b in zip(target.parameters(), target_params))  # updated in place, never replaced
+    assert not torch.equal(q.head.weight, small_nets()[0].head.weight)  # the steps did change the net
+    dqn.update_target(target, q, 1.0)  # hard copy
+    assert all(torch.equal(a, b) for a, b in zip(target.parameters(), q.parameters()))
+    obs = scripted_batches(1)[0][0]
+    for i in range(4):
+        with torch.no_grad():
+            want = int(q(obs[i:i + 1]).argmax(dim=1).item())
+        got = dqn.make_greedy_action(q)(obs[i:i + 1])
+        assert got.shape == (1,) and got.item() == want and not got.requires_grad
+
+
+def test_compiled_paths_match_eager(monkeypatch):
+    """torch.compile (inductor, on CPU here) of the TD loss and of the greedy acting step gives the eager results.
+    strict: a compiler failure fails the test instead of silently falling back to eager."""
+    import functools
+    monkeypatch.setattr(common, "compiled", functools.partial(common.compiled, strict=True))
+    torch._dynamo.reset()
+    (eager_q, eager_target), (q, target) = twin_nets(activation="tanh", hr=True)
+    eager_opt = torch.optim.Adam(eager_q.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(q.parameters(), lr=1e-3)
+    eager_step = dqn.make_train_step(eager_q, eager_target, eager_opt, 0.99)
+    fast_step = dqn.make_train_step(q, target, opt, 0.99, compile_loss=True)
+    batches = scripted_batches(3)
+    for batch in batches:
+        for got, want in zip(fast_step(*batch), eager_step(*batch)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for p, p_eager in zip(q.parameters(), eager_q.parameters()):
+        torch.testing.assert_close(p, p_eager, rtol=1e-4, atol=1e-5)
+    fast_act, eager_act = common.compiled(dqn.make_greedy_action(q), True), dqn.make_greedy_action(q)
+    obs = batches[0][0]
+    for i in range(3):
+        assert torch.equal(fast_act(obs[i:i + 1]), eager_act(obs[i:i + 1]))
+
+
+def test_cudagraphs_on_needs_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit) as e:
+        dqn.validate(dqn.Args(cudagraphs="on"))
+    assert "--cudagraphs" in str(e.value.code)
+    dqn.validate(dqn.Args(cudagraphs="off", compile="on"))  # these are fine without CUDA
+    assert {"compile", "cudagraphs"} <= set(dqn.MAY_DIFFER_ON_RESUME)  # they do not change what is trained
 
 
 # --------------------------------------------------------------------------------------------------------------
