@@ -23,6 +23,12 @@ continues from it (same step counter, learning-rate annealing, RNG states and pr
 fresh episodes). A non-finite loss or parameter stops the run after writing the last good state to
 runs/NAME/checkpoint_last_good.pt.
 
+GPU fast paths (`--compile`, `--cudagraphs`; auto = on with CUDA): the acting step, the PPO loss and GAE are
+torch.compiled, and the acting step and the whole minibatch update (loss, backward, clipping, Adam with a tensor
+learning rate) replay as CUDA graphs over persistent rollout tensors; observations, rewards and dones go to the GPU
+as pinned non-blocking copies, and each update syncs with the host once, for its logged scalars and the non-finite
+check. On CPU (the default there: both off) the training is the plain code, step for step.
+
 Usage:
     python ppo_atari_hr.py --env-id Breakout-v5                                   # ReLU baseline
     python ppo_atari_hr.py --env-id Breakout-v5 --activation tanh --hr            # HR(tanh), the papers' method
@@ -49,7 +55,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.optim as optim
 import tyro
-from torch.distributions.categorical import Categorical
 from torch.utils.tensorboard import SummaryWriter
 
 import common
@@ -67,6 +72,12 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, cuda will be used when available"""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile the acting step, the PPO loss and GAE (auto: on with CUDA; off on CPU, where compiling takes
+    about a minute and gains little)"""
+    cudagraphs: Literal["auto", "on", "off"] = "auto"
+    """replay the acting step and the whole minibatch update (loss, backward, clipping, Adam) as CUDA graphs, which
+    removes the per-kernel launch cost of these small networks (auto: on with CUDA; needs CUDA)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases (needs wandb installed)"""
     wandb_project_name: str = "cleanRL"
@@ -132,7 +143,8 @@ class Args:
     max_grad_norm: float = 0.5
     """the maximum norm for the gradient clipping"""
     target_kl: Optional[float] = None
-    """the target KL divergence threshold (off by default, as in CleanRL)"""
+    """the target KL divergence threshold (off by default, as in CleanRL); when set, checking it costs one host sync
+    per epoch"""
 
     # Network variants (identical semantics across the Atari scripts)
     activation: Optional[Activation] = None
@@ -227,6 +239,9 @@ def validate(args: Args) -> None:
         sys.exit("error: --conv-activation applies to the Nature conv trunk; --encoder hadamax convs always use GELU")
     if args.capture_video:
         sys.exit("error: --capture-video is not supported: envpool does not render frames")
+    if args.cudagraphs == "on" and not (args.cuda and torch.cuda.is_available()):
+        sys.exit("error: --cudagraphs on needs a CUDA GPU (none is available, or --no-cuda); use --cudagraphs auto "
+                 "or off")
     if args.track:
         try:
             import wandb  # noqa: F401
@@ -264,8 +279,8 @@ def check_rollout_memory(args: Args, device: torch.device) -> None:
 
 CHECKPOINT_FORMAT = 1
 # flags that do not change the training itself, so a resumed run may use other values (the rest must match)
-RESUME_MAY_DIFFER = ("resume", "checkpoint_every", "cuda", "track", "wandb_project_name", "wandb_entity",
-                     "capture_video", "save_model", "eval_episodes", "run_name")
+RESUME_MAY_DIFFER = ("resume", "checkpoint_every", "cuda", "compile", "cudagraphs", "track", "wandb_project_name",
+                     "wandb_entity", "capture_video", "save_model", "eval_episodes", "run_name")
 DERIVED = ("batch_size", "minibatch_size", "num_iterations")  # functions of compared flags; not flags themselves
 
 
@@ -505,14 +520,35 @@ class Agent(nn.Module):
         return self.critic(self.latent(obs))
 
     def get_action_and_value(self, obs, action=None):
+        """(action, its log-probability, the policy's entropy, value (N, 1)); samples the action when none is given
+        (-1 where the logits are not a distribution, see `categorical`)."""
         hidden = self.latent(obs)
-        # Argument validation (a host sync) only when sampling, where the rollout syncs anyway: non-finite logits then
-        # raise a ValueError instead of a CUDA assert in multinomial. In the update, a non-finite loss is left to the
-        # non-finite check at the end of the iteration.
-        probs = Categorical(logits=self.actor(hidden), validate_args=action is None)
-        if action is None:
-            action = probs.sample()
-        return action, probs.log_prob(action), probs.entropy(), self.critic(hidden)
+        action, logprob, entropy = categorical(self.actor(hidden), action)
+        return action, logprob, entropy, self.critic(hidden)
+
+
+def categorical(logits: torch.Tensor, action: Optional[torch.Tensor] = None):
+    """(action, log-probability, entropy) of the categorical policy with these logits, computed as
+    torch.distributions.Categorical computes them but without its argument check, a host sync on every call (tensors
+    in, tensors out: it can be compiled and captured in a CUDA graph).
+
+    Without `action`, one is sampled by the exponential race argmax(p / E), E ~ Exp(1) i.i.d. (the Gumbel-max trick:
+    -log E is Gumbel), which is exactly what torch.multinomial does for one sample: with the same random numbers it
+    gives Categorical(logits).sample()'s actions. A row whose normalised logits contain NaN (overflowed weights: where
+    Categorical's check raises) gets the action -1, which the rollout sees on the host with the actions it fetches
+    anyway, and stops the run."""
+    logp = logits - logits.logsumexp(dim=-1, keepdim=True)
+    if action is None:
+        probs = logp.softmax(dim=-1)
+        taken = (probs / torch.empty_like(probs).exponential_(1)).argmax(dim=-1)
+        action = torch.where(logp.isnan().any(dim=-1), -1, taken)
+    else:
+        taken, probs = action.long(), None
+    logprob = logp.gather(-1, taken.unsqueeze(-1)).squeeze(-1)
+    # the order of Categorical's log_prob and entropy, so that backward sums the gradients in the same order
+    clamped = logp.clamp(min=torch.finfo(logp.dtype).min)
+    probs = logp.softmax(dim=-1) if probs is None else probs
+    return action, logprob, -(clamped * probs).sum(dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -534,6 +570,99 @@ def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda
         delta = rewards[t] + gamma * nextvalues * nextnonterminal - values[t]
         advantages[t] = lastgaelam = delta + gamma * gae_lambda * nextnonterminal * lastgaelam
     return advantages, advantages + values
+
+
+def make_policy(agent: Agent):
+    """act(obs) -> (action, logprob, value), the rollout's step (action -1 where the logits are not a distribution).
+    Tensors in, tensors out, no host sync: it can be compiled and replayed as a CUDA graph."""
+    @torch.no_grad()
+    def act(obs: torch.Tensor):
+        action, logprob, _, value = agent.get_action_and_value(obs)
+        return action, logprob, value.flatten()
+
+    return act
+
+
+STATS = ("pg_loss", "v_loss", "entropy", "old_approx_kl", "approx_kl", "clipfrac", "loss_finite")  # train_step's
+
+
+def make_train_step(agent: Agent, optimizer: optim.Optimizer, b_obs, b_logprobs, b_actions, b_advantages, b_returns,
+                    b_values, args: Args, compile_loss: bool = False):
+    """train_step(mb_inds) -> stats, a device tensor of the STATS of this minibatch: one Adam step on the minibatch
+    b_*[mb_inds] of the rollout storage (persistent tensors, refilled in place every iteration, so a CUDA graph of the
+    step stays valid). The loss (clipped surrogate, clipped value loss, entropy bonus) is what torch.compile sees;
+    the whole step, backward and optimizer included, is what a CUDA graph captures."""
+    clip_coef = args.clip_coef
+
+    def ppo_loss(mb_inds: torch.Tensor):
+        _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb_inds], b_actions[mb_inds])
+        logratio = newlogprob - b_logprobs[mb_inds]
+        ratio = logratio.exp()
+        with torch.no_grad():
+            # http://joschu.net/blog/kl-approx.html
+            old_approx_kl = (-logratio).mean()
+            approx_kl = ((ratio - 1) - logratio).mean()
+            clipfrac = ((ratio - 1.0).abs() > clip_coef).float().mean()
+
+        mb_advantages = b_advantages[mb_inds]
+        if args.norm_adv:
+            mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+        # clipped surrogate objective (PPO paper, eq. 7)
+        pg_loss1 = -mb_advantages * ratio
+        pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)
+        pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+        newvalue = newvalue.view(-1)
+        if args.clip_vloss:
+            v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
+            v_clipped = b_values[mb_inds] + torch.clamp(newvalue - b_values[mb_inds], -clip_coef, clip_coef)
+            v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
+            v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
+        else:
+            v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
+
+        entropy_loss = entropy.mean()
+        loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+        stats = torch.stack([pg_loss.detach(), v_loss.detach(), entropy_loss.detach(), old_approx_kl, approx_kl,
+                             clipfrac, torch.isfinite(loss.detach()).float()])
+        return loss, stats
+
+    ppo_loss = common.compiled(ppo_loss, compile_loss)
+
+    def train_step(mb_inds: torch.Tensor):
+        loss, stats = ppo_loss(mb_inds)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+        optimizer.step()
+        return stats
+
+    return train_step
+
+
+def set_lr(optimizer: optim.Optimizer, lr: float) -> None:
+    group = optimizer.param_groups[0]
+    if torch.is_tensor(group["lr"]):
+        group["lr"].fill_(lr)  # capturable optimizer: the graph reads this tensor, filled without a host sync
+    else:
+        group["lr"] = lr
+
+
+class Staging:
+    """A host buffer (`.host`, a numpy view to fill) and its device twin: on CUDA `upload()` is one non-blocking copy
+    from pinned memory (no pageable staging, no sync); on CPU both are the same memory. Refilling `.host` is safe
+    because the loop waits for the actions every step, after which every earlier copy has finished."""
+
+    def __init__(self, shape, dtype: torch.dtype, device: torch.device):
+        cuda = device.type == "cuda"
+        self.host_tensor = torch.empty(shape, dtype=dtype, pin_memory=cuda)
+        self.host = self.host_tensor.numpy()
+        self.device_tensor = torch.empty(shape, dtype=dtype, device=device) if cuda else self.host_tensor
+
+    def upload(self) -> torch.Tensor:
+        if self.device_tensor is not self.host_tensor:
+            self.device_tensor.copy_(self.host_tensor, non_blocking=True)
+        return self.device_tensor
 
 
 @torch.no_grad()
@@ -621,7 +750,10 @@ def evaluate(agent: Agent, env_id: str, episodes: int, seed: int, device) -> lis
     obs, _ = envs.reset()
     while any(s is None for s in scores):
         action, _, _, _ = agent.get_action_and_value(torch.as_tensor(obs, device=device))
-        obs, _, terminated, truncated, info = envs.step(action.cpu().numpy())
+        action = action.cpu().numpy()
+        if (action < 0).any():  # `categorical`'s mark for logits that are not a distribution
+            sys.exit("error: non-finite policy logits in the evaluation of the saved agent")
+        obs, _, terminated, truncated, info = envs.step(action)
         for i, episodic_return, _ in stats.update(terminated, truncated, info):
             if scores[i] is None:
                 scores[i] = episodic_return
@@ -670,13 +802,16 @@ if __name__ == "__main__":
     if checkpoint is None:
         writer.add_text("architecture", f"```\n{agent}\n```\nparameters: {num_params:,}")
 
-    # rollout storage lives on the device; only actions go to the host (envpool needs them)
+    # rollout storage lives on the device; only actions go to the host (envpool needs them). Every tensor here is
+    # persistent and refilled in place, so the CUDA graphs of act and train_step, which read them, stay valid.
     obs = torch.zeros((args.num_steps, args.num_envs) + obs_shape, dtype=torch.uint8, device=device)
     actions = torch.zeros((args.num_steps, args.num_envs), dtype=torch.long, device=device)
     logprobs = torch.zeros((args.num_steps, args.num_envs), device=device)
     rewards = torch.zeros((args.num_steps, args.num_envs), device=device)
     dones = torch.zeros((args.num_steps, args.num_envs), device=device)
     values = torch.zeros((args.num_steps, args.num_envs), device=device)
+    advantages = torch.zeros((args.num_steps, args.num_envs), device=device)
+    returns = torch.zeros((args.num_steps, args.num_envs), device=device)
     episode_stats = EpisodeStats(args.num_envs)
     probe_obs, next_probe, probe_time = None, 0, 0.0
     probe_generator = torch.Generator(device=device)
@@ -694,33 +829,57 @@ if __name__ == "__main__":
         print(f"resumed {run_dir} from step {global_step} (parameter checksum {parameter_checksum(agent)!r})",
               flush=True)
         del checkpoint
+    use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    use_graphs = device.type == "cuda" and args.cudagraphs != "off"
+    common.set_capturable_(optimizer, use_graphs)  # after load_state_dict, which brings the saved run's setting
     last_good = LastGood(args, run_dir)  # for the non-finite stop
     last_good.update(global_step, agent, optimizer)
 
+    # the hot functions, compiled and/or replayed as CUDA graphs
+    b_obs = obs.reshape((-1,) + obs_shape)
+    b_logprobs, b_actions, b_values = logprobs.reshape(-1), actions.reshape(-1), values.reshape(-1)
+    b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
+    act = common.compiled(make_policy(agent), use_compile)
+    train_step = make_train_step(agent, optimizer, b_obs, b_logprobs, b_actions, b_advantages, b_returns, b_values,
+                                 args, use_compile)
+    gae = common.compiled(compute_gae, use_compile)
+    if use_graphs:
+        act, train_step = common.cuda_graphed(act), common.cuda_graphed(train_step)
+    print(f"fast paths: torch.compile {'on' if use_compile else 'off'}, CUDA graphs {'on' if use_graphs else 'off'}, "
+          f"pinned transfers {'on' if device.type == 'cuda' else 'off (CPU)'}", flush=True)
+    obs_in = Staging((args.num_envs,) + obs_shape, torch.uint8, device)
+    step_in = Staging((2, args.num_envs), torch.float32, device)  # rewards and dones in one copy
+    lr = args.learning_rate
+    last_stats = torch.zeros(len(STATS), device=device)  # the last minibatch's (CleanRL logs those losses)
+    sum_stats = torch.zeros(len(STATS), device=device)  # over the update's minibatches (clipfrac mean, finite flags)
+
     start_step, start_time = global_step, time.time()
-    next_obs = torch.as_tensor(envs.reset()[0], device=device)
+    obs_in.host[:] = envs.reset()[0]
+    next_obs = obs_in.upload()
     next_done = torch.zeros(args.num_envs, device=device)
 
     for iteration in range(done_iterations + 1, args.num_iterations + 1):
         if args.anneal_lr:
-            optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * args.learning_rate
+            lr = (1.0 - (iteration - 1.0) / args.num_iterations) * args.learning_rate
+            set_lr(optimizer, lr)
 
         for step in range(args.num_steps):
             global_step += args.num_envs
             obs[step] = next_obs
             dones[step] = next_done
-            with torch.no_grad():
-                try:
-                    action, logprob, _, value = agent.get_action_and_value(next_obs)
-                except ValueError:  # Categorical's argument check: the policy's logits are not finite
-                    last_good.stop("policy logits", global_step, checkpoint_path, checkpoint_step, writer)
-            values[step] = value.flatten()
+            action, logprob, value = act(next_obs)
+            values[step] = value
             actions[step] = action
             logprobs[step] = logprob
-            next_obs_np, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
-            rewards[step] = torch.as_tensor(reward, device=device)
-            next_obs = torch.as_tensor(next_obs_np, device=device)
-            next_done = torch.as_tensor(terminated | truncated, dtype=torch.float32, device=device)
+            action_np = action.cpu().numpy()  # the one host sync per step
+            if (action_np < 0).any():  # make_policy's mark: the policy's logits are not finite
+                last_good.stop("policy logits", global_step, checkpoint_path, checkpoint_step, writer)
+            next_obs_np, reward, terminated, truncated, info = envs.step(action_np)
+            obs_in.host[:] = next_obs_np
+            next_obs = obs_in.upload()
+            step_in.host[0] = reward
+            step_in.host[1] = terminated | truncated
+            rewards[step], next_done = step_in.upload()  # next_done: a view, copied into dones before the next upload
             for _, episodic_return, episodic_length in episode_stats.update(terminated, truncated, info):
                 last_return = episodic_return
                 writer.add_scalar("charts/episodic_return", episodic_return, global_step)
@@ -735,7 +894,7 @@ if __name__ == "__main__":
                     print(f"note: probe batch is {n} observations (--metrics-batch {args.metrics_batch} exceeds the "
                           f"rollout of {args.batch_size})")
                 idx = torch.randperm(args.batch_size, generator=torch.Generator().manual_seed(args.seed))[:n]
-                probe_obs = obs.reshape((-1,) + obs_shape)[idx.to(device)].clone()
+                probe_obs = b_obs[idx.to(device)].clone()
             probe_generator.manual_seed(args.seed)  # same KDE jitter at every probe
             for tag, value in probe_metrics(agent, probe_obs, args, probe_generator).items():
                 writer.add_scalar(tag, value, global_step)
@@ -745,79 +904,45 @@ if __name__ == "__main__":
 
         with torch.no_grad():
             next_value = agent.get_value(next_obs).reshape(1, -1)
-        advantages, returns = compute_gae(rewards, values, dones, next_value, next_done, args.gamma, args.gae_lambda)
+            gae_advantages, gae_returns = gae(rewards, values, dones, next_value, next_done, args.gamma,
+                                              args.gae_lambda)
+            advantages.copy_(gae_advantages)
+            returns.copy_(gae_returns)
 
-        b_obs = obs.reshape((-1,) + obs_shape)
-        b_logprobs = logprobs.reshape(-1)
-        b_actions = actions.reshape(-1)
-        b_advantages = advantages.reshape(-1)
-        b_returns = returns.reshape(-1)
-        b_values = values.reshape(-1)
-
-        clipfracs = []
-        losses_finite = torch.ones((), dtype=torch.bool, device=device)
+        sum_stats.zero_()
+        minibatches = 0
         for epoch in range(args.update_epochs):
             b_inds = torch.randperm(args.batch_size, device=device)
             for start in range(0, args.batch_size, args.minibatch_size):
-                mb_inds = b_inds[start:start + args.minibatch_size]
-                _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb_inds], b_actions[mb_inds])
-                logratio = newlogprob - b_logprobs[mb_inds]
-                ratio = logratio.exp()
-                with torch.no_grad():
-                    # http://joschu.net/blog/kl-approx.html
-                    old_approx_kl = (-logratio).mean()
-                    approx_kl = ((ratio - 1) - logratio).mean()
-                    clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean())
-
-                mb_advantages = b_advantages[mb_inds]
-                if args.norm_adv:
-                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
-                # clipped surrogate objective (PPO paper, eq. 7)
-                pg_loss1 = -mb_advantages * ratio
-                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
-
-                newvalue = newvalue.view(-1)
-                if args.clip_vloss:
-                    v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
-                    v_clipped = b_values[mb_inds] + torch.clamp(newvalue - b_values[mb_inds], -args.clip_coef,
-                                                                args.clip_coef)
-                    v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
-                    v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
-                else:
-                    v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
-
-                entropy_loss = entropy.mean()
-                loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
-                losses_finite &= torch.isfinite(loss.detach())
-
-                optimizer.zero_grad()
-                loss.backward()
-                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-                optimizer.step()
-
-            if args.target_kl is not None and approx_kl > args.target_kl:
+                stats = train_step(b_inds[start:start + args.minibatch_size])
+                last_stats.copy_(stats)  # static outputs of a graph: consumed here, before the next replay
+                sum_stats += stats
+                minibatches += 1
+            if args.target_kl is not None and last_stats[STATS.index("approx_kl")].item() > args.target_kl:
                 break
 
-        # one host sync per update, for logging and for the non-finite check (every loss of the update, all parameters)
+        # the one host sync of the update: the logged scalars and the non-finite check (every loss, all parameters)
         params_finite = torch.isfinite(torch.cat([p.detach().flatten() for p in agent.parameters()])).all()
-        loss_ok, params_ok = torch.stack([losses_finite, params_finite]).tolist()
+        var_y = b_returns.var(unbiased=False)
+        explained_var = torch.where(var_y == 0, torch.nan, 1 - (b_returns - b_values).var(unbiased=False) / var_y)
+        mean_stats = sum_stats / minibatches
+        logged = torch.cat([last_stats[:5], mean_stats[5:], explained_var[None], params_finite.float()[None]]).tolist()
+        (pg_loss, v_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac, loss_finite, explained_var,
+         params_ok) = logged
+        loss_ok = loss_finite == 1.0
         if not (loss_ok and params_ok):
             last_good.stop("loss" if not loss_ok else "parameters", global_step, checkpoint_path, checkpoint_step,
                            writer)
         last_good.update(global_step, agent, optimizer)
 
-        y_pred, y_true = b_values.cpu().numpy(), b_returns.cpu().numpy()
-        var_y = np.var(y_true)
-        explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
         sps = int((global_step - start_step) / (time.time() - start_time))  # since this process started (or resumed)
-        writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-        writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
-        writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
-        writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
-        writer.add_scalar("losses/old_approx_kl", old_approx_kl.item(), global_step)
-        writer.add_scalar("losses/approx_kl", approx_kl.item(), global_step)
-        writer.add_scalar("losses/clipfrac", torch.stack(clipfracs).mean().item(), global_step)
+        writer.add_scalar("charts/learning_rate", lr, global_step)
+        writer.add_scalar("losses/value_loss", v_loss, global_step)
+        writer.add_scalar("losses/policy_loss", pg_loss, global_step)
+        writer.add_scalar("losses/entropy", entropy_loss, global_step)
+        writer.add_scalar("losses/old_approx_kl", old_approx_kl, global_step)
+        writer.add_scalar("losses/approx_kl", approx_kl, global_step)
+        writer.add_scalar("losses/clipfrac", clipfrac, global_step)
         writer.add_scalar("losses/explained_variance", explained_var, global_step)
         writer.add_scalar("charts/SPS", sps, global_step)
         if iteration % print_every == 0 or iteration == args.num_iterations:

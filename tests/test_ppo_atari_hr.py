@@ -1,5 +1,6 @@
-"""Tests of ppo_atari_hr.py: GAE against a slow reference, smoke runs of the real script, checkpoint / kill / resume,
-the non-finite stop, bad-input handling (the README's bad-input table is run by tests/test_readme.py)."""
+"""Tests of ppo_atari_hr.py: GAE against a slow reference, the fast paths (--compile/--cudagraphs) against the plain
+code, smoke runs of the real script, checkpoint / kill / resume, the non-finite stop, bad-input handling (the README's
+bad-input table is run by tests/test_readme.py)."""
 import json
 import math
 import os
@@ -144,6 +145,192 @@ def test_spatial_extremes_keep_saturation_fractions():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# fast paths (--compile / --cudagraphs): equivalence with the plain code on CPU
+
+
+def test_categorical_samples_and_scores_like_torch_distributions():
+    """ppo_atari_hr.categorical (no argument check, so no host sync) samples from softmax(logits) (known answer), with
+    the same random numbers draws Categorical's actions, and gives Categorical's log-probabilities and entropy."""
+    from torch.distributions import Categorical
+    logits = torch.tensor([2.0, 0.5, -1.0, 0.0, -float("inf")])
+    torch.manual_seed(0)
+    action, _, _ = ppo_atari_hr.categorical(logits.expand(20_000, 5))
+    freq = torch.bincount(action, minlength=5).double() / 20_000
+    assert (freq - torch.softmax(logits.double(), 0)).abs().max() < 0.02 and freq[4] == 0
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(64, 6, generator=g) * 3
+    logits[0, 2] = -float("inf")  # an impossible action
+    torch.manual_seed(2)
+    want, want_next = Categorical(logits=logits).sample(), torch.rand(3)
+    torch.manual_seed(2)
+    action, logprob, entropy = ppo_atari_hr.categorical(logits)
+    # the exponential race of torch.multinomial: same actions, same random numbers used
+    assert torch.equal(action, want) and torch.equal(torch.rand(3), want_next)
+    dist = Categorical(logits=logits)
+    assert torch.equal(logprob, dist.log_prob(action)) and torch.equal(entropy, dist.entropy())
+    given = torch.randint(0, 6, (64,), generator=g)
+    given[0] = 1
+    _, logprob, entropy = ppo_atari_hr.categorical(logits, given)
+    assert torch.equal(logprob, dist.log_prob(given)) and torch.equal(entropy, dist.entropy())
+
+    # logits that are no distribution (where Categorical's check raises) sample the action -1 in their row only
+    logits[3, 1] = float("inf")
+    logits[5] = float("nan")
+    with pytest.raises(ValueError):
+        Categorical(logits=logits)
+    action, _, _ = ppo_atari_hr.categorical(logits)
+    assert action[3] == -1 and action[5] == -1 and (action[[0, 1, 2, 4]] >= 0).all() and (action[6:] >= 0).all()
+
+
+def test_policy_matches_agent():
+    torch.manual_seed(0)
+    agent = ppo_atari_hr.Agent(ppo_atari_hr.Args(hidden_dim=64), num_actions=4)
+    obs = torch.randint(0, 256, (6, 4, 84, 84), dtype=torch.uint8)
+    torch.manual_seed(3)
+    action, logprob, value = ppo_atari_hr.make_policy(agent)(obs)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        want = agent.get_action_and_value(obs)
+    assert torch.equal(action, want[0]) and torch.equal(logprob, want[1]) and torch.equal(value, want[3].flatten())
+    assert not value.requires_grad
+
+
+def tiny_rollout(agent, seed=0, n=64, num_actions=4):
+    """A rollout batch (obs, logprobs, actions, advantages, returns, values) with ratios away from 1 and clipping."""
+    g = torch.Generator().manual_seed(seed)
+    obs = torch.randint(0, 256, (n, 4, 84, 84), dtype=torch.uint8, generator=g)
+    actions = torch.randint(0, num_actions, (n,), generator=g)
+    with torch.no_grad():
+        _, logprobs, _, values = agent.get_action_and_value(obs, actions)
+    logprobs = logprobs + 0.2 * torch.randn(n, generator=g)
+    values = values.flatten() + 0.2 * torch.randn(n, generator=g)
+    advantages = torch.randn(n, generator=g)
+    return obs, logprobs, actions, advantages, advantages + values, values
+
+
+def reference_update(agent, optimizer, rollout, mb_inds, args):
+    """The minibatch update as written before the fast paths (inline loop body; Categorical without its check).
+    Returns (pg_loss, v_loss, entropy, old_approx_kl, approx_kl, clipfrac, loss finite)."""
+    from torch.distributions import Categorical
+    b_obs, b_logprobs, b_actions, b_advantages, b_returns, b_values = rollout
+    hidden = agent.latent(b_obs[mb_inds])
+    probs = Categorical(logits=agent.actor(hidden), validate_args=False)
+    newlogprob, entropy, newvalue = probs.log_prob(b_actions[mb_inds]), probs.entropy(), agent.critic(hidden)
+    logratio = newlogprob - b_logprobs[mb_inds]
+    ratio = logratio.exp()
+    with torch.no_grad():
+        old_approx_kl = (-logratio).mean()
+        approx_kl = ((ratio - 1) - logratio).mean()
+        clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
+    mb_advantages = b_advantages[mb_inds]
+    if args.norm_adv:
+        mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+    pg_loss1 = -mb_advantages * ratio
+    pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+    pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+    newvalue = newvalue.view(-1)
+    if args.clip_vloss:
+        v_loss_unclipped = (newvalue - b_returns[mb_inds]) ** 2
+        v_clipped = b_values[mb_inds] + torch.clamp(newvalue - b_values[mb_inds], -args.clip_coef, args.clip_coef)
+        v_loss_clipped = (v_clipped - b_returns[mb_inds]) ** 2
+        v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
+    else:
+        v_loss = 0.5 * ((newvalue - b_returns[mb_inds]) ** 2).mean()
+    entropy_loss = entropy.mean()
+    loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+    optimizer.step()
+    return [pg_loss.item(), v_loss.item(), entropy_loss.item(), old_approx_kl.item(), approx_kl.item(),
+            clipfrac.item(), float(torch.isfinite(loss).item())]
+
+
+def twin_agents(**kw):
+    args = ppo_atari_hr.Args(hidden_dim=64, **kw)
+    torch.manual_seed(0)
+    a, b = ppo_atari_hr.Agent(args, 4), ppo_atari_hr.Agent(args, 4)
+    b.load_state_dict(a.state_dict())
+    return args, a, b
+
+
+@pytest.mark.parametrize("tensor_lr, variant", [(False, {}), (True, {}),
+                                                (False, dict(norm_adv=False, clip_vloss=False))])
+def test_train_step_matches_reference_update(tensor_lr, variant):
+    """make_train_step + set_lr (a float lr, or a tensor lr filled in place as the CUDA-graph path does) performs the
+    same Adam steps and reports the same losses as the inline update it replaced."""
+    args, ref_agent, agent = twin_agents(**variant)
+    rollout = tiny_rollout(ref_agent)
+    ref_opt = torch.optim.Adam(ref_agent.parameters(), lr=2.5e-4, eps=1e-5)
+    opt = torch.optim.Adam(agent.parameters(), lr=torch.tensor(2.5e-4) if tensor_lr else 2.5e-4, eps=1e-5)
+    step = ppo_atari_hr.make_train_step(agent, opt, *rollout, args)
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(1))
+    for i, lr in enumerate([2.5e-4, 2.5e-4, 1.25e-4, 1.25e-4, 1e-5]):
+        mb_inds = perm[16 * (i % 4):16 * (i % 4) + 16]
+        ref_opt.param_groups[0]["lr"] = lr
+        want = reference_update(ref_agent, ref_opt, rollout, mb_inds, args)
+        ppo_atari_hr.set_lr(opt, lr)
+        got = step(mb_inds)
+        assert got.shape == (len(ppo_atari_hr.STATS),) and not got.requires_grad
+        if tensor_lr:  # float32 lr tensor vs a float64 Python lr: equal up to rounding
+            torch.testing.assert_close(got, torch.tensor(want), rtol=1e-4, atol=1e-6)
+        else:
+            assert got.tolist() == want, i
+    assert 0 < want[ppo_atari_hr.STATS.index("clipfrac")] < 1  # the clipped branches were exercised
+    for (name, p_ref), p in zip(ref_agent.named_parameters(), agent.parameters()):
+        if tensor_lr:
+            torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-7, msg=name)
+        else:
+            assert torch.equal(p, p_ref), name
+    assert not torch.equal(ref_agent.actor.weight, twin_agents()[1].actor.weight)  # the steps did change the net
+
+
+def test_compiled_paths_match_eager(monkeypatch):
+    """torch.compile (inductor, on CPU here) of the acting step, the PPO loss and GAE gives the eager results.
+    strict: a compiler failure fails the test instead of silently falling back to eager."""
+    import functools
+    monkeypatch.setattr(common, "compiled", functools.partial(common.compiled, strict=True))
+    torch._dynamo.reset()
+    args, eager_agent, agent = twin_agents()
+    rollout = tiny_rollout(eager_agent)
+    eager_opt = torch.optim.Adam(eager_agent.parameters(), lr=1e-3, eps=1e-5)
+    opt = torch.optim.Adam(agent.parameters(), lr=1e-3, eps=1e-5)
+    eager_step = ppo_atari_hr.make_train_step(eager_agent, eager_opt, *rollout, args)
+    fast_step = ppo_atari_hr.make_train_step(agent, opt, *rollout, args, compile_loss=True)
+    for i in range(3):
+        mb_inds = torch.arange(16 * i, 16 * i + 16)
+        torch.testing.assert_close(fast_step(mb_inds), eager_step(mb_inds), rtol=1e-4, atol=1e-5)
+    for p, q in zip(agent.parameters(), eager_agent.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    # acting: inductor draws its own random numbers, so compare the log-probability and value of the chosen actions
+    obs = rollout[0][:12]
+    action, logprob, value = common.compiled(ppo_atari_hr.make_policy(agent), True)(obs)
+    assert action.shape == (12,) and action.min() >= 0 and action.max() < 4
+    with torch.no_grad():
+        _, want_logprob, _, want_value = agent.get_action_and_value(obs, action)
+    torch.testing.assert_close(logprob, want_logprob, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(value, want_value.flatten(), rtol=1e-4, atol=1e-5)
+    g = torch.Generator().manual_seed(0)
+    r, v, d = torch.randn(8, 3, generator=g), torch.randn(8, 3, generator=g), (torch.rand(8, 3, generator=g) < 0.3)
+    d, nv, nd = d.float(), torch.randn(1, 3, generator=g), torch.tensor([0.0, 1.0, 0.0])
+    got = common.compiled(ppo_atari_hr.compute_gae, True)(r, v, d, nv, nd, 0.99, 0.95)
+    for x, y in zip(got, ppo_atari_hr.compute_gae(r, v, d, nv, nd, 0.99, 0.95)):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_cudagraphs_on_needs_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    for args in (ppo_atari_hr.Args(cudagraphs="on"), ppo_atari_hr.Args(cudagraphs="on", cuda=False)):
+        with pytest.raises(SystemExit) as e:
+            ppo_atari_hr.validate(args)
+        message = str(e.value.code)
+        assert message.startswith("error:") and "--cudagraphs" in message and "\n" not in message
+    ppo_atari_hr.validate(ppo_atari_hr.Args(cudagraphs="off", compile="on"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # smoke runs of the real script
 
 SMOKE = {
@@ -155,6 +342,9 @@ SMOKE = {
     "hadamax": (["--num-envs", "2", "--num-steps", "8", "--total-timesteps", "32", "--metrics-every", "16",
                  "--num-minibatches", "2", "--update-epochs", "1", "--encoder", "hadamax", "--activation", "gelu",
                  "--layernorm"], False),
+    # the torch.compile fast path (acting step, PPO loss, GAE) in the real loop, on CPU
+    "compiled": (["--num-envs", "2", "--num-steps", "8", "--total-timesteps", "32", "--metrics-every", "16",
+                  "--num-minibatches", "2", "--update-epochs", "2", "--compile", "on"], False),
 }
 
 
@@ -165,6 +355,10 @@ def test_smoke_run_logs_every_tag(name, tmp_path, run_script, read_scalars):
     proc = run_script(SCRIPT, ["--run-name", name, "--metrics-batch", "64", "--seed", "1", *extra], cwd=tmp_path,
                       timeout=300, env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    compiled = "--compile" in extra
+    assert f"fast paths: torch.compile {'on' if compiled else 'off'}, CUDA graphs off, pinned transfers off (CPU)" \
+        in proc.stdout
+    assert "warning: torch.compile" not in proc.stderr  # compiled for real, no eager fallback
     run_dir = tmp_path / "runs" / name
     args = json.loads((run_dir / "args.json").read_text())
     assert json.loads((run_dir / "finished").read_text())["global_step"] == args["num_iterations"] * args["batch_size"]
@@ -319,7 +513,9 @@ def killed_and_resumed(tmp_path_factory):
     refused = subprocess.run(cmd + ["--resume", "--learning-rate", "0.001"], cwd=cwd, env=ONE_THREAD,
                              capture_output=True, text=True, timeout=120)
     assert sorted(p.name for p in run_dir.glob("events.out.tfevents.*")) == events_before, "the refusal wrote events"
-    resumed = subprocess.run(cmd + ["--resume", "--checkpoint-every", "1024"], cwd=cwd, env=ONE_THREAD,
+    # --checkpoint-every and the fast-path flags may differ on resume (args.json holds 512, auto, auto)
+    fast_paths_off = ["--compile", "off", "--cudagraphs", "off"]
+    resumed = subprocess.run(cmd + ["--resume", "--checkpoint-every", "1024", *fast_paths_off], cwd=cwd, env=ONE_THREAD,
                              capture_output=True, text=True, timeout=300)
     return dict(cwd=cwd, run_dir=run_dir, cmd=cmd, killed_log=(cwd / "killed.log").read_text(),
                 checkpoint=torch.load(cwd / "checkpoint_at_kill.pt", weights_only=False), killed_sps=killed_sps,
