@@ -23,9 +23,12 @@ for obs and next_obs are rebuilt by index at sampling time. An episode end (a lo
 extra slot for its final frame, so a transition costs 7062 * (L + 1) / L bytes for lives of L steps (7.1-7.3 KB),
 against 28-56 KB in CleanRL's buffer. `--buffer-size` counts slots.
 
-Checkpoints: every `--checkpoint-every` steps one file, runs/NAME/checkpoint.pt, is written atomically (temp file,
-fsync, rename): networks, target network, Adam state, RNG states, metric probe batch, log counters and the filled part
-of the replay ring (raw bytes, no copy in memory), so a full 1M-slot buffer makes it about 7.1 GB on disk.
+Checkpoints: every `--checkpoint-every` steps runs/NAME/checkpoint.pt is written atomically (temp file, fsync,
+rename): networks, target network, Adam state, RNG states, metric probe batch, log counters and the manifest of the
+replay ring, which lives beside it in runs/NAME/replay/ as chunk files of 32,768 slots (raw bytes, no copy in memory;
+7.1 GB in all for a full 1M-slot buffer). Only the chunks written since the previous checkpoint are rewritten (new
+files, named before the checkpoint that names them replaces the old one), so a checkpoint at the default cadence
+writes about 2 GB, not 7.
 `--resume --run-name NAME` continues from it: same step counter, schedules and replay; environments restart fresh
 episodes (the interrupted episode is cut in the replay as a truncation). A non-finite loss or parameter stops the run
 after writing the last good networks + optimiser state to runs/NAME/checkpoint_last_good.pt.
@@ -47,6 +50,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
 import warnings
@@ -99,9 +103,9 @@ class Args:
     run_name: Optional[str] = None
     """run directory runs/NAME; None means {env_id}__{exp_name}__{seed}__{unix_time}"""
     checkpoint_every: int = 250_000
-    """agent steps between checkpoints to runs/NAME/checkpoint.pt (0 = off). Each holds the filled replay buffer:
-    7.12 GB once the default 1M buffer is full, written at disk speed (48 s on a 0.15 GB/s disk; resume 16 s cold);
-    scripts/bench_checkpoint_dqn.py measures it on your machine"""
+    """agent steps between checkpoints to runs/NAME/checkpoint.pt (0 = off). The replay goes to runs/NAME/replay/ in
+    chunks, each rewritten only when it changed: about 2 GB per checkpoint at this cadence (8-9 chunks of 231 MB),
+    whatever the buffer size; scripts/bench_checkpoint_dqn.py measures it on your machine"""
     resume: bool = False
     """continue runs/NAME (--run-name) from its checkpoint; training flags must match the ones it was made with"""
 
@@ -428,8 +432,11 @@ class FrameReplayBuffer:
     """
 
     FIRST, TERMINATED, TRUNCATED, FINAL = 1, 2, 4, 8
+    ARRAYS = ("frames", "actions", "rewards", "flags")
+    CHUNK = 32_768  # slots per checkpoint file (231 MB of frames): a checkpoint rewrites only the chunks that changed
 
-    def __init__(self, capacity: int, frame_shape=FRAME_SHAPE, stack: int = FRAME_STACK, device="cpu", seed=0):
+    def __init__(self, capacity: int, frame_shape=FRAME_SHAPE, stack: int = FRAME_STACK, device="cpu", seed=0,
+                 chunk: int = CHUNK):
         if capacity < stack + 2:
             raise ValueError(f"capacity must be >= {stack + 2}, got {capacity}")
         self.capacity, self.stack, self.device = capacity, stack, torch.device(device)
@@ -439,6 +446,9 @@ class FrameReplayBuffer:
         self.flags = np.zeros(capacity, dtype=np.uint8)
         self.ptr, self.full = 0, False
         self.rng = np.random.default_rng(seed)
+        self.chunk = chunk
+        self.dirty = np.ones(-(-capacity // chunk), dtype=bool)  # chunks changed since their last saved copy
+        self.saved: dict = {}  # chunk index -> file name of its newest saved copy
 
     @staticmethod
     def bytes_needed(capacity: int, frame_shape=FRAME_SHAPE) -> int:
@@ -450,6 +460,7 @@ class FrameReplayBuffer:
         return self.frames.nbytes + self.actions.nbytes + self.rewards.nbytes + self.flags.nbytes
 
     def _write(self, frame, flags):
+        self.dirty[self.ptr // self.chunk] = True
         self.frames[self.ptr] = frame
         self.flags[self.ptr] = flags
         self.ptr = (self.ptr + 1) % self.capacity
@@ -463,6 +474,7 @@ class FrameReplayBuffer:
         """The step from the newest slot: its action and reward, and the frame it led to."""
         last = (self.ptr - 1) % self.capacity
         assert not self.flags[last] & self.FINAL, "add() after an episode end needs start_episode() first"
+        self.dirty[last // self.chunk] = True
         self.actions[last] = action
         self.rewards[last] = reward
         self.flags[last] |= self.TERMINATED * bool(terminated) | self.TRUNCATED * bool(truncated)
@@ -532,10 +544,62 @@ class FrameReplayBuffer:
                              f"stack {state['stack']} does not fit a buffer of capacity {self.capacity}, frames "
                              f"{self.frames.shape[1:]}, stack {self.stack}")
         n = state["frames"].shape[0]
-        for k in ("frames", "actions", "rewards", "flags"):
+        for k in self.ARRAYS:
             getattr(self, k)[:n] = state[k].numpy()
         self.ptr, self.full = int(state["ptr"]), bool(state["full"])
         self.rng.bit_generator.state = state["rng"]
+        self.dirty[:], self.saved = True, {}
+
+    def save_chunks(self, directory: str, tag: str) -> tuple[dict, int]:
+        """Incremental checkpoint of the ring: each chunk changed since its last save is written (atomically) to a
+        new file `directory/chunkNNNNN_<tag>.pt`; returns (manifest, bytes written). The manifest names the newest
+        file of every filled chunk plus the pointer and the sampling RNG; the checkpoint stores it. Files of the
+        previous manifest are left alone, so until the new checkpoint replaces the old one, the old one stays
+        complete; prune_chunks(manifest) deletes them afterwards. At the default 250k-step cadence a full 1M ring
+        rewrites 8-9 of its 31 chunks (about 2 GB) instead of 7 GB."""
+        os.makedirs(directory, exist_ok=True)
+        n = self.capacity if self.full else self.ptr
+        written = 0
+        for i in range(-(-n // self.chunk)):
+            if self.dirty[i] or i not in self.saved:
+                lo, hi = i * self.chunk, min((i + 1) * self.chunk, n)
+                name = f"chunk{i:05d}_{tag}.pt"
+                written += common.atomic_save({k: torch.from_numpy(getattr(self, k)[lo:hi]) for k in self.ARRAYS},
+                                              os.path.join(directory, name))  # views: torch.save copies nothing
+                self.saved[i], self.dirty[i] = name, False
+        manifest = {"capacity": self.capacity, "frame_shape": tuple(self.frames.shape[1:]), "stack": self.stack,
+                    "chunk": self.chunk, "ptr": self.ptr, "full": self.full, "rng": self.rng.bit_generator.state,
+                    "files": {i: self.saved[i] for i in range(-(-n // self.chunk))}}
+        return manifest, written
+
+    @staticmethod
+    def prune_chunks(directory: str, manifest: dict) -> None:
+        """Delete the chunk files (and stray temp files) of `directory` that `manifest` does not name."""
+        keep = set(manifest["files"].values())
+        for name in os.listdir(directory):
+            if name.startswith("chunk") and name not in keep:
+                os.remove(os.path.join(directory, name))
+
+    @staticmethod
+    def missing_chunks(directory: str, manifest: dict) -> list:
+        return [n for n in manifest["files"].values() if not os.path.isfile(os.path.join(directory, n))]
+
+    def load_chunks(self, directory: str, manifest: dict) -> None:
+        """Restore what save_chunks wrote into this (fresh, same-sized) buffer; every chunk is then clean."""
+        got = (manifest["capacity"], tuple(manifest["frame_shape"]), manifest["stack"], manifest["chunk"])
+        if got != (self.capacity, self.frames.shape[1:], self.stack, self.chunk):
+            raise ValueError(f"replay of capacity {got[0]}, frames {got[1]}, stack {got[2]}, chunk {got[3]} does not "
+                             f"fit a buffer of capacity {self.capacity}, frames {self.frames.shape[1:]}, stack "
+                             f"{self.stack}, chunk {self.chunk}")
+        for i, name in manifest["files"].items():
+            part = torch.load(os.path.join(directory, name), map_location="cpu", weights_only=True, mmap=True)
+            lo = i * self.chunk
+            for k in self.ARRAYS:
+                getattr(self, k)[lo:lo + part[k].shape[0]] = part[k].numpy()
+            del part  # the mapping goes with it
+        self.ptr, self.full = int(manifest["ptr"]), bool(manifest["full"])
+        self.rng.bit_generator.state = manifest["rng"]
+        self.saved, self.dirty[:] = dict(manifest["files"]), False
 
     def cut_episode(self):
         """End the newest episode where it stands (a resumed run restarts its environment): its newest frame becomes
@@ -547,8 +611,10 @@ class FrameReplayBuffer:
         if self.flags[last] & self.FINAL:
             return
         self.flags[last] |= self.FINAL
+        self.dirty[last // self.chunk] = True
         if not self.flags[last] & self.FIRST:  # the step last-1 -> last belongs to the same episode
             self.flags[(last - 1) % self.capacity] |= self.TRUNCATED
+            self.dirty[((last - 1) % self.capacity) // self.chunk] = True
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -829,7 +895,7 @@ class LastGoodState:
         self.global_step = global_step
 
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the replay in chunk files beside checkpoint.pt; version 1 files (replay inside) still load
 # flags that do not change what is trained: they may differ between a run and its --resume
 MAY_DIFFER_ON_RESUME = ("resume", "checkpoint_every", "run_name", "cuda", "torch_deterministic", "compile",
                         "cudagraphs", "track", "wandb_project_name", "wandb_entity", "capture_video", "save_model",
@@ -843,13 +909,15 @@ def training_state(q_network, target_network, optimizer) -> dict:
             "optimizer": optimizer.state_dict()}
 
 
-def checkpoint_state(global_step, args, q_network, target_network, optimizer, rb, rng, probe_obs, counters) -> dict:
+def checkpoint_state(global_step, args, q_network, target_network, optimizer, replay, rng, probe_obs,
+                     counters) -> dict:
     """Everything a resumed run needs. `global_step` is the next step to execute (every step before it is done);
-    epsilon, the target-network and training cadences and the learning rate are functions of it."""
+    epsilon, the target-network and training cadences and the learning rate are functions of it. `replay` is the
+    manifest of rb.save_chunks (the ring's chunk files in runs/NAME/replay/), or rb.state_dict() (the ring itself)."""
     return {"version": CHECKPOINT_VERSION, "global_step": global_step, "args": dataclasses.asdict(args),
             **training_state(q_network, target_network, optimizer), "rng": common.rng_state(rng),
             "probe_obs": None if probe_obs is None else probe_obs.cpu(), "counters": dict(counters),
-            "replay": rb.state_dict()}
+            "replay": replay}
 
 
 def load_checkpoint(path) -> dict:
@@ -858,12 +926,16 @@ def load_checkpoint(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
 
 
-def restore_checkpoint(ckpt, q_network, target_network, optimizer, rb, rng, device):
-    """Load a checkpoint_state into fresh objects; returns (global_step, probe_obs, counters)."""
+def restore_checkpoint(ckpt, q_network, target_network, optimizer, rb, rng, device, replay_dir=None):
+    """Load a checkpoint_state into fresh objects (the replay from its chunk files in `replay_dir` when the checkpoint
+    holds a manifest); returns (global_step, probe_obs, counters)."""
     q_network.load_state_dict(ckpt["q_network"])
     target_network.load_state_dict(ckpt["target_network"])
     optimizer.load_state_dict(copy.deepcopy(ckpt["optimizer"]))  # own copies: on the CPU they would view the mmap
-    rb.load_state_dict(ckpt["replay"])
+    if "files" in ckpt["replay"]:
+        rb.load_chunks(replay_dir, ckpt["replay"])
+    else:
+        rb.load_state_dict(ckpt["replay"])
     common.set_rng_state(ckpt["rng"], rng)
     probe_obs = None if ckpt["probe_obs"] is None else ckpt["probe_obs"].to(device, copy=True)
     return ckpt["global_step"], probe_obs, dict(ckpt["counters"])
@@ -915,8 +987,13 @@ def check_resume(args: Args, run_dir: str) -> dict:
             f"--{k.replace('_', '-')} (saved {saved.get(k)}, now {current.get(k)})" for k in conflicts))
     try:
         ckpt = load_checkpoint(path)
-        if ckpt.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"format version {ckpt.get('version')}, this script reads {CHECKPOINT_VERSION}")
+        if ckpt.get("version") not in (1, CHECKPOINT_VERSION):
+            raise ValueError(f"format version {ckpt.get('version')}, this script reads 1 and {CHECKPOINT_VERSION}")
+        missing = FrameReplayBuffer.missing_chunks(os.path.join(run_dir, "replay"), ckpt["replay"]) \
+            if "files" in ckpt["replay"] else []
+        if missing:
+            raise FileNotFoundError(f"replay chunk {missing[0]} is missing from {run_dir}/replay"
+                                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     except Exception as e:  # noqa: BLE001 -- any unreadable file gets the same one-line answer
         reason = (str(e).splitlines() or [""])[0]
         sys.exit(f"error: --resume: cannot read {path} ({type(e).__name__}: {reason})")
@@ -1003,6 +1080,7 @@ if __name__ == "__main__":
         args.run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join("runs", args.run_name)
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+    replay_dir = os.path.join(run_dir, "replay")  # the replay's chunk files, named by checkpoint.pt
     ckpt = check_resume(args, run_dir) if args.resume else None  # exits if finished, missing or made with other flags
     if ckpt is None and os.path.exists(ckpt_path):  # a fresh start would overwrite the run's logs and resume point
         sys.exit(f"error: --run-name {args.run_name}: {run_dir} already holds a checkpoint; add --resume to continue "
@@ -1052,7 +1130,7 @@ if __name__ == "__main__":
     if ckpt is not None:
         t0 = time.perf_counter()
         start_step, probe_obs, counters = restore_checkpoint(ckpt, q_network, target_network, optimizer, rb, rng,
-                                                             device)
+                                                             device, replay_dir)
         probe_seconds, n_probes, last_return, wall_before = (counters[k] for k in COUNTERS)
         del ckpt  # the last reference to the memory-mapped file
         rb.cut_episode()  # the environment restarts below: the interrupted episode ends here, as a truncation
@@ -1155,10 +1233,15 @@ if __name__ == "__main__":
             writer.flush()  # every event logged so far (all at steps <= global_step) is on disk before the checkpoint
             counters = dict(zip(COUNTERS, (probe_seconds, n_probes, last_return,
                                            wall_before + time.time() - start_time)))
+            # replay chunks first (new files), then the checkpoint naming them replaces the old one atomically, then
+            # the superseded chunk files go: a kill at any point leaves one complete resumable checkpoint
+            manifest, replay_bytes = rb.save_chunks(replay_dir, str(global_step + 1))
             size = common.atomic_save(checkpoint_state(global_step + 1, args, q_network, target_network, optimizer,
-                                                       rb, rng, probe_obs, counters), ckpt_path)
+                                                       manifest, rng, probe_obs, counters), ckpt_path)
+            rb.prune_chunks(replay_dir, manifest)
             ckpt_step = global_step + 1
-            print(f"checkpoint: step {ckpt_step}, {size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f}s -> {ckpt_path}")
+            print(f"checkpoint: step {ckpt_step}, {size / 1e6:.1f} MB + {replay_bytes / 1e6:.1f} MB of changed replay "
+                  f"chunks, {time.perf_counter() - t0:.1f}s -> {ckpt_path}")
 
     wall = time.time() - start_time
     steps = args.total_timesteps - start_step
@@ -1190,3 +1273,4 @@ if __name__ == "__main__":
         json.dump({"global_step": args.total_timesteps, "wall_seconds": total_wall}, f)
     if os.path.exists(ckpt_path):  # a finished run is never resumed, and its checkpoint holds gigabytes of replay
         os.remove(ckpt_path)
+    shutil.rmtree(replay_dir, ignore_errors=True)

@@ -4,7 +4,10 @@ Builds what the script checkpoints once its buffer is full: a FrameReplayBuffer 
 1,000,000, the script's default) filled with random frames and episode flags, a default Q-network, its target and Adam
 (after one update, so the moments exist), a 1024-observation probe batch and the RNG states. Then times, with the
 script's own functions:
-- write:  dqn_atari_hr.checkpoint_state + common.atomic_save (temp file, fsync, rename), as every --checkpoint-every;
+- write:  rb.save_chunks + dqn_atari_hr.checkpoint_state + common.atomic_save (temp file, fsync, rename) +
+  rb.prune_chunks, as every --checkpoint-every: first with every chunk to write (the first checkpoint of a full
+  ring), then "incremental" after --changed-slots new slots (the script's default cadence), which rewrites only the
+  chunks they touched;
 - resume: dqn_atari_hr.load_checkpoint + restore_checkpoint into a fresh buffer, network and optimiser, as --resume
   does; "cold" first (the file evicted from the page cache with posix_fadvise, as a requeued job on another node reads
   it), then "warm" (file cached). The restored buffer is checked against the original.
@@ -32,6 +35,8 @@ p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--buffer-size", type=int, default=dqn.Args().buffer_size, help="replay slots (script default)")
 p.add_argument("--dir", default=None, help="where to write checkpoint.pt (default: a temp dir, deleted after)")
 p.add_argument("--episode-length", type=int, default=100, help="steps per life in the synthetic episodes")
+p.add_argument("--changed-slots", type=int, default=dqn.Args().checkpoint_every,
+               help="slots written between the two timed checkpoints (default: the script's --checkpoint-every)")
 a = p.parse_args()
 
 need = dqn.FrameReplayBuffer.bytes_needed(a.buffer_size)
@@ -44,6 +49,7 @@ os.makedirs(workdir, exist_ok=True)
 if shutil.disk_usage(workdir).free < 1.1 * need + 1e9:
     sys.exit(f"error: --dir {workdir}: less than {(1.1 * need + 1e9) / 1e9:.1f} GB free on disk")
 path = os.path.join(workdir, "checkpoint.pt")
+replay_dir = os.path.join(workdir, "replay")
 
 
 def rss():
@@ -95,12 +101,26 @@ checksum = dqn.param_checksum(q_network)
 counters = dict(zip(dqn.COUNTERS, (1.0, 40, 12.0, 3600.0)))
 anon_before, _ = rss()
 
-t0 = time.perf_counter()
-size = common.atomic_save(dqn.checkpoint_state(a.buffer_size, args, q_network, target_network, optimizer, rb, rng,
-                                               probe_obs, counters), path)
-write_s = time.perf_counter() - t0
+
+
+def write_checkpoint(rb, probe_obs, tag):
+    """What the script does at a checkpoint; returns (seconds, bytes of checkpoint.pt, bytes of replay chunks)."""
+    t0 = time.perf_counter()
+    manifest, replay_bytes = rb.save_chunks(replay_dir, tag)
+    size = common.atomic_save(dqn.checkpoint_state(a.buffer_size, args, q_network, target_network, optimizer,
+                                                   manifest, rng, probe_obs, counters), path)
+    rb.prune_chunks(replay_dir, manifest)
+    return time.perf_counter() - t0, size, replay_bytes
+
+
+write_s, size, replay_bytes = write_checkpoint(rb, probe_obs, "full")
 anon_after_write, _ = rss()
-disk = os.stat(path).st_blocks * 512
+disk = sum(os.stat(os.path.join(replay_dir, f)).st_blocks * 512 for f in os.listdir(replay_dir))
+# --changed-slots new transitions since then: the chunks they fall in are dirty (contents unchanged: same bytes)
+changed = np.arange(rb.ptr, rb.ptr + a.changed_slots) % rb.capacity
+rb.dirty[np.unique(changed // rb.chunk)] = True
+inc_s, _, inc_bytes = write_checkpoint(rb, probe_obs, "incremental")
+n_chunks, n_inc = len(rb.saved), len(np.unique(changed // rb.chunk))
 del rb, probe_obs, obs, next_obs  # free the original buffer before the fresh one exists
 gc.collect()
 
@@ -110,7 +130,7 @@ def resume(label):
     rng2 = np.random.default_rng(2)
     t0 = time.perf_counter()
     ckpt = dqn.load_checkpoint(path)
-    step, probe2, _ = dqn.restore_checkpoint(ckpt, q2, target2, opt2, rb2, rng2, "cpu")
+    step, probe2, _ = dqn.restore_checkpoint(ckpt, q2, target2, opt2, rb2, rng2, "cpu", replay_dir)
     secs = time.perf_counter() - t0
     anon, file_backed = rss()
     del ckpt
@@ -125,21 +145,25 @@ def resume(label):
     return secs, anon, file_backed
 
 
-fd = os.open(path, os.O_RDONLY)
-os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # written and fsynced: clean pages, evicted
-os.close(fd)
+for f in [path] + [os.path.join(replay_dir, n) for n in os.listdir(replay_dir)]:
+    fd = os.open(f, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # written and fsynced: clean pages, evicted
+    os.close(fd)
 cold_s, cold_anon, cold_file = resume("cold")
 warm_s, _, _ = resume("warm")
 
 gb = need / 1e9
 rows = [
     ("replay buffer", f"{a.buffer_size:,} slots, full ({gb:.2f} GB in memory); filled in {fill_s:.1f}s (not timed)"),
-    ("checkpoint size", f"{size / 1e9:.3f} GB ({size:,} B; {disk / 1e9:.3f} GB allocated on disk), of which replay "
-                        f"{gb:.3f} GB and networks + Adam + probe batch {(size - need) / 1e6:.0f} MB"),
-    ("time to write (checkpoint_state + atomic_save, fsync included)",
-     f"{write_s:.1f}s ({size / 1e9 / write_s:.2f} GB/s)"),
-    ("time to resume, cold (file not in page cache)", f"{cold_s:.1f}s ({size / 1e9 / cold_s:.2f} GB/s)"),
-    ("time to resume, warm (file in page cache)", f"{warm_s:.1f}s ({size / 1e9 / warm_s:.2f} GB/s)"),
+    ("checkpoint size", f"checkpoint.pt {size / 1e6:.0f} MB (networks + Adam + probe batch) + replay/ "
+                        f"{replay_bytes / 1e9:.3f} GB in {n_chunks} chunk files ({disk / 1e9:.3f} GB allocated)"),
+    ("time to write, every chunk (first checkpoint of a full ring; fsyncs included)",
+     f"{write_s:.1f}s ({(size + replay_bytes) / 1e9 / write_s:.2f} GB/s)"),
+    (f"time to write, incremental ({a.changed_slots:,} new slots since the last: {n_inc} of {n_chunks} chunks)",
+     f"{inc_s:.1f}s ({(size + inc_bytes) / 1e9:.2f} GB written)"),
+    ("time to resume, cold (files not in page cache)",
+     f"{cold_s:.1f}s ({(size + replay_bytes) / 1e9 / cold_s:.2f} GB/s)"),
+    ("time to resume, warm (files in page cache)", f"{warm_s:.1f}s ({(size + replay_bytes) / 1e9 / warm_s:.2f} GB/s)"),
     ("anonymous RSS: before / after write",
      f"{anon_before:.2f} / {anon_after_write:.2f} GB (the write copies nothing)"),
     ("RSS after cold restore: anonymous / file-backed (mmap, reclaimable)", f"{cold_anon:.2f} / {cold_file:.2f} GB"),
@@ -148,6 +172,7 @@ if a.dir is None:
     shutil.rmtree(workdir)
 else:
     os.remove(path)
+    shutil.rmtree(replay_dir)
 print(f"dqn_atari_hr.py checkpoint cost at --buffer-size {a.buffer_size:,} (default Q-network, {os.cpu_count()} "
       f"CPUs, torch {torch.__version__}, dir {workdir})\n")
 print("| measure | value |\n|---|---|")

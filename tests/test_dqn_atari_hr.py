@@ -467,6 +467,58 @@ def test_replay_state_roundtrip_gives_identical_samples(episodes, tmp_path):
         dqn.FrameReplayBuffer(258, frame_shape=(84, 84)).load_state_dict(state)
 
 
+def chunk_files(directory):
+    return sorted(os.listdir(directory))
+
+
+def test_replay_chunks_rewrite_only_what_changed_and_restore_exactly(tmp_path):
+    """The incremental checkpoint of the ring: a save writes the chunks changed since the last one (new files), the
+    manifest of every save restores exactly that state, and the previous manifest stays loadable until pruned."""
+    rng = np.random.default_rng(1)
+    rb = dqn.FrameReplayBuffer(257, frame_shape=(84, 84), seed=3, chunk=64)
+    fill_scripted(rb, rng, 3)  # partly filled
+    d = str(tmp_path / "replay")
+    first, written = rb.save_chunks(d, "a")
+    n_chunks = -(-rb.ptr // 64)
+    assert len(first["files"]) == n_chunks and len(chunk_files(d)) == n_chunks and written > rb.ptr * 84 * 84
+    view_a = replay_view(rb)
+    again, written = rb.save_chunks(d, "b")
+    assert written == 0 and again["files"] == first["files"]  # nothing changed: nothing written
+    before = {i: name for i, name in first["files"].items()}
+    for t in range(5):  # a few steps: they touch the chunk holding the pointer (and the one before, at a border)
+        rb.add(0, 1.0, np.full((84, 84), t, np.uint8), False, False)
+    touched = {((rb.ptr - 1 - k) % rb.capacity) // 64 for k in range(6)}
+    second, written = rb.save_chunks(d, "c")
+    changed = {i for i, name in second["files"].items() if before.get(i) != name}
+    assert changed == touched and 0 < written < 3 * 64 * 84 * 84
+    # the old manifest's files are still there: a kill before checkpoint.pt is replaced leaves it complete
+    fresh = dqn.FrameReplayBuffer(257, frame_shape=(84, 84), seed=99, chunk=64)
+    fresh.load_chunks(d, first)
+    for key, want in view_a.items():
+        np.testing.assert_array_equal(replay_view(fresh)[key], want, err_msg=key)
+    dqn.FrameReplayBuffer.prune_chunks(d, second)
+    assert chunk_files(d) == sorted(second["files"].values())
+    assert dqn.FrameReplayBuffer.missing_chunks(d, first)  # superseded files are gone
+    fill_scripted(rb, rng, 40)  # wrap the ring: every chunk changes
+    third, _ = rb.save_chunks(d, "d")
+    dqn.FrameReplayBuffer.prune_chunks(d, third)
+    restored = dqn.FrameReplayBuffer(257, frame_shape=(84, 84), seed=98, chunk=64)
+    restored.load_chunks(d, third)
+    want = replay_view(rb)
+    for key in want:
+        np.testing.assert_array_equal(replay_view(restored)[key], want[key], err_msg=key)
+    np.testing.assert_array_equal(restored.frames, rb.frames)
+    for _ in range(3):  # the sampling RNG continues where it was
+        for a, b in zip(rb.sample(16), restored.sample(16)):
+            torch.testing.assert_close(a, b)
+    # a restored buffer is clean: its next save writes only what changes after the restore
+    restored.cut_episode()
+    fourth, written = restored.save_chunks(d, "e")
+    assert 0 < written < 3 * 64 * 84 * 84 and sum(fourth["files"][i] != third["files"][i] for i in third["files"]) <= 2
+    with pytest.raises(ValueError, match="chunk"):
+        dqn.FrameReplayBuffer(257, frame_shape=(84, 84), chunk=32).load_chunks(d, third)
+
+
 def test_replay_cut_episode_truncates_without_crossing_episodes():
     rng = np.random.default_rng(0)
     rb = dqn.FrameReplayBuffer(300, frame_shape=(84, 84), seed=0)
@@ -498,7 +550,7 @@ def test_restore_checkpoint_restores_everything_and_releases_the_file(tmp_path):
     def build(seed):
         q, target = dqn.QNetwork(args, 4), dqn.QNetwork(args, 4)
         opt = torch.optim.Adam(q.parameters(), lr=1e-3)
-        return q, target, opt, dqn.FrameReplayBuffer(200, seed=seed), np.random.default_rng(seed)
+        return q, target, opt, dqn.FrameReplayBuffer(200, seed=seed, chunk=64), np.random.default_rng(seed)
 
     q, target, opt, rb, rng = build(1)
     fill_scripted(rb, np.random.default_rng(5), 12)
@@ -511,14 +563,15 @@ def test_restore_checkpoint_restores_everything_and_releases_the_file(tmp_path):
     probe = rb.observations(rb.valid_indices()[:5])
     counters = dict(zip(dqn.COUNTERS, (1.5, 2, 3.0, 4.5)))
     path = str(tmp_path / "checkpoint.pt")
-    common.atomic_save(dqn.checkpoint_state(123, args, q, target, opt, rb, rng, probe, counters), path)
+    manifest, _ = rb.save_chunks(str(tmp_path / "replay"), "123")
+    common.atomic_save(dqn.checkpoint_state(123, args, q, target, opt, manifest, rng, probe, counters), path)
     expected_rng = (rng.random(), np.random.get_state()[1][:4].copy(), torch.rand(2))
 
     q2, target2, opt2, rb2, rng2 = build(2)
     np.random.seed(7)
     torch.manual_seed(7)
     ckpt = dqn.load_checkpoint(path)
-    step, probe2, counters2 = dqn.restore_checkpoint(ckpt, q2, target2, opt2, rb2, rng2, "cpu")
+    step, probe2, counters2 = dqn.restore_checkpoint(ckpt, q2, target2, opt2, rb2, rng2, "cpu", str(tmp_path / "replay"))
     assert step == 123 and counters2 == counters
     torch.testing.assert_close(probe2, probe)
     for a, b in [(q, q2), (target, target2)]:
@@ -601,6 +654,7 @@ def test_kill_and_resume_continues_the_run(tmp_path, read_scalars, run_script):
         log.close()
     assert "checkpoint: step 1200" in (tmp_path / "killed.log").read_text()
     shutil.copy(ckpt_path, tmp_path / "copy.pt")
+    replay_files_at_kill = chunk_files(run_dir / "replay")
     killed = read_scalars(str(run_dir))
     assert max(s for s, _ in killed["charts/SPS"]) >= 1200  # the killed process logged at or after its checkpoint
     assert not (run_dir / "finished").exists()
@@ -612,7 +666,9 @@ def test_kill_and_resume_continues_the_run(tmp_path, read_scalars, run_script):
     assert m and int(m.group(1)) == 1200, proc.stdout[-3000:]
     ckpt = torch.load(tmp_path / "copy.pt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 1200 and ckpt["probe_obs"] is not None  # probes at 500, 1000 drew the batch
-    assert ckpt["replay"]["full"]  # 1200 steps in a 1000-slot ring: the wrapped buffer went through the file
+    assert ckpt["replay"]["full"]  # 1200 steps in a 1000-slot ring: the wrapped buffer went through the files
+    assert replay_files_at_kill == sorted(ckpt["replay"]["files"].values())  # exactly the chunks it names
+    assert not (run_dir / "checkpoint.pt").exists() and not (run_dir / "replay").exists()  # gone once finished
     checksum = sum(t.double().sum().item() for t in ckpt["q_network"].values() if t.is_floating_point())
     # the live network after restore is the checkpointed one (to the last bits of a float64 sum's order)
     assert float(m.group(2)) == pytest.approx(checksum, rel=1e-12, abs=1e-9)
