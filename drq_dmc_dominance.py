@@ -59,6 +59,13 @@ stops the run (exit 1) after writing the last good networks and optimisers to ru
 (losses and parameters are checked where the host syncs anyway: every --log-every frames, before probes and
 checkpoints).
 
+GPU fast paths (README "GPU fast paths"; auto = on with CUDA): `--compile` (torch.compile of the critic loss with its
+augmentation and target, of the actor loss and of the acting step), `--cudagraphs` (the whole update -- critic, target
+lerp, actor and temperature steps with capturable Adam -- and the acting step replayed as CUDA graphs) and pinned
+uploads (each batch in two non-blocking copies: the obs/next_obs stacks, then actions/rewards/terminated). Per agent
+step the only host sync is the action MuJoCo needs; losses and gradient magnitudes are read only where the loop logs,
+probes or checkpoints.
+
 Usage:
   python drq_dmc_dominance.py --env-id cartpole-swingup_sparse --mitigation lnwd
   python drq_dmc_dominance.py --env-id reacher-easy_masked --mitigation hlgauss --seed 2
@@ -77,7 +84,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -100,8 +107,8 @@ MODIFIED_TASKS = {
 PLANET_ACTION_REPEAT = {"cartpole": 8, "reacher": 4, "cheetah": 4, "ball_in_cup": 4, "finger": 2, "walker": 2}
 CHECKPOINT_FORMAT = 1
 # flags that may change on --resume: they do not change the training itself
-RESUME_MAY_DIFFER = ("resume", "checkpoint_every", "cuda", "track", "wandb_project_name", "wandb_entity",
-                     "capture_video", "save_model", "eval_episodes", "run_name")
+RESUME_MAY_DIFFER = ("resume", "checkpoint_every", "cuda", "compile", "cudagraphs", "track", "wandb_project_name",
+                     "wandb_entity", "capture_video", "save_model", "eval_episodes", "run_name")
 DEFAULT_SPIN_VELOCITY = dmc_finger._SPIN_VELOCITY  # dm_control's value (15), restored for plain finger envs
 FAST_SPIN_VELOCITY = 30.0
 
@@ -116,6 +123,12 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, cuda will be enabled when available"""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile the critic loss (augmentation and TD target included), the actor loss and the acting step
+    (auto: on with CUDA; off on CPU, where compiling takes about a minute and gains little)"""
+    cudagraphs: Literal["auto", "on", "off"] = "auto"
+    """replay the acting step and the whole update (critic, target lerp, actor and temperature steps, pruning masks)
+    as CUDA graphs, which removes the per-kernel launch cost of these small networks (auto: on with CUDA; needs CUDA)"""
     track: bool = False
     """track with Weights and Biases (wandb is not installed in this project: gives an error)"""
     wandb_project_name: str = "cleanRL"
@@ -252,6 +265,8 @@ def validate(args: Args) -> None:
             fail("--track needs wandb, which is not installed (pip install wandb)")
     if args.capture_video:
         fail("--capture-video is not supported by drq_dmc_dominance.py")
+    if args.cudagraphs == "on" and not (args.cuda and torch.cuda.is_available()):
+        fail("--cudagraphs on needs a CUDA GPU (none is available, or --no-cuda); use --cudagraphs auto or off")
     positive = ["total_timesteps", "frame_stack", "image_size", "buffer_size", "batch_size", "hidden_dim", "latent_dim",
                 "log_every", "metrics_batch", "eval_episodes", "hr_branches", "hl_bins"]
     for name in positive:
@@ -426,14 +441,15 @@ class FrameReplay:
         lo = max(0, self.pos - self.capacity)
         return int((~self.first[np.arange(lo + 1, self.pos) % self.capacity]).sum()) if self.pos > lo + 1 else 0
 
-    def sample(self, batch_size, rng: np.random.Generator):
-        """Uniform over valid transitions: (obs, actions, rewards, terminated, next_obs), numpy; obs uint8."""
+    def sample_positions(self, batch_size, rng: np.random.Generator) -> np.ndarray:
+        """Absolute positions of `batch_size` transitions drawn uniformly over the valid ones (rejection sampling of
+        episode-start slots and of stacks reaching overwritten frames); all of sample's RNG draws happen here."""
         oldest = max(0, self.pos - self.capacity)
         if self.pos - oldest < 2:
             raise ValueError("replay holds no transition yet")
         p = np.empty(batch_size, np.int64)
         todo = np.arange(batch_size)
-        for _ in range(1000):  # rejection: episode-start slots and stacks reaching overwritten frames
+        for _ in range(1000):
             cand = rng.integers(oldest + 1, self.pos, size=todo.size)
             slot = cand % self.capacity
             ok = ~self.first[slot] & (np.maximum(cand - self.stack, self.start[slot]) >= oldest)
@@ -443,29 +459,100 @@ class FrameReplay:
                 break
         else:
             raise ValueError("replay holds no valid transition")
+        return p
+
+    def stack_slots(self, p: np.ndarray) -> np.ndarray:
+        """(B, stack + 1) slots of the frames p-stack .. p (oldest first), frames before an episode's start replaced
+        by its first frame: columns :-1 make obs, columns 1: make next_obs."""
+        offsets = np.arange(self.stack, -1, -1)
+        return np.maximum(p[:, None] - offsets[None, :], self.start[p % self.capacity][:, None]) % self.capacity
+
+    def sample(self, batch_size, rng: np.random.Generator):
+        """Uniform over valid transitions: (obs, actions, rewards, terminated, next_obs), numpy; obs uint8."""
+        p = self.sample_positions(batch_size, rng)
         slot = p % self.capacity
-        offsets = np.arange(self.stack, -1, -1)  # oldest first: p-stack .. p
-        q = np.maximum(p[:, None] - offsets[None, :], self.start[slot][:, None]) % self.capacity
-        f = self.frames[q]  # (B, stack+1, C, H, W)
+        f = self.frames[self.stack_slots(p)]  # (B, stack+1, C, H, W)
         b, _, c, h, w = f.shape
         obs = f[:, :-1].reshape(b, self.stack * c, h, w)
         next_obs = f[:, 1:].reshape(b, self.stack * c, h, w)
         return obs, self.actions[slot], self.rewards[slot], self.terminated[slot], next_obs
 
 
+class Staging:
+    """A host tensor to fill (`.host`, `.np` its numpy view) and its device twin (`.device`). On CUDA the host side
+    is pinned and upload() is one non-blocking copy, after which an event is recorded; `wait()` blocks on that event,
+    so a host buffer is never rewritten while a copy from it may still be in flight (call it before refilling). On
+    CPU both sides are the same memory: upload() copies nothing and wait() returns at once."""
+
+    def __init__(self, shape, dtype: torch.dtype, device: torch.device):
+        cuda = device.type == "cuda"
+        self.host = torch.empty(shape, dtype=dtype, pin_memory=cuda)
+        self.np = self.host.numpy()
+        self.device = torch.empty(shape, dtype=dtype, device=device) if cuda else self.host
+        self.copied = torch.cuda.Event() if cuda else None
+
+    def wait(self) -> np.ndarray:
+        if self.copied is not None:
+            self.copied.synchronize()  # returns at once if the last copy is done (or none was recorded yet)
+        return self.np
+
+    def upload(self) -> torch.Tensor:
+        if self.copied is not None:
+            self.device.copy_(self.host, non_blocking=True)
+            self.copied.record()
+        return self.device
+
+
+class BatchSampler:
+    """FrameReplay.sample(batch_size, rng) into persistent tensors, with batched transfers: the obs and next_obs
+    stacks are gathered straight into one uint8 host buffer (2B, stack*C, H, W) (np.take with out=, no intermediate
+    copy) and actions, rewards, terminated into one float32 buffer (A + 2, B); on CUDA both are pinned and go up in
+    one non-blocking copy each. sample() returns (obs, actions, rewards, terminated, next_obs) as views of the same
+    device memory at every call (CUDA-graph inputs: use them before the next sample()); terminated is 0./1. float.
+    Same RNG draws and same values as FrameReplay.sample."""
+
+    def __init__(self, rb: FrameReplay, batch_size: int, device: torch.device):
+        self.rb, self.batch_size = rb, batch_size
+        c, h, w = rb.frames.shape[1:]
+        self.a = a = rb.actions.shape[1]
+        self.frames = Staging((2 * batch_size, rb.stack * c, h, w), torch.uint8, device)
+        self.frames_np = self.frames.np.reshape(2, batch_size, rb.stack, c, h, w)  # a view: [0] obs, [1] next_obs
+        # rows: actions (transposed), reward, terminated. Every view is dense, so the clones cuda_graphed captures on
+        # keep its strides (a column of a (B, A + 2) buffer would come back contiguous and make dynamo recompile)
+        self.scalars = Staging((a + 2, batch_size), torch.float32, device)
+        f, x = self.frames.device, self.scalars.device
+        self.batch = (f[:batch_size], x[:a].t(), x[a], x[a + 1], f[batch_size:])
+
+    def sample(self, rng: np.random.Generator):
+        rb, a = self.rb, self.a
+        p = rb.sample_positions(self.batch_size, rng)
+        q = rb.stack_slots(p)
+        self.frames.wait()
+        np.take(rb.frames, np.stack([q[:, :-1], q[:, 1:]]), axis=0, out=self.frames_np, mode="clip")  # valid slots
+        slot = p % rb.capacity
+        scalars = self.scalars.wait()
+        scalars[:a] = rb.actions[slot].T
+        scalars[a] = rb.rewards[slot]
+        scalars[a + 1] = rb.terminated[slot]
+        self.frames.upload()
+        self.scalars.upload()
+        return self.batch
+
+
 def random_shift(x: torch.Tensor, pad: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """DrQ augmentation: replicate-pad by `pad`, then crop back at an independent random offset per sample."""
+    """DrQ augmentation: replicate-pad by `pad`, then crop back at an independent random offset per sample. Done as
+    one gather with clamped indices (the same values as padding then cropping, no padded copy), so it works on the
+    uint8 stacks too."""
     if pad == 0:
         return x
     n, c, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
     oy = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=generator)
     ox = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=generator)
-    rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (n,1,h,1)
-    cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (n,1,1,w)
+    rows = (oy[:, None] + torch.arange(-pad, h - pad, device=x.device)).clamp(0, h - 1)[:, None, :, None]  # (n,1,h,1)
+    cols = (ox[:, None] + torch.arange(-pad, w - pad, device=x.device)).clamp(0, w - 1)[:, None, None, :]  # (n,1,1,w)
     idx_n = torch.arange(n, device=x.device)[:, None, None, None]
     idx_c = torch.arange(c, device=x.device)[None, :, None, None]
-    return padded[idx_n, idx_c, rows, cols]
+    return x[idx_n, idx_c, rows, cols]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -676,13 +763,18 @@ def prunable_weights(critic: Critic):
 
 @torch.no_grad()
 def reset_critic_heads_(critic: Critic, target: Critic, fresh: Critic, optimizer: torch.optim.Optimizer):
-    """Reset mitigation: copy a freshly initialised critic's non-conv layers into critic and target; drop their
-    optimiser state (Adam moments and step restart)."""
+    """Reset mitigation: copy a freshly initialised critic's non-conv layers into critic and target; restart their
+    optimiser state (Adam moments and step). Everything is written in place (load_state_dict copies into the
+    parameters; the moments and step counters are zeroed, not dropped), so a CUDA graph of the update, which reads
+    them at fixed addresses, stays valid. Adam with zeroed state is Adam with fresh state: the bias correction
+    restarts from step 0."""
     for mod, tmod, fmod in zip(critic.head_modules(), target.head_modules(), fresh.head_modules()):
         mod.load_state_dict(fmod.state_dict())
         tmod.load_state_dict(fmod.state_dict())
         for p in mod.parameters():
-            optimizer.state.pop(p, None)
+            for value in optimizer.state.get(p, {}).values():
+                if torch.is_tensor(value):  # step, exp_avg, exp_avg_sq (and max_exp_avg_sq with amsgrad)
+                    value.zero_()
 
 
 @torch.no_grad()
@@ -716,14 +808,106 @@ def redo_critic_(critic: Critic, actor: Actor, obs, actions, tau, critic_opt, ac
     return recycled
 
 
-def mean_abs_grad(params):
-    grads = [p.grad.abs().flatten() for p in params if p.grad is not None]
-    return torch.cat(grads).mean().item() if grads else 0.0
+def mean_abs_grad(params) -> torch.Tensor:
+    """Mean |dL/dW| over the given parameters' gradients, as a 0-d tensor (no host sync)."""
+    return torch.cat([p.grad.abs().flatten() for p in params]).mean()
 
 
 def crossed(prev_step, step, every):
     """True when a multiple of `every` lies in (prev_step, step]."""
     return every > 0 and step // every > prev_step // every
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hot path: acting and the update, as functions of tensors (README "GPU fast paths"). The loop builds them once; with
+# --compile / --cudagraphs they are compiled and/or replayed as CUDA graphs. None of them syncs with the host, and
+# everything a graph reads (parameters, optimiser state, pruning masks, log_alpha, the batch tensors) stays in place.
+
+STAT_NAMES = ("losses/qf_loss", "losses/qf1_values", "losses/actor_loss", "losses/alpha_loss", "losses/alpha",
+              "losses/entropy")  # the rows of update()'s stats tensor
+GRAD_LAYERS = ("latent", "fc1", "fc2")  # the rows of update()'s grads tensor: grad/<layer>
+
+
+def make_act(critic: Critic, actor: Actor, deterministic: bool = False):
+    """act(obs) -> (1, A) action in [-1, 1]: the policy's sample (or its mean with `deterministic`, for evaluation)
+    on the critic's conv features of one uint8 stack (1, stack*3, H, W)."""
+    @torch.no_grad()
+    def act(obs_u8: torch.Tensor) -> torch.Tensor:
+        feats = critic.encoder(obs_u8)
+        return actor.act_deterministic(feats) if deterministic else actor.sample(feats)[0]
+
+    return act
+
+
+def make_update(critic: Critic, target_critic: Critic, actor: Actor, log_alpha: torch.Tensor,
+                critic_opt: torch.optim.Optimizer, actor_opt: torch.optim.Optimizer, alpha_opt: torch.optim.Optimizer,
+                args: Args, target_entropy: float, hl: Optional[HLGauss] = None,
+                pruner: Optional[MagnitudePruner] = None, compile_loss: bool = False):
+    """update(obs_u8, actions, rewards, terminated, next_u8, reward_scale) -> (stats, grads): one DrQ update --
+    random shift of both stacks, soft TD target from the target critic, critic step (MSE or HL-Gauss), pruning masks
+    re-applied, target lerp, actor step on the updated critic's features (gradients stopped at the encoder), and
+    temperature step. Inputs are tensors (terminated 0./1. float, reward_scale a 0-d tensor); stats holds STAT_NAMES
+    and grads the mean |dL/dW| of the critic loss at GRAD_LAYERS (Q1's path), both device tensors read only where
+    the loop syncs. The two losses are what torch.compile sees; the whole update is what a CUDA graph captures."""
+    gamma, tau, pad = args.gamma, args.tau, args.image_pad
+    critic_params, target_params = list(critic.parameters()), list(target_critic.parameters())
+    grad_groups = ([critic.proj.weight], [lin.weight for lin in critic.q1.fc1.linears],
+                   [lin.weight for lin in critic.q1.fc2.linears])
+
+    def q_value(out):
+        return hl.value(out) if hl is not None else out.squeeze(-1)
+
+    def critic_loss_fn(obs_u8, actions, rewards, terminated, next_u8, reward_scale, alpha):
+        obs = random_shift(obs_u8, pad)  # uint8 stays uint8: the encoder scales it
+        next_obs = random_shift(next_u8, pad)
+        rewards = rewards * reward_scale
+        not_done = 1.0 - terminated
+        with torch.no_grad():
+            next_a, next_logp = actor.sample(critic.encoder(next_obs))
+            tq1, tq2 = target_critic(target_critic.encoder(next_obs), next_a)
+            next_v = torch.min(q_value(tq1), q_value(tq2)) - alpha * next_logp  # soft backup (jaxrl backup_entropy)
+            target = rewards + gamma * not_done * next_v
+        q1, q2 = critic(critic.encoder(obs), actions)
+        if hl is not None:
+            loss = hl.loss(q1, target) + hl.loss(q2, target)
+        else:
+            loss = F.mse_loss(q1.squeeze(-1), target) + F.mse_loss(q2.squeeze(-1), target)
+        return loss, q_value(q1).detach().mean(), obs
+
+    def actor_loss_fn(obs, alpha):
+        # on the updated critic's conv features, gradients stopped (jaxrl copies the encoder into the actor)
+        with torch.no_grad():
+            feats = critic.encoder(obs)
+        pi, logp = actor.sample(feats)
+        pq1, pq2 = critic(feats, pi)
+        return (alpha * logp - torch.min(q_value(pq1), q_value(pq2))).mean(), -logp.detach().mean()
+
+    critic_loss_fn = common.compiled(critic_loss_fn, compile_loss)
+    actor_loss_fn = common.compiled(actor_loss_fn, compile_loss)
+
+    def update(obs_u8, actions, rewards, terminated, next_u8, reward_scale):
+        alpha = log_alpha.detach().exp()
+        critic_loss, q1_mean, obs = critic_loss_fn(obs_u8, actions, rewards, terminated, next_u8, reward_scale, alpha)
+        critic_opt.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        grads = torch.stack([mean_abs_grad(ps) for ps in grad_groups])  # cheap: always computed, read when probing
+        critic_opt.step()
+        if pruner is not None:
+            pruner.apply()
+        with torch.no_grad():
+            torch._foreach_lerp_(target_params, critic_params, tau)
+        actor_loss, entropy = actor_loss_fn(obs, alpha)
+        actor_opt.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        actor_opt.step()
+        alpha_loss = log_alpha.exp() * (entropy - target_entropy)
+        alpha_opt.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        alpha_opt.step()
+        stats = torch.stack([critic_loss.detach(), q1_mean, actor_loss.detach(), alpha_loss.detach(), alpha, entropy])
+        return stats, grads
+
+    return update
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -897,7 +1081,36 @@ if __name__ == "__main__":
         checksum = param_checksum(critic.state_dict(), target_critic.state_dict(), actor.state_dict())
         print(f"resumed {run_dir} from step {global_step} (parameter checksum {checksum!r}); ready in "
               f"{time.perf_counter() - t_resume:.1f}s", flush=True)
+    use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    use_graphs = device.type == "cuda" and args.cudagraphs != "off"
+    for opt in (critic_opt, actor_opt, alpha_opt):  # after load_state_dict, which brings the saved run's setting
+        common.set_capturable_(opt, use_graphs)
     last_good = {"step": global_step, "state": snapshot_(None, training_state())}  # for a non-finite stop
+
+    # the hot functions, built once: compiled and/or replayed as CUDA graphs (README "GPU fast paths"). Every
+    # mitigation writes what the graphs read in place (reset zeroes Adam state, ReDo and pruning write into the
+    # weights, moments and masks), so none of them needs the graphs off.
+    update = make_update(critic, target_critic, actor, log_alpha, critic_opt, actor_opt, alpha_opt, args,
+                         target_entropy, hl, pruner, use_compile)
+    act = common.compiled(make_act(critic, actor), use_compile)
+    act_eval = common.compiled(make_act(critic, actor, deterministic=True), use_compile)
+    if use_graphs:
+        update, act, act_eval = common.cuda_graphed(update), common.cuda_graphed(act), common.cuda_graphed(act_eval)
+    print(f"fast paths: torch.compile {'on' if use_compile else 'off'}, CUDA graphs {'on' if use_graphs else 'off'}, "
+          f"pinned transfers {'on' if device.type == 'cuda' else 'off (CPU)'}", flush=True)
+    sampler = BatchSampler(rb, args.batch_size, device)
+    obs_in = Staging((1, *obs_shape), torch.uint8, device) if device.type == "cuda" else None
+    reward_scale_t = torch.ones((), device=device)  # the critic's reward scale, filled in place when it changes
+    reward_scale = 1.0
+
+    def policy_action(fn, obs) -> np.ndarray:
+        """fn (act or act_eval) on one observation; the action's host copy is the one sync of an agent step."""
+        if obs_in is None:  # CPU: the stack itself, no copy
+            x = torch.from_numpy(obs)[None]
+        else:  # CUDA: through a pinned buffer, one non-blocking copy
+            obs_in.wait()[0] = obs
+            x = obs_in.upload()
+        return fn(x)[0].cpu().numpy()
 
     def stop_non_finite(what):
         """Write the last good state to checkpoint_last_good.pt (checkpoint.pt stays the resume point); exit 1."""
@@ -932,59 +1145,8 @@ if __name__ == "__main__":
             "rng": common.rng_state(rng)}, ckpt_path)
         return size / 1e6, time.perf_counter() - t
 
-    def q_value(out):
-        return hl.value(out) if hl is not None else out.squeeze(-1)
-
     def to_torch(x):
         return torch.as_tensor(x, device=device)
-
-    def update(batch, reward_scale, probe_grads):
-        obs_u8, actions, rewards, terminated, next_u8 = batch
-        obs = random_shift(to_torch(obs_u8).float(), args.image_pad)
-        next_obs = random_shift(to_torch(next_u8).float(), args.image_pad)
-        actions, rewards = to_torch(actions), to_torch(rewards) * reward_scale
-        not_done = 1.0 - to_torch(terminated).float()
-        alpha = log_alpha.exp().detach()
-        with torch.no_grad():
-            next_a, next_logp = actor.sample(critic.encoder(next_obs))
-            tq1, tq2 = target_critic(target_critic.encoder(next_obs), next_a)
-            next_v = torch.min(q_value(tq1), q_value(tq2)) - alpha * next_logp  # soft backup (jaxrl backup_entropy)
-            target = rewards + args.gamma * not_done * next_v
-        q1, q2 = critic(critic.encoder(obs), actions)
-        if hl is not None:
-            critic_loss = hl.loss(q1, target) + hl.loss(q2, target)
-        else:
-            critic_loss = F.mse_loss(q1.squeeze(-1), target) + F.mse_loss(q2.squeeze(-1), target)
-        critic_opt.zero_grad(set_to_none=True)
-        critic_loss.backward()
-        grads = None
-        if probe_grads:
-            grads = {"latent": mean_abs_grad([critic.proj.weight]),
-                     "fc1": mean_abs_grad([lin.weight for lin in critic.q1.fc1.linears]),
-                     "fc2": mean_abs_grad([lin.weight for lin in critic.q1.fc2.linears])}
-        critic_opt.step()
-        if pruner is not None:
-            pruner.apply()
-        with torch.no_grad():
-            torch._foreach_lerp_(list(target_critic.parameters()), list(critic.parameters()), args.tau)
-        # actor on the updated critic's conv features, gradients stopped (jaxrl copies the encoder into the actor)
-        with torch.no_grad():
-            feats = critic.encoder(obs)
-        pi, logp = actor.sample(feats)
-        pq1, pq2 = critic(feats, pi)
-        actor_loss = (alpha * logp - torch.min(q_value(pq1), q_value(pq2))).mean()
-        actor_opt.zero_grad(set_to_none=True)
-        actor_loss.backward()
-        actor_opt.step()
-        entropy = -logp.detach().mean()
-        alpha_loss = log_alpha.exp() * (entropy - target_entropy)
-        alpha_opt.zero_grad(set_to_none=True)
-        alpha_loss.backward()
-        alpha_opt.step()
-        stats = {"losses/qf_loss": critic_loss.detach(), "losses/qf1_values": q_value(q1).detach().mean(),
-                 "losses/actor_loss": actor_loss.detach(), "losses/alpha_loss": alpha_loss.detach(),
-                 "losses/alpha": alpha, "losses/entropy": entropy}
-        return stats, grads
 
     def evaluate():
         returns = []
@@ -992,9 +1154,7 @@ if __name__ == "__main__":
             obs, _ = eval_env.reset()
             done, ret = False, 0.0
             while not done:
-                with torch.no_grad():
-                    a = actor.act_deterministic(critic.encoder(to_torch(obs)[None]))[0].cpu().numpy()
-                obs, _, r, term, trunc, _ = eval_env.step(a)
+                obs, _, r, term, trunc, _ = eval_env.step(policy_action(act_eval, obs))
                 ret += r
                 done = term or trunc
             returns.append(ret)
@@ -1010,8 +1170,7 @@ if __name__ == "__main__":
         if global_step < args.learning_starts:
             action = rng.uniform(-1.0, 1.0, action_dim).astype(np.float32)
         else:
-            with torch.no_grad():
-                action = actor.sample(critic.encoder(to_torch(obs)[None]))[0][0].cpu().numpy()
+            action = policy_action(act, obs)
             if not np.isfinite(action).all():  # the host has the action anyway; MuJoCo would raise on it
                 stop_non_finite(f"action at step {global_step}")
         obs, frame, reward, terminated, truncated, frames = env.step(action)
@@ -1030,12 +1189,16 @@ if __name__ == "__main__":
             probe_now = (crossed(prev_step, global_step, args.metrics_every)
                          and rb.num_transitions() >= args.metrics_batch)
             t = time.perf_counter()
-            batch = rb.sample(args.batch_size, rng)
+            batch = sampler.sample(rng)
             timers["replay"] += time.perf_counter() - t
             t = time.perf_counter()
-            reward_scale = critic_reward_scale(args.env_id, global_step, args.total_timesteps)
-            stats, grads = update(batch, reward_scale, probe_now)
-            stats["charts/critic_reward_scale"] = reward_scale
+            scale = critic_reward_scale(args.env_id, global_step, args.total_timesteps)
+            if scale != reward_scale:
+                reward_scale = scale
+                reward_scale_t.fill_(scale)
+            # with CUDA graphs, stats and grads are the graph's static outputs, overwritten by the next update: they
+            # are read below, in this iteration, or never
+            stats_t, grads_t = update(*batch, reward_scale_t)
             timers["update"] += time.perf_counter() - t
 
             t = time.perf_counter()
@@ -1054,6 +1217,8 @@ if __name__ == "__main__":
 
             if (probe_now or crossed(prev_step, global_step, args.log_every)
                     or crossed(prev_step, global_step, args.checkpoint_every)):
+                stats = dict(zip(STAT_NAMES, stats_t.tolist()))  # the host sync of this update
+                stats["charts/critic_reward_scale"] = reward_scale
                 keep_if_finite(stats)  # what is about to be probed, logged or saved is finite
 
             if probe_now:
@@ -1073,7 +1238,7 @@ if __name__ == "__main__":
                     for k, v in m.items():
                         writer.add_scalar(f"representation/{name}/{k}", v, global_step)
                 writer.add_scalar("representation/dominant", any_dominant, global_step)
-                for name, g in grads.items():
+                for name, g in zip(GRAD_LAYERS, grads_t.tolist()):
                     writer.add_scalar(f"grad/{name}", g, global_step)
                 timers["metrics"] += time.perf_counter() - t
 

@@ -1,9 +1,12 @@
 """Tests of drq_dmc_dominance.py: HL-Gauss, pruning, sparse-task modifications, frame replay, augmentation, input
-validation, and smoke runs of the real script per mitigation (event files read back).
+validation, the GPU fast paths against the code they replaced (on CPU), and smoke runs of the real script per
+mitigation (event files read back).
 
 Rendering (~25 frames/s per core) dominates: smoke runs use cartpole (action repeat 8) and a few hundred frames."""
 import concurrent.futures
+import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -270,6 +273,292 @@ def test_random_shift_is_a_replicate_padded_crop():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# GPU fast paths (README "GPU fast paths"): equivalence with the code they replaced, on CPU
+
+
+def scripted_replay(capacity=40, size=20, action_dim=2, episodes=12, seed=0):
+    """A FrameReplay of random frames, rewards, actions and terminations over episodes of mixed length."""
+    gen = np.random.default_rng(seed)
+    rb = drq.FrameReplay(capacity, (3, size, size), action_dim, 3)
+    for e in range(episodes):
+        rb.add_first(gen.integers(0, 256, (3, size, size), dtype=np.uint8))
+        length = int(gen.integers(1, 8))
+        for t in range(length):
+            rb.add(gen.integers(0, 256, (3, size, size), dtype=np.uint8), gen.uniform(-1, 1, action_dim),
+                   float(gen.uniform(0, 2)), t == length - 1 and e % 2 == 0)
+    return rb
+
+
+def test_batched_sampler_returns_what_frame_replay_sample_returned():
+    rb = scripted_replay()
+    assert rb.pos > rb.capacity  # wrapped: stacks reaching overwritten frames are rejected
+    sampler = drq.BatchSampler(rb, 32, torch.device("cpu"))
+    rng, ptrs, n_term = np.random.default_rng(7), None, 0
+    for _ in range(5):
+        state = rng.bit_generator.state
+        want = rb.sample(32, rng)
+        after = rng.bit_generator.state
+        rng.bit_generator.state = state  # the same RNG state for both
+        got = sampler.sample(rng)
+        assert rng.bit_generator.state == after  # the same draws
+        assert [g.dtype for g in got] == [torch.uint8, torch.float32, torch.float32, torch.float32, torch.uint8]
+        for g, w in zip(got, want):
+            w = torch.from_numpy(np.asarray(w)).float() if w.dtype == np.bool_ else torch.from_numpy(np.asarray(w))
+            assert g.shape == w.shape and torch.equal(g, w)
+        n_term += int(got[3].sum())
+        # cuda_graphed captures on clones of its inputs: they keep the strides, so dynamo does not recompile there
+        assert [t.clone().stride() for t in got] == [t.stride() for t in got]
+        now = [t.data_ptr() for t in got]  # persistent tensors: a CUDA graph reads its inputs at fixed addresses
+        assert ptrs is None or now == ptrs
+        ptrs = now
+    assert n_term > 0  # terminal transitions were among the samples
+
+
+def test_random_shift_on_uint8_equals_shift_of_the_float_stack():
+    x = torch.randint(0, 256, (5, 9, 12, 12), dtype=torch.uint8)
+    torch.manual_seed(3)
+    a = drq.random_shift(x, 4)
+    torch.manual_seed(3)
+    b = drq.random_shift(x.float(), 4)
+    assert a.dtype == torch.uint8 and torch.equal(a.float(), b)
+
+
+OBS_SHAPE, ACTION_DIM = (9, 20, 20), 2
+
+
+def small_agent(mitigation="none", seed=0, **kw):
+    """Critic, target, actor, log-alpha and the three optimisers as the script builds them, with tiny networks."""
+    args = drq.Args(hidden_dim=16, latent_dim=8, image_pad=2, mitigation=mitigation, **kw)
+    torch.manual_seed(seed)
+    critic = drq.Critic(OBS_SHAPE, ACTION_DIM, args)
+    target = copy.deepcopy(critic).requires_grad_(False)
+    actor = drq.Actor(critic.encoder.out_dim, ACTION_DIM, args)
+    log_alpha = torch.tensor(math.log(args.init_temperature), requires_grad=True)
+    if mitigation == "lnwd":
+        critic_opt = torch.optim.AdamW(critic.parameters(), lr=1e-2, weight_decay=1e-2)
+    else:
+        critic_opt = torch.optim.Adam(critic.parameters(), lr=1e-2)
+    a = dict(args=args, critic=critic, target_critic=target, actor=actor, log_alpha=log_alpha, critic_opt=critic_opt,
+             actor_opt=torch.optim.Adam(actor.parameters(), lr=1e-2),
+             alpha_opt=torch.optim.Adam([log_alpha], lr=1e-2), target_entropy=-ACTION_DIM / 2.0,
+             hl=drq.HLGauss(args.hl_min, args.hl_max, args.hl_bins, args.hl_sigma) if mitigation == "hlgauss" else None,
+             pruner=drq.MagnitudePruner(drq.prunable_weights(critic)) if mitigation == "prune" else None)
+    if a["pruner"] is not None:
+        a["pruner"].update(0.5)
+    return a
+
+
+def agent_update(a, compile_loss=False):
+    return drq.make_update(a["critic"], a["target_critic"], a["actor"], a["log_alpha"], a["critic_opt"],
+                           a["actor_opt"], a["alpha_opt"], a["args"], a["target_entropy"], a["hl"], a["pruner"],
+                           compile_loss)
+
+
+def agent_tensors(a, optimizer_state=True):
+    """Everything an update changes: parameters, log-alpha and the optimisers' state."""
+    out = [*a["critic"].parameters(), *a["target_critic"].parameters(), *a["actor"].parameters(), a["log_alpha"]]
+    for opt in ("critic_opt", "actor_opt", "alpha_opt") if optimizer_state else ():
+        for st in a[opt].state.values():
+            out += [v for v in st.values() if torch.is_tensor(v)]
+    return out
+
+
+def reference_update(a, batch, reward_scale):
+    """The update closure of the training loop before make_update, verbatim but for its free variables (numpy
+    batch in, stats dict and probe_grads=True gradient magnitudes as floats out)."""
+    critic, target_critic, actor, log_alpha = a["critic"], a["target_critic"], a["actor"], a["log_alpha"]
+    critic_opt, actor_opt, alpha_opt, hl, pruner, args = (a["critic_opt"], a["actor_opt"], a["alpha_opt"], a["hl"],
+                                                          a["pruner"], a["args"])
+    target_entropy = a["target_entropy"]
+    F = torch.nn.functional
+
+    def q_value(out):
+        return hl.value(out) if hl is not None else out.squeeze(-1)
+
+    def to_torch(x):
+        return torch.as_tensor(x)
+
+    def mean_abs_grad(params):
+        grads = [p.grad.abs().flatten() for p in params if p.grad is not None]
+        return torch.cat(grads).mean().item() if grads else 0.0
+
+    obs_u8, actions, rewards, terminated, next_u8 = batch
+    obs = drq.random_shift(to_torch(obs_u8).float(), args.image_pad)
+    next_obs = drq.random_shift(to_torch(next_u8).float(), args.image_pad)
+    actions, rewards = to_torch(actions), to_torch(rewards) * reward_scale
+    not_done = 1.0 - to_torch(terminated).float()
+    alpha = log_alpha.exp().detach()
+    with torch.no_grad():
+        next_a, next_logp = actor.sample(critic.encoder(next_obs))
+        tq1, tq2 = target_critic(target_critic.encoder(next_obs), next_a)
+        next_v = torch.min(q_value(tq1), q_value(tq2)) - alpha * next_logp
+        target = rewards + args.gamma * not_done * next_v
+    q1, q2 = critic(critic.encoder(obs), actions)
+    if hl is not None:
+        critic_loss = hl.loss(q1, target) + hl.loss(q2, target)
+    else:
+        critic_loss = F.mse_loss(q1.squeeze(-1), target) + F.mse_loss(q2.squeeze(-1), target)
+    critic_opt.zero_grad(set_to_none=True)
+    critic_loss.backward()
+    grads = {"latent": mean_abs_grad([critic.proj.weight]),
+             "fc1": mean_abs_grad([lin.weight for lin in critic.q1.fc1.linears]),
+             "fc2": mean_abs_grad([lin.weight for lin in critic.q1.fc2.linears])}
+    critic_opt.step()
+    if pruner is not None:
+        pruner.apply()
+    with torch.no_grad():
+        torch._foreach_lerp_(list(target_critic.parameters()), list(critic.parameters()), args.tau)
+    with torch.no_grad():
+        feats = critic.encoder(obs)
+    pi, logp = actor.sample(feats)
+    pq1, pq2 = critic(feats, pi)
+    actor_loss = (alpha * logp - torch.min(q_value(pq1), q_value(pq2))).mean()
+    actor_opt.zero_grad(set_to_none=True)
+    actor_loss.backward()
+    actor_opt.step()
+    entropy = -logp.detach().mean()
+    alpha_loss = log_alpha.exp() * (entropy - target_entropy)
+    alpha_opt.zero_grad(set_to_none=True)
+    alpha_loss.backward()
+    alpha_opt.step()
+    stats = {"losses/qf_loss": critic_loss.detach(), "losses/qf1_values": q_value(q1).detach().mean(),
+             "losses/actor_loss": actor_loss.detach(), "losses/alpha_loss": alpha_loss.detach(),
+             "losses/alpha": alpha, "losses/entropy": entropy}
+    return stats, grads
+
+
+@pytest.mark.parametrize("mitigation, hr", [("none", False), ("hlgauss", False), ("lnwd", True), ("prune", False)])
+def test_update_matches_the_reference_update(mitigation, hr):
+    """make_update fed by BatchSampler performs exactly the steps of the inline update it replaced, fed by
+    FrameReplay.sample: the same stats, gradient magnitudes, parameters and optimiser state, bit for bit."""
+    ref, new = small_agent(mitigation, hr=hr), small_agent(mitigation, hr=hr)
+    update = agent_update(new)
+    rb = scripted_replay()
+    sampler = drq.BatchSampler(rb, 6, torch.device("cpu"))
+    rng_ref, rng_new = np.random.default_rng(1), np.random.default_rng(1)
+    scale = torch.ones(())
+    for i, reward_scale in enumerate([1.0, 0.0, 1.0]):  # 0: the reacher-easy_masked critic reward
+        scale.fill_(reward_scale)
+        torch.manual_seed(100 + i)  # the same augmentation offsets and policy noise for both
+        want, want_grads = reference_update(ref, rb.sample(6, rng_ref), reward_scale)
+        torch.manual_seed(100 + i)
+        stats, grads = update(*sampler.sample(rng_new), scale)
+        assert stats.shape == (len(drq.STAT_NAMES),) and grads.shape == (len(drq.GRAD_LAYERS),)
+        assert not stats.requires_grad and not grads.requires_grad
+        assert stats.tolist() == [float(want[k]) for k in drq.STAT_NAMES]
+        assert grads.tolist() == [want_grads[k] for k in drq.GRAD_LAYERS]
+    got_t, want_t = agent_tensors(new), agent_tensors(ref)
+    assert len(got_t) == len(want_t) > 0
+    for g, w in zip(got_t, want_t):
+        assert torch.equal(g, w)
+    assert not torch.equal(new["critic"].proj.weight, small_agent(mitigation, hr=hr)["critic"].proj.weight)
+    if mitigation == "prune":
+        for w, m in zip(new["pruner"].weights, new["pruner"].masks):
+            assert (w[~m] == 0).all()
+    # the acting step: make_act is the loop's former inline expressions
+    obs = torch.from_numpy(rb.sample(1, rng_ref)[0])
+    with torch.no_grad():
+        torch.manual_seed(5)
+        want = new["actor"].sample(new["critic"].encoder(obs))[0]
+        det = new["actor"].act_deterministic(new["critic"].encoder(obs))
+    torch.manual_seed(5)
+    assert torch.equal(drq.make_act(new["critic"], new["actor"])(obs), want)
+    assert torch.equal(drq.make_act(new["critic"], new["actor"], deterministic=True)(obs), det)
+
+
+def reference_reset_(critic, target, fresh, optimizer):
+    """reset_critic_heads_ before it zeroed the optimiser state in place: it dropped it."""
+    with torch.no_grad():
+        for mod, tmod, fmod in zip(critic.head_modules(), target.head_modules(), fresh.head_modules()):
+            mod.load_state_dict(fmod.state_dict())
+            tmod.load_state_dict(fmod.state_dict())
+            for p in mod.parameters():
+                optimizer.state.pop(p, None)
+
+
+@pytest.mark.parametrize("mitigation", ["none", "lnwd"])
+def test_in_place_reset_equals_dropping_the_optimizer_state(mitigation):
+    """Zeroing exp_avg, exp_avg_sq and step is Adam/AdamW with fresh state: the steps after the reset are the same
+    as with the state popped, while every tensor a CUDA graph reads stays where it was."""
+    ref, new = small_agent(mitigation), small_agent(mitigation)
+    obs = torch.randint(0, 256, (4, *OBS_SHAPE), dtype=torch.uint8)
+    act = torch.rand(4, ACTION_DIM) * 2 - 1
+
+    def step(a):
+        q1, q2 = a["critic"](a["critic"].encoder(obs), act)
+        loss = (q1 - 1.0).pow(2).mean() + (q2 + 1.0).pow(2).mean()
+        a["critic_opt"].zero_grad()
+        loss.backward()
+        a["critic_opt"].step()
+        return loss.detach()
+
+    for _ in range(3):
+        assert torch.equal(step(ref), step(new))
+    ptrs = [t.data_ptr() for t in agent_tensors(new)]
+    torch.manual_seed(9)
+    reference_reset_(ref["critic"], ref["target_critic"], drq.Critic(OBS_SHAPE, ACTION_DIM, ref["args"]),
+                     ref["critic_opt"])
+    torch.manual_seed(9)
+    drq.reset_critic_heads_(new["critic"], new["target_critic"], drq.Critic(OBS_SHAPE, ACTION_DIM, new["args"]),
+                            new["critic_opt"])
+    assert [t.data_ptr() for t in agent_tensors(new)] == ptrs  # in place
+    head = set(map(id, new["critic"].q1.parameters()))
+    assert all(float(st["step"]) == 0 for p, st in new["critic_opt"].state.items() if id(p) in head)
+    for _ in range(4):
+        assert torch.equal(step(ref), step(new))
+    for (name, p), q in zip(ref["critic"].named_parameters(), new["critic"].parameters()):
+        assert torch.equal(p, q), name
+    for p, q in zip(ref["target_critic"].parameters(), new["target_critic"].parameters()):
+        assert torch.equal(p, q)
+    conv = ref["critic"].encoder.convs[0].weight  # the encoder kept its Adam state: step counts on
+    assert float(ref["critic_opt"].state[conv]["step"]) == 7
+
+
+def test_compiled_paths_match_eager(monkeypatch):
+    """torch.compile (inductor, on CPU here) of the critic and actor losses and of the acting step gives the eager
+    results. strict: a compiler failure fails the test instead of silently falling back to eager. Inductor draws its
+    own random numbers unless fallback_random is set, which makes it draw torch's eager ones."""
+    monkeypatch.setattr(drq.common, "compiled", functools.partial(drq.common.compiled, strict=True))
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    torch._dynamo.reset()
+    eager, fast = small_agent("hlgauss"), small_agent("hlgauss")
+    eager_update, fast_update = agent_update(eager), agent_update(fast, compile_loss=True)
+    rb = scripted_replay()
+    sampler = drq.BatchSampler(rb, 6, torch.device("cpu"))
+    rng = np.random.default_rng(2)
+    scale = torch.ones(())
+    for i in range(2):
+        batch = [t.clone() for t in sampler.sample(rng)]
+        torch.manual_seed(i)
+        want = eager_update(*batch, scale)
+        torch.manual_seed(i)
+        got = fast_update(*batch, scale)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    # Adam moves each weight by about lr = 1e-2 whatever its gradient's size, so float noise in a near-zero gradient
+    # (inductor sums in another order) can move a weight by a fraction of lr: compare to a tenth of one step
+    for g, w in zip(agent_tensors(fast, False), agent_tensors(eager, False)):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-3)
+    act = drq.common.compiled(drq.make_act(fast["critic"], fast["actor"], deterministic=True), True)
+    eager_act = drq.make_act(fast["critic"], fast["actor"], deterministic=True)
+    for i in range(2):
+        torch.testing.assert_close(act(batch[0][i:i + 1]), eager_act(batch[0][i:i + 1]), rtol=1e-5, atol=1e-6)
+
+
+def test_cudagraphs_on_needs_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit) as e:
+        drq.validate(drq.Args(cudagraphs="on"))
+    assert "--cudagraphs" in str(e.value.code)
+    with pytest.raises(SystemExit) as e:
+        drq.validate(drq.Args(cudagraphs="on", cuda=False))
+    assert "--cudagraphs" in str(e.value.code)
+    drq.validate(drq.Args(cudagraphs="off", compile="on"))  # these are fine without CUDA
+    assert {"compile", "cudagraphs"} <= set(drq.RESUME_MAY_DIFFER)  # they do not change what is trained
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The real script
 
 
@@ -280,6 +569,8 @@ SMOKE_COMMON = ["--env-id", "cartpole-swingup", "--batch-size", "8", "--buffer-s
 SMOKE = {
     "none": (["--mitigation", "none", "--total-timesteps", "1040", "--learning-starts", "880", "--eval-every", "1040",
               "--eval-episodes", "1"], [880, 960, 1040]),  # one full 1000-frame episode and an evaluation
+    # the torch.compile fast path (critic and actor losses, acting step) in the real loop, on CPU (~40 s compiling)
+    "compiled": (["--mitigation", "none", "--compile", "on"], [160, 240]),
     "ln_hr": (["--mitigation", "ln", "--hr"], [160, 240]),
     "lnwd": (["--mitigation", "lnwd"], [160, 240]),
     "hlgauss": (["--mitigation", "hlgauss"], [160, 240]),
@@ -324,6 +615,9 @@ def test_smoke_run_logs_training_and_dominance_metrics(smoke_runs, read_scalars,
     assert all(v > 0 for _, v in s["grad/fc1"])  # gradients reach the hidden layers
     assert [step for step, _ in s["representation/fc1/max_score"]] == SMOKE[name][1]
     assert "global_step=" in proc.stdout and "SPS=" in proc.stdout
+    compiled = "on" if name == "compiled" else "off"
+    assert f"fast paths: torch.compile {compiled}, CUDA graphs off, pinned transfers off (CPU)" in proc.stdout
+    assert "warning: torch.compile" not in proc.stderr  # compiled for real, no eager fallback
 
     if name == "none":  # one full episode (1000 frames) and an evaluation
         assert s["charts/episodic_length"][0][1] == 1000
