@@ -20,6 +20,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch._inductor.config as inductor_config
 from scipy.stats import norm
 
 import drq_dmc_dominance as drq
@@ -514,12 +515,12 @@ def test_in_place_reset_equals_dropping_the_optimizer_state(mitigation):
     assert float(ref["critic_opt"].state[conv]["step"]) == 7
 
 
+@inductor_config.patch(fallback_random=True)  # restored on exit (monkeypatch's undo breaks inductor's config module)
 def test_compiled_paths_match_eager(monkeypatch):
     """torch.compile (inductor, on CPU here) of the critic and actor losses and of the acting step gives the eager
     results. strict: a compiler failure fails the test instead of silently falling back to eager. Inductor draws its
     own random numbers unless fallback_random is set, which makes it draw torch's eager ones."""
     monkeypatch.setattr(drq.common, "compiled", functools.partial(drq.common.compiled, strict=True))
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     torch._dynamo.reset()
     eager, fast = small_agent("hlgauss"), small_agent("hlgauss")
     eager_update, fast_update = agent_update(eager), agent_update(fast, compile_loss=True)
