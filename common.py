@@ -18,7 +18,8 @@ Checkpoint helpers (the only functions here that touch files or global RNG state
 rng_state / set_rng_state, arg_conflicts.
 
 GPU fast paths shared by the training scripts: compiled (torch.compile with an eager fallback), cuda_graphed
-(capture of a fixed-shape step into a CUDA graph), set_capturable_ (optimizer state a graph can update).
+(capture of a fixed-shape step into a CUDA graph), set_capturable_ / set_lr (optimizer state a graph can update),
+Staging (pinned host buffer + device twin for batched non-blocking uploads).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ __all__ = [
     "max_activation_score", "saturation_fractions", "layer_metrics", "head_contributions", "redo_recycle_",
     "ATARI_RANDOM_HUMAN", "ATARI_57", "ATARI_HARD_EXPLORATION", "ATARI_51", "atari_game_name", "human_normalized",
     "baseline_normalized", "iqm", "bootstrap_ci", "atomic_save", "rng_state", "set_rng_state", "arg_conflicts",
-    "compiled", "cuda_graphed", "set_capturable_",
+    "compiled", "cuda_graphed", "set_capturable_", "set_lr", "Staging",
 ]
 
 # --------------------------------------------------------------------------------------------------------------
@@ -570,3 +571,39 @@ def set_capturable_(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
             st = optimizer.state.get(p, {})
             if torch.is_tensor(st.get("step")):
                 st["step"] = st["step"].to(device if capturable else "cpu", torch.float32)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every param group's learning rate: in place when it is a tensor (a capturable optimizer, whose CUDA graph
+    reads that tensor; filling it needs no host sync), else by assignment."""
+    for group in optimizer.param_groups:
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+class Staging:
+    """A host buffer and its device twin, for batched uploads: fill the numpy array `wait()` returns, then `upload()`.
+    On CUDA the host side is pinned and upload() is one non-blocking copy (no pageable staging, no sync), after which
+    an event is recorded; wait() blocks on that event, so the host buffer is never rewritten while a copy from it may
+    still be in flight. On CPU both sides are the same memory: upload() copies nothing and wait() returns at once.
+    upload() returns the same device tensor every time (CUDA-graph inputs stay put)."""
+
+    def __init__(self, shape, dtype: torch.dtype, device):
+        cuda = torch.device(device).type == "cuda"
+        self.host = torch.empty(shape, dtype=dtype, pin_memory=cuda)
+        self.np = self.host.numpy()
+        self.device = torch.empty(shape, dtype=dtype, device=device) if cuda else self.host
+        self.copied = torch.cuda.Event() if cuda else None
+
+    def wait(self) -> np.ndarray:
+        if self.copied is not None:
+            self.copied.synchronize()  # returns at once if the last copy is done (or none was recorded yet)
+        return self.np
+
+    def upload(self) -> torch.Tensor:
+        if self.copied is not None:
+            self.device.copy_(self.host, non_blocking=True)
+            self.copied.record()
+        return self.device

@@ -785,31 +785,6 @@ def update_target(target_network: QNetwork, q_network: QNetwork, tau: float) -> 
         tp.copy_(tau * p + (1.0 - tau) * tp)
 
 
-class Staging:
-    """A host tensor to fill (`.host`, `.np` its numpy view) and its device twin (`.device`). On CUDA the host side
-    is pinned and upload() is one non-blocking copy, after which an event is recorded; `wait()` blocks on that event,
-    so a host buffer is never rewritten while a copy from it may still be in flight (call it before refilling). On
-    CPU both sides are the same memory: upload() copies nothing and wait() returns at once."""
-
-    def __init__(self, shape, dtype: torch.dtype, device: torch.device):
-        cuda = device.type == "cuda"
-        self.host = torch.empty(shape, dtype=dtype, pin_memory=cuda)
-        self.np = self.host.numpy()
-        self.device = torch.empty(shape, dtype=dtype, device=device) if cuda else self.host
-        self.copied = torch.cuda.Event() if cuda else None
-
-    def wait(self) -> np.ndarray:
-        if self.copied is not None:
-            self.copied.synchronize()  # returns at once if the last copy is done (or none was recorded yet)
-        return self.np
-
-    def upload(self) -> torch.Tensor:
-        if self.copied is not None:
-            self.device.copy_(self.host, non_blocking=True)
-            self.copied.record()
-        return self.device
-
-
 class ReplaySampler:
     """rb.sample(batch_size) into persistent tensors, with batched transfers: the obs and next_obs stacks are
     gathered straight into one uint8 host buffer (2B, 4, 84, 84) and action, reward, done into one float32 buffer
@@ -819,8 +794,8 @@ class ReplaySampler:
 
     def __init__(self, rb: FrameReplayBuffer, batch_size: int, device: torch.device):
         self.rb, self.batch_size = rb, batch_size
-        self.frames = Staging((2 * batch_size, rb.stack, *rb.frames.shape[1:]), torch.uint8, device)
-        self.scalars = Staging((3, batch_size), torch.float32, device)
+        self.frames = common.Staging((2 * batch_size, rb.stack, *rb.frames.shape[1:]), torch.uint8, device)
+        self.scalars = common.Staging((3, batch_size), torch.float32, device)
         self.actions = torch.empty(batch_size, dtype=torch.int64, device=device)
         b, d = batch_size, self.scalars.device
         self.batch = (self.frames.device[:b], self.actions, d[1], self.frames.device[b:], d[2])
@@ -1148,7 +1123,7 @@ if __name__ == "__main__":
     print(f"fast paths: torch.compile {'on' if use_compile else 'off'}, CUDA graphs {'on' if use_graphs else 'off'}, "
           f"pinned transfers {'on' if device.type == 'cuda' else 'off (CPU)'}", flush=True)
     sampler = ReplaySampler(rb, args.batch_size, device)
-    obs_in = Staging((1, FRAME_STACK, *FRAME_SHAPE), torch.uint8, device) if device.type == "cuda" else None
+    obs_in = common.Staging((1, FRAME_STACK, *FRAME_SHAPE), torch.uint8, device) if device.type == "cuda" else None
 
     frame, _ = env.reset(seed=env_seed)
     stack = FrameStack(frame)

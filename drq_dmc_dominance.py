@@ -478,31 +478,6 @@ class FrameReplay:
         return obs, self.actions[slot], self.rewards[slot], self.terminated[slot], next_obs
 
 
-class Staging:
-    """A host tensor to fill (`.host`, `.np` its numpy view) and its device twin (`.device`). On CUDA the host side
-    is pinned and upload() is one non-blocking copy, after which an event is recorded; `wait()` blocks on that event,
-    so a host buffer is never rewritten while a copy from it may still be in flight (call it before refilling). On
-    CPU both sides are the same memory: upload() copies nothing and wait() returns at once."""
-
-    def __init__(self, shape, dtype: torch.dtype, device: torch.device):
-        cuda = device.type == "cuda"
-        self.host = torch.empty(shape, dtype=dtype, pin_memory=cuda)
-        self.np = self.host.numpy()
-        self.device = torch.empty(shape, dtype=dtype, device=device) if cuda else self.host
-        self.copied = torch.cuda.Event() if cuda else None
-
-    def wait(self) -> np.ndarray:
-        if self.copied is not None:
-            self.copied.synchronize()  # returns at once if the last copy is done (or none was recorded yet)
-        return self.np
-
-    def upload(self) -> torch.Tensor:
-        if self.copied is not None:
-            self.device.copy_(self.host, non_blocking=True)
-            self.copied.record()
-        return self.device
-
-
 class BatchSampler:
     """FrameReplay.sample(batch_size, rng) into persistent tensors, with batched transfers: the obs and next_obs
     stacks are gathered straight into one uint8 host buffer (2B, stack*C, H, W) (np.take with out=, no intermediate
@@ -515,11 +490,11 @@ class BatchSampler:
         self.rb, self.batch_size = rb, batch_size
         c, h, w = rb.frames.shape[1:]
         self.a = a = rb.actions.shape[1]
-        self.frames = Staging((2 * batch_size, rb.stack * c, h, w), torch.uint8, device)
+        self.frames = common.Staging((2 * batch_size, rb.stack * c, h, w), torch.uint8, device)
         self.frames_np = self.frames.np.reshape(2, batch_size, rb.stack, c, h, w)  # a view: [0] obs, [1] next_obs
         # rows: actions (transposed), reward, terminated. Every view is dense, so the clones cuda_graphed captures on
         # keep its strides (a column of a (B, A + 2) buffer would come back contiguous and make dynamo recompile)
-        self.scalars = Staging((a + 2, batch_size), torch.float32, device)
+        self.scalars = common.Staging((a + 2, batch_size), torch.float32, device)
         f, x = self.frames.device, self.scalars.device
         self.batch = (f[:batch_size], x[:a].t(), x[a], x[a + 1], f[batch_size:])
 
@@ -1099,7 +1074,7 @@ if __name__ == "__main__":
     print(f"fast paths: torch.compile {'on' if use_compile else 'off'}, CUDA graphs {'on' if use_graphs else 'off'}, "
           f"pinned transfers {'on' if device.type == 'cuda' else 'off (CPU)'}", flush=True)
     sampler = BatchSampler(rb, args.batch_size, device)
-    obs_in = Staging((1, *obs_shape), torch.uint8, device) if device.type == "cuda" else None
+    obs_in = common.Staging((1, *obs_shape), torch.uint8, device) if device.type == "cuda" else None
     reward_scale_t = torch.ones((), device=device)  # the critic's reward scale, filled in place when it changes
     reward_scale = 1.0
 

@@ -640,31 +640,6 @@ def make_train_step(agent: Agent, optimizer: optim.Optimizer, b_obs, b_logprobs,
     return train_step
 
 
-def set_lr(optimizer: optim.Optimizer, lr: float) -> None:
-    group = optimizer.param_groups[0]
-    if torch.is_tensor(group["lr"]):
-        group["lr"].fill_(lr)  # capturable optimizer: the graph reads this tensor, filled without a host sync
-    else:
-        group["lr"] = lr
-
-
-class Staging:
-    """A host buffer (`.host`, a numpy view to fill) and its device twin: on CUDA `upload()` is one non-blocking copy
-    from pinned memory (no pageable staging, no sync); on CPU both are the same memory. Refilling `.host` is safe
-    because the loop waits for the actions every step, after which every earlier copy has finished."""
-
-    def __init__(self, shape, dtype: torch.dtype, device: torch.device):
-        cuda = device.type == "cuda"
-        self.host_tensor = torch.empty(shape, dtype=dtype, pin_memory=cuda)
-        self.host = self.host_tensor.numpy()
-        self.device_tensor = torch.empty(shape, dtype=dtype, device=device) if cuda else self.host_tensor
-
-    def upload(self) -> torch.Tensor:
-        if self.device_tensor is not self.host_tensor:
-            self.device_tensor.copy_(self.host_tensor, non_blocking=True)
-        return self.device_tensor
-
-
 @torch.no_grad()
 def probe_metrics(agent: Agent, probe_obs, args: Args, generator) -> dict:
     """One extra forward on the fixed probe batch (in chunks, to bound memory); every metric of CONVENTIONS.md."""
@@ -847,21 +822,21 @@ if __name__ == "__main__":
         act, train_step = common.cuda_graphed(act), common.cuda_graphed(train_step)
     print(f"fast paths: torch.compile {'on' if use_compile else 'off'}, CUDA graphs {'on' if use_graphs else 'off'}, "
           f"pinned transfers {'on' if device.type == 'cuda' else 'off (CPU)'}", flush=True)
-    obs_in = Staging((args.num_envs,) + obs_shape, torch.uint8, device)
-    step_in = Staging((2, args.num_envs), torch.float32, device)  # rewards and dones in one copy
+    obs_in = common.Staging((args.num_envs,) + obs_shape, torch.uint8, device)
+    step_in = common.Staging((2, args.num_envs), torch.float32, device)  # rewards and dones in one copy
     lr = args.learning_rate
     last_stats = torch.zeros(len(STATS), device=device)  # the last minibatch's (CleanRL logs those losses)
     sum_stats = torch.zeros(len(STATS), device=device)  # over the update's minibatches (clipfrac mean, finite flags)
 
     start_step, start_time = global_step, time.time()
-    obs_in.host[:] = envs.reset()[0]
+    obs_in.wait()[:] = envs.reset()[0]
     next_obs = obs_in.upload()
     next_done = torch.zeros(args.num_envs, device=device)
 
     for iteration in range(done_iterations + 1, args.num_iterations + 1):
         if args.anneal_lr:
             lr = (1.0 - (iteration - 1.0) / args.num_iterations) * args.learning_rate
-            set_lr(optimizer, lr)
+            common.set_lr(optimizer, lr)
 
         for step in range(args.num_steps):
             global_step += args.num_envs
@@ -875,10 +850,10 @@ if __name__ == "__main__":
             if (action_np < 0).any():  # make_policy's mark: the policy's logits are not finite
                 last_good.stop("policy logits", global_step, checkpoint_path, checkpoint_step, writer)
             next_obs_np, reward, terminated, truncated, info = envs.step(action_np)
-            obs_in.host[:] = next_obs_np
+            obs_in.wait()[:] = next_obs_np
             next_obs = obs_in.upload()
-            step_in.host[0] = reward
-            step_in.host[1] = terminated | truncated
+            rewards_dones = step_in.wait()
+            rewards_dones[0], rewards_dones[1] = reward, terminated | truncated
             rewards[step], next_done = step_in.upload()  # next_done: a view, copied into dones before the next upload
             for _, episodic_return, episodic_length in episode_stats.update(terminated, truncated, info):
                 last_return = episodic_return

@@ -512,31 +512,6 @@ def make_train_step(net: QNetwork, optimizer: torch.optim.Optimizer, b_obs: torc
     return train_step
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    group = optimizer.param_groups[0]
-    if torch.is_tensor(group["lr"]):
-        group["lr"].fill_(lr)  # capturable optimizer: the graph reads this tensor, filled without a host sync
-    else:
-        group["lr"] = lr
-
-
-class Staging:
-    """A host buffer (`.host`, a numpy view to fill) and its device twin: on CUDA `upload()` is one non-blocking copy
-    from pinned memory (no pageable staging, no sync); on CPU both are the same memory. Refilling `.host` is safe
-    because the loop waits for the actions every step, after which every earlier copy has finished."""
-
-    def __init__(self, shape, dtype: torch.dtype, device: torch.device):
-        cuda = device.type == "cuda"
-        self.host_tensor = torch.empty(shape, dtype=dtype, pin_memory=cuda)
-        self.host = self.host_tensor.numpy()
-        self.device_tensor = torch.empty(shape, dtype=dtype, device=device) if cuda else self.host_tensor
-
-    def upload(self) -> torch.Tensor:
-        if self.device_tensor is not self.host_tensor:
-            self.device_tensor.copy_(self.host_tensor, non_blocking=True)
-        return self.device_tensor
-
-
 @torch.no_grad()
 def probe_acts(net: QNetwork, obs: torch.Tensor, chunk: int = 256) -> dict:
     """{layer: (post, pre)} on `obs`, forwarded in chunks to bound memory (Hadamax conv1 maps are 84x84)."""
@@ -737,13 +712,13 @@ if __name__ == "__main__":
         act, train_step = common.cuda_graphed(act), common.cuda_graphed(train_step)
     print(f"fast paths: torch.compile {'on' if use_compile else 'off'}, CUDA graphs {'on' if use_graphs else 'off'}, "
           f"pinned transfers {'on' if device.type == 'cuda' else 'off (CPU)'}", flush=True)
-    obs_in = Staging((n_total,) + envs.observation_space.shape, torch.uint8, device)
-    step_in = Staging((2, n_train), torch.float32, device)  # rewards and dones in one copy
+    obs_in = common.Staging((n_total,) + envs.observation_space.shape, torch.uint8, device)
+    step_in = common.Staging((2, n_train), torch.float32, device)  # rewards and dones in one copy
     epsilon_t = torch.zeros((), device=device)
 
     start_step, start_time, probe_time = global_step, time.time(), 0.0
     print_every = max(1, 20_000 // batch_size)
-    obs_in.host[:] = envs.reset()[0]  # seeded in envpool.make
+    obs_in.wait()[:] = envs.reset()[0]  # seeded in envpool.make
     next_obs = obs_in.upload()
     for update in range(first_update, num_updates):
         epsilon = linear_schedule(args.start_e, args.end_e, args.exploration_fraction * num_updates, update)
@@ -755,10 +730,10 @@ if __name__ == "__main__":
             actions[step] = action[:n_train]
             q_max[step] = q_best[:n_train]
             o, r, term, trunc, info = envs.step(action.cpu().numpy())  # the one host sync per step
-            obs_in.host[:] = o
+            obs_in.wait()[:] = o
             next_obs = obs_in.upload()
-            step_in.host[0] = r[:n_train]
-            step_in.host[1] = (term | trunc)[:n_train]
+            rewards_dones = step_in.wait()
+            rewards_dones[0], rewards_dones[1] = r[:n_train], (term | trunc)[:n_train]
             rewards[step], dones[step] = step_in.upload()
             for i, ret, length in stats.step(info, trunc):
                 (train_eps if i < n_train else eval_eps).append((ret, length))
@@ -778,7 +753,7 @@ if __name__ == "__main__":
                 idx = perm[start:start + minibatch_size]
                 if args.anneal_lr:
                     lr = args.learning_rate * (1.0 - grad_steps / total_grad_steps)
-                    set_lr(optimizer, lr)
+                    common.set_lr(optimizer, lr)
                 loss, q_mean = train_step(idx)
                 grad_steps += 1
                 loss_sum += loss  # static outputs of a graph: consumed here, before the next replay

@@ -454,3 +454,24 @@ def test_set_capturable_round_trip_keeps_lr_and_state():
         assert torch.equal(v, before[k]) and v.device.type == "cpu"
     opt.step()  # the plain CPU path runs with the converted state
     assert float(opt.state[p]["step"]) == 2
+
+
+def test_set_lr_fills_tensor_lr_in_place_and_assigns_float_lr():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.Adam([p], lr=1e-3)
+    common.set_lr(opt, 5e-4)
+    assert opt.param_groups[0]["lr"] == 5e-4
+    lr = torch.tensor(1e-3)
+    opt = torch.optim.Adam([p], lr=lr)
+    common.set_lr(opt, 2e-4)
+    assert opt.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(2e-4)
+
+
+def test_staging_on_cpu_shares_memory_and_keeps_its_tensor():
+    s = common.Staging((2, 3), torch.float32, "cpu")
+    host = s.wait()
+    host[0], host[1] = [1, 2, 3], np.array([True, False, True])
+    up = s.upload()
+    assert torch.equal(up, torch.tensor([[1.0, 2.0, 3.0], [1.0, 0.0, 1.0]]))
+    s.wait()[1] = 0.0
+    assert s.upload() is up and up[1].sum() == 0  # the same tensor each time, no copy on the CPU

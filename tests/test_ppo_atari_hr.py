@@ -270,7 +270,7 @@ def test_train_step_matches_reference_update(tensor_lr, variant):
         mb_inds = perm[16 * (i % 4):16 * (i % 4) + 16]
         ref_opt.param_groups[0]["lr"] = lr
         want = reference_update(ref_agent, ref_opt, rollout, mb_inds, args)
-        ppo_atari_hr.set_lr(opt, lr)
+        ppo_atari_hr.common.set_lr(opt, lr)
         got = step(mb_inds)
         assert got.shape == (len(ppo_atari_hr.STATS),) and not got.requires_grad
         if tensor_lr:  # float32 lr tensor vs a float64 Python lr: equal up to rounding

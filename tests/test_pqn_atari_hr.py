@@ -242,7 +242,7 @@ def test_train_step_matches_reference_update(tensor_lr):
     ref = reference_steps(ref_net, ref_opt, b_obs, b_actions, b_targets, idxs, lrs, 0.5)
     step = pqn.make_train_step(net, opt, b_obs, b_actions, b_targets, 0.5)
     for (ref_loss, ref_q), idx, lr in zip(ref, idxs, lrs):
-        pqn.set_lr(opt, lr)
+        pqn.common.set_lr(opt, lr)
         loss, q_mean = step(idx)
         torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(q_mean, ref_q, rtol=1e-6, atol=1e-7)
