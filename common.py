@@ -560,8 +560,8 @@ def cuda_graphed(fn: Callable, warmup: int = 3, strict: bool = False) -> Callabl
 def set_capturable_(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
     """Make an Adam-family optimizer's state updatable inside a CUDA graph (`capturable=True`: the learning rate and
     the step counters become device tensors, so no step reads a host value) or undo it. In place; call it after
-    load_state_dict too, since a checkpoint carries the capturable setting of the run that wrote it. The
-    learning rate is then changed with `group["lr"].fill_(value)` (no host sync)."""
+    load_state_dict too, since a checkpoint carries the capturable setting of the run that wrote it. Change the
+    learning rate with set_lr, which fills the tensor in place (no host sync)."""
     for group in optimizer.param_groups:
         device = group["params"][0].device
         lr = float(group["lr"])
