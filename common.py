@@ -14,12 +14,9 @@ Metrics and the papers they implement:
 - redo_recycle_: ReDo neuron recycling (Sokar et al. 2023, Alg. 1).
 - ATARI_RANDOM_HUMAN, human_normalized, baseline_normalized (HR papers eq. 5), iqm, bootstrap_ci (Agarwal et al. 2021).
 
-Checkpoint helpers (the only functions here that touch files or global RNG state, by design): atomic_save,
-rng_state / set_rng_state, arg_conflicts.
+- probe_scalars: every representation/* tag of one probe, with the one KDE-jitter rule for all scripts.
 
-GPU fast paths shared by the training scripts: compiled (torch.compile with an eager fallback), cuda_graphed
-(capture of a fixed-shape step into a CUDA graph), set_capturable_ / set_lr (optimizer state a graph can update),
-Staging (pinned host buffer + device twin for batched non-blocking uploads).
+The run's plumbing (checkpoints, RNG state, fast paths) lives in harness.py; its old names here are aliases.
 """
 from __future__ import annotations
 
@@ -35,7 +32,8 @@ import torch
 
 __all__ = [
     "effective_rank", "dormant_mask_kde", "dormant_fraction_kde", "activation_scores", "dormant_fraction_score",
-    "max_activation_score", "saturation_fractions", "layer_metrics", "head_contributions", "redo_recycle_",
+    "max_activation_score", "saturation_fractions", "layer_metrics", "head_contributions", "probe_scalars",
+    "redo_recycle_",
     "ATARI_RANDOM_HUMAN", "ATARI_57", "ATARI_HARD_EXPLORATION", "ATARI_51", "atari_game_name", "human_normalized",
     "baseline_normalized", "iqm", "bootstrap_ci", "atomic_save", "rng_state", "set_rng_state", "arg_conflicts",
     "compiled", "cuda_graphed", "set_capturable_", "set_lr", "Staging",
@@ -240,6 +238,27 @@ def head_contributions(latent_acts, head_weight, dormant_mask) -> tuple[float, f
     return dead.norm(dim=1).mean().item(), live.norm(dim=1).mean().item()
 
 
+def probe_scalars(layers: dict, head_weight=None, tau: float = 0.1, kde_threshold: float = 20.0,
+                  kde_noise_std: float = 1e-3, seed: int = 0) -> dict[str, float]:
+    """Every representation/* tag of one probe. `layers` maps CONVENTIONS layer names to (post, pre) activations on
+    the probe batch (pre may be None); with `head_weight`, the `latent` layer's hidden_bias / live_contribution too.
+    The KDE jitter of every layer, and of the latent mask, comes from a fresh generator seeded with `seed`: a probe's
+    result depends only on the network and the batch (not on how many probes ran before, nor on the layer order),
+    its latent/dormant_kde and the hidden_bias mask agree, and no RNG that drives the agent is touched."""
+    out = {}
+    for name, (post, pre) in layers.items():
+        metrics = layer_metrics(post, pre, tau=tau, kde_threshold=kde_threshold, kde_noise_std=kde_noise_std,
+                                generator=torch.Generator(device=torch.as_tensor(post).device).manual_seed(seed))
+        out.update({f"representation/{name}/{k}": v for k, v in metrics.items()})
+    if head_weight is not None:
+        latent = layers["latent"][0]
+        mask = dormant_mask_kde(latent, kde_threshold, kde_noise_std,
+                                generator=torch.Generator(device=torch.as_tensor(latent).device).manual_seed(seed))
+        out["representation/hidden_bias"], out["representation/live_contribution"] = head_contributions(
+            latent, head_weight, mask)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------------
 # ReDo recycling (Sokar et al. 2023, Alg. 1)
 
@@ -423,187 +442,7 @@ def bootstrap_ci(scores, statistic: Callable = iqm, reps: int = 2000, alpha: flo
 
 
 # --------------------------------------------------------------------------------------------------------------
-# checkpoints
+# run plumbing moved to harness.py; the old names keep working
 
-
-def atomic_save(obj, path: str) -> int:
-    """torch.save `obj` to `path` atomically: write `path.tmp`, fsync, rename over `path` (a kill at any moment
-    leaves either the old file or the new one, never half of one). Returns the bytes written."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    size = os.path.getsize(tmp)
-    os.replace(tmp, path)
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-    return size
-
-
-def rng_state(*generators: np.random.Generator) -> dict:
-    """The global RNG states (python, numpy, torch CPU and CUDA) plus those of the given numpy Generators."""
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "generators": [g.bit_generator.state for g in generators],
-    }
-
-
-def set_rng_state(state: dict, *generators: np.random.Generator) -> None:
-    """Restore what rng_state returned, in place (the same Generators, in the same order)."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"].cpu())  # a checkpoint loaded with map_location=cuda moves these too
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-    if len(state["generators"]) != len(generators):
-        raise ValueError(f"checkpoint holds {len(state['generators'])} generator states, {len(generators)} given")
-    for g, s in zip(generators, state["generators"]):
-        g.bit_generator.state = s
-
-
-def arg_conflicts(saved: dict, current: dict, may_differ: Iterable[str]) -> list[str]:
-    """Names whose values differ between a run's saved arguments and the current ones, ignoring `may_differ`
-    (flags that do not change the run, e.g. checkpoint cadence or device). Sorted, for one clear message."""
-    skip = set(may_differ)
-    keys = (set(saved) | set(current)) - skip
-    return sorted(k for k in keys if saved.get(k) != current.get(k))
-
-
-# --------------------------------------------------------------------------------------------------------------
-# GPU fast paths
-
-
-def compiled(fn: Callable, enabled: bool = True, strict: bool = False, **compile_kwargs) -> Callable:
-    """`torch.compile(fn)` when `enabled`, else `fn`. Compilation happens at the first call; if it fails (no C++
-    compiler or Triton on the machine, an unsupported op) and not `strict`, one warning goes to stderr and `fn`
-    runs eagerly from then on: a missing toolchain slows a run down, it never kills it. Tests pass strict=True."""
-    if not enabled:
-        return fn
-    fast = torch.compile(fn, **compile_kwargs)
-    chosen: list[Callable] = []
-
-    def call(*args):
-        if chosen:
-            return chosen[0](*args)
-        try:
-            out = fast(*args)
-        except Exception as e:  # noqa: BLE001 - any compiler failure means "run eagerly"
-            if strict:
-                raise
-            print(f"warning: torch.compile of {getattr(fn, '__name__', fn)} failed ({type(e).__name__}: "
-                  f"{str(e).splitlines()[0] if str(e) else ''}); running it eagerly", file=sys.stderr, flush=True)
-            chosen.append(fn)
-            return fn(*args)
-        chosen.append(fast)
-        return out
-
-    return call
-
-
-def cuda_graphed(fn: Callable, warmup: int = 3, strict: bool = False) -> Callable:
-    """A callable equivalent to `fn(*tensors)` whose steady state replays a CUDA graph of `fn`.
-
-    `fn` takes CUDA tensors of fixed shapes and returns a tensor or a tuple of tensors; it must not sync with the
-    host (no .item(), no data-dependent Python branching) and whatever it updates (parameters, optimizer state) must
-    be updated in place (see set_capturable_). The first `warmup` calls run `fn` eagerly on a side stream (cuBLAS
-    and cuDNN workspaces, torch.compile autotuning and the optimizer's lazily created state all happen there, as
-    the CUDA-graphs section of the PyTorch docs requires); the next call captures `fn` on static copies of its
-    inputs and replays it; later calls copy their inputs into the static tensors and replay. The returned tensors
-    are the graph's static outputs: consume them (e.g. add them to an accumulator) before the next call.
-    If capture fails and not `strict`, one warning goes to stderr and `fn` runs eagerly from then on."""
-    state: dict = {"calls": 0, "graph": None, "eager": False}
-
-    def call(*args):
-        if state["graph"] is not None:
-            for static, a in zip(state["inputs"], args):
-                static.copy_(a, non_blocking=True)
-            state["graph"].replay()
-            return state["outputs"]
-        if state["eager"]:
-            return fn(*args)
-        if not args or not all(torch.is_tensor(a) and a.is_cuda for a in args):
-            raise ValueError("cuda_graphed: every argument must be a CUDA tensor (CUDA graphs need a GPU)")
-        if state["calls"] < warmup:
-            state["calls"] += 1
-            side = state.setdefault("stream", torch.cuda.Stream())
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                out = fn(*args)
-            torch.cuda.current_stream().wait_stream(side)
-            return out
-        inputs = [a.clone() for a in args]
-        try:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                outputs = fn(*inputs)
-        except Exception as e:  # noqa: BLE001
-            if strict:
-                raise
-            print(f"warning: CUDA-graph capture of {getattr(fn, '__name__', fn)} failed ({type(e).__name__}: "
-                  f"{str(e).splitlines()[0] if str(e) else ''}); running it eagerly", file=sys.stderr, flush=True)
-            state["eager"] = True
-            return fn(*args)
-        state.update(graph=graph, inputs=inputs, outputs=outputs)
-        graph.replay()  # capture records the kernels without running them: this call's step happens here
-        return outputs
-
-    return call
-
-
-def set_capturable_(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
-    """Make an Adam-family optimizer's state updatable inside a CUDA graph (`capturable=True`: the learning rate and
-    the step counters become device tensors, so no step reads a host value) or undo it. In place; call it after
-    load_state_dict too, since a checkpoint carries the capturable setting of the run that wrote it. Change the
-    learning rate with set_lr, which fills the tensor in place (no host sync)."""
-    for group in optimizer.param_groups:
-        device = group["params"][0].device
-        lr = float(group["lr"])
-        group["lr"] = torch.tensor(lr, device=device) if capturable else lr
-        group["capturable"] = capturable
-        for p in group["params"]:
-            st = optimizer.state.get(p, {})
-            if torch.is_tensor(st.get("step")):
-                st["step"] = st["step"].to(device if capturable else "cpu", torch.float32)
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every param group's learning rate: in place when it is a tensor (a capturable optimizer, whose CUDA graph
-    reads that tensor; filling it needs no host sync), else by assignment."""
-    for group in optimizer.param_groups:
-        if torch.is_tensor(group["lr"]):
-            group["lr"].fill_(lr)
-        else:
-            group["lr"] = lr
-
-
-class Staging:
-    """A host buffer and its device twin, for batched uploads: fill the numpy array `wait()` returns, then `upload()`.
-    On CUDA the host side is pinned and upload() is one non-blocking copy (no pageable staging, no sync), after which
-    an event is recorded; wait() blocks on that event, so the host buffer is never rewritten while a copy from it may
-    still be in flight. On CPU both sides are the same memory: upload() copies nothing and wait() returns at once.
-    upload() returns the same device tensor every time (CUDA-graph inputs stay put)."""
-
-    def __init__(self, shape, dtype: torch.dtype, device):
-        cuda = torch.device(device).type == "cuda"
-        self.host = torch.empty(shape, dtype=dtype, pin_memory=cuda)
-        self.np = self.host.numpy()
-        self.device = torch.empty(shape, dtype=dtype, device=device) if cuda else self.host
-        self.copied = torch.cuda.Event() if cuda else None
-
-    def wait(self) -> np.ndarray:
-        if self.copied is not None:
-            self.copied.synchronize()  # returns at once if the last copy is done (or none was recorded yet)
-        return self.np
-
-    def upload(self) -> torch.Tensor:
-        if self.copied is not None:
-            self.device.copy_(self.host, non_blocking=True)
-            self.copied.record()
-        return self.device
+from harness import (Staging, arg_conflicts, atomic_save, compiled, cuda_graphed, rng_state,  # noqa: E402,F401
+                     set_capturable_, set_lr, set_rng_state)

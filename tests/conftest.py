@@ -49,3 +49,72 @@ def read_scalars_fixture():
 @pytest.fixture(name="run_script")
 def run_script_fixture():
     return run_script
+
+
+def kill_after_checkpoint(script, args, cwd, run_name, ckpt_step, tag="charts/SPS", timeout=300, env=None):
+    """The shared kill half of every script's kill/resume test: start `python <script> <args>` in cwd, wait until
+    runs/<run_name>/checkpoint.pt exists and the run has logged `tag` at a step >= ckpt_step (events the resume must
+    purge), SIGKILL it. Returns (its output, a copy of the checkpoint loaded on the CPU, the scalars at the kill).
+    A SIGKILL leaves no chance to clean up: exactly what a pre-empted or crashed run looks like."""
+    import shutil
+    import signal
+    import time
+
+    import torch
+
+    run_dir = os.path.join(str(cwd), "runs", run_name)
+    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+    log_path = os.path.join(str(cwd), f"{run_name}.killed.log")
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=cwd,
+                                stdout=log, stderr=subprocess.STDOUT, env=full_env)
+        try:
+            deadline = time.time() + timeout
+            while time.time() < deadline and proc.poll() is None:
+                if os.path.exists(ckpt_path):
+                    try:
+                        steps = [s for s, _ in read_scalars(run_dir).get(tag, [])]
+                    except AssertionError:  # no event file yet
+                        steps = []
+                    if steps and max(steps) >= ckpt_step:
+                        break
+                time.sleep(0.1)
+            alive = proc.poll() is None
+            if alive:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    with open(log_path) as f:
+        out = f.read()
+    assert alive, "the run ended (or timed out) before it could be killed:\n" + out[-3000:]
+    assert proc.returncode == -signal.SIGKILL and not os.path.exists(os.path.join(run_dir, "finished")), out[-3000:]
+    copy = os.path.join(str(cwd), f"{run_name}.checkpoint-at-kill.pt")
+    shutil.copy(ckpt_path, copy)
+    return out, torch.load(copy, map_location="cpu", weights_only=False), read_scalars(run_dir)
+
+
+def resume_after_kill(script, args, cwd, run_name, ckpt, timeout=600, env=None):
+    """The shared resume half: `--resume`, which must finish, print the resume line at the checkpoint's step with the
+    checkpoint's parameter checksum (every float tensor of its networks, float64 sum), and leave `finished` JSON.
+    Returns (the process, the scalars of the whole run)."""
+    import json
+    import re
+
+    proc = run_script(script, [*args, "--resume"], cwd, timeout, dict(env or {}, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = os.path.join(str(cwd), "runs", run_name)
+    m = re.search(rf"resumed runs/{re.escape(run_name)} from step (\d+) \(parameter checksum (\S+)\)", proc.stdout)
+    assert m and int(m.group(1)) == ckpt["global_step"], proc.stdout[-3000:]
+    with open(os.path.join(run_dir, "finished")) as f:
+        assert json.load(f)["steps_this_process"] > 0
+    return proc, float(m.group(2)), read_scalars(run_dir)
+
+
+def steps_of(scalars, tag):
+    """The steps `tag` was logged at: a resumed run's must be strictly increasing (no duplicate, none lost)."""
+    steps = [s for s, _ in scalars[tag]]
+    assert steps == sorted(set(steps)), f"{tag} logged twice at some step: {steps}"
+    return steps

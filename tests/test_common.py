@@ -1,7 +1,5 @@
 """common.py against independent computations and cases with known answers."""
 import math
-import os
-import random
 import time
 
 import numpy as np
@@ -344,134 +342,51 @@ def test_every_public_function_is_documented():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# checkpoint helpers
+# one probe: every representation/* tag, with one KDE-jitter rule
 
 
-def test_atomic_save_replaces_whole_file_and_leaves_no_temp(tmp_path):
-    path = str(tmp_path / "checkpoint.pt")
-    common.atomic_save({"step": 1, "w": torch.zeros(4)}, path)
-    size = common.atomic_save({"step": 2, "w": torch.arange(1000.0)}, path)
-    assert os.listdir(tmp_path) == ["checkpoint.pt"]
-    assert size == os.path.getsize(path)
-    state = torch.load(path, weights_only=False)
-    assert state["step"] == 2 and torch.equal(state["w"], torch.arange(1000.0))
+def _probe_layers():
+    g = torch.Generator().manual_seed(0)
+    conv_pre = torch.randn(64, 4, 3, 3, generator=g)
+    conv_pre[:, 0] = -1.0  # a dead channel
+    latent_pre = torch.randn(64, 32, generator=g)
+    latent_pre[:, :16] = 0.5  # 16 constant neurons: with jitter near 1/(2.5 * threshold), dormant by chance
+    head = torch.randn(6, 32, generator=g)
+    return {"conv1": (conv_pre.relu(), conv_pre), "latent": (latent_pre.relu(), latent_pre)}, head
 
 
-def test_atomic_save_failure_keeps_previous_checkpoint(tmp_path):
-    path = str(tmp_path / "checkpoint.pt")
-    common.atomic_save({"step": 1}, path)
-
-    class Unpicklable:
-        def __reduce__(self):
-            raise RuntimeError("boom")
-
-    with pytest.raises(RuntimeError):
-        common.atomic_save({"step": 2, "bad": Unpicklable()}, path)
-    assert torch.load(path, weights_only=False)["step"] == 1
-
-
-def test_rng_state_round_trip_replays_every_stream():
-    gen = np.random.default_rng(3)
-    state = common.rng_state(gen)
-
-    def draw():
-        return (random.random(), np.random.rand(), torch.rand(2).tolist(), gen.integers(1 << 30))
-
-    first = draw()
-    common.set_rng_state(state, gen)
-    assert draw() == first
-    with pytest.raises(ValueError):
-        common.set_rng_state(state)
-
-
-def test_arg_conflicts_lists_changed_added_and_removed_names():
-    saved = {"lr": 1e-4, "seed": 1, "checkpoint_every": 10, "gone": True}
-    current = {"lr": 2e-4, "seed": 1, "checkpoint_every": 20, "new": 0}
-    assert common.arg_conflicts(saved, current, may_differ=["checkpoint_every"]) == ["gone", "lr", "new"]
-    assert common.arg_conflicts(saved, dict(saved), may_differ=[]) == []
+def test_probe_scalars_fresh_generator_per_layer_and_latent_mask_agrees():
+    layers, head = _probe_layers()
+    kw = dict(tau=0.1, kde_threshold=20.0, kde_noise_std=0.019)  # jitter wide enough that the draw decides
+    out = common.probe_scalars(layers, head, seed=7, **kw)
+    expected = {f"representation/{name}/{k}" for name in layers for k in
+                ("dormant_kde", "dormant_score", "srank", "max_score", "saturated", "zombie")}
+    assert set(out) == expected | {"representation/hidden_bias", "representation/live_contribution"}
+    for name, (post, pre) in layers.items():  # each layer: layer_metrics with a fresh generator of the same seed
+        ref = common.layer_metrics(post, pre, tau=0.1, kde_threshold=20.0, kde_noise_std=0.019,
+                                   generator=torch.Generator().manual_seed(7))
+        assert {k: out[f"representation/{name}/{k}"] for k in ref} == ref, name
+    # no state carried between calls, and the layer order does not matter
+    assert common.probe_scalars(layers, head, seed=7, **kw) == out
+    assert common.probe_scalars(dict(reversed(list(layers.items()))), head, seed=7, **kw) == out
+    # the hidden_bias mask is the one latent/dormant_kde counted
+    latent = layers["latent"][0]
+    mask = common.dormant_mask_kde(latent, 20.0, 0.019, generator=torch.Generator().manual_seed(7))
+    assert mask.double().mean().item() == out["representation/latent/dormant_kde"]
+    assert common.head_contributions(latent, head, mask) == (out["representation/hidden_bias"],
+                                                             out["representation/live_contribution"])
+    # ...and the test can tell: another draw of the jitter gives another mask and other contributions
+    other = common.dormant_mask_kde(latent, 20.0, 0.019, generator=torch.Generator().manual_seed(8))
+    assert not torch.equal(other, mask)
+    assert common.probe_scalars(layers, head, seed=8, **kw)["representation/hidden_bias"] != out[
+        "representation/hidden_bias"]
+    without_head = common.probe_scalars(layers, seed=7, **kw)
+    assert without_head == {k: v for k, v in out.items() if k in expected}
 
 
-# --------------------------------------------------------------------------------------------------------------
-# GPU fast-path helpers (their CPU-checkable parts; the CUDA paths are measured by scripts/bench.py on a GPU)
+def test_plumbing_aliases_are_the_harness_functions():
+    import harness
 
-
-def _failing_backend(gm, example_inputs):
-    raise RuntimeError("no compiler here")
-
-
-def test_compiled_falls_back_to_eager_with_one_warning(capsys):
-    calls = []
-
-    def f(x):
-        calls.append(1)
-        return x * 2 + 1
-
-    torch._dynamo.reset()
-    fast = common.compiled(f, True, backend=_failing_backend)
-    x = torch.arange(4.0)
-    assert torch.equal(fast(x), x * 2 + 1) and torch.equal(fast(x), x * 2 + 1)
-    err = capsys.readouterr().err
-    assert err.count("warning: torch.compile of f failed") == 1 and "running it eagerly" in err
-    torch._dynamo.reset()
-    with pytest.raises(Exception):
-        common.compiled(f, True, strict=True, backend=_failing_backend)(x)
-    assert common.compiled(f, False) is f
-
-
-def test_compiled_really_compiles():
-    torch._dynamo.reset()
-    seen = []
-
-    def recording_backend(gm, example_inputs):
-        seen.append(gm)
-        return gm.forward
-
-    fast = common.compiled(lambda x: torch.tanh(x) * x, True, strict=True, backend=recording_backend)
-    x = torch.randn(5)
-    torch.testing.assert_close(fast(x), torch.tanh(x) * x)
-    assert len(seen) == 1  # one FX graph went through the compiler: no graph break, no host sync inside
-
-
-def test_cuda_graphed_rejects_cpu_tensors():
-    step = common.cuda_graphed(lambda x: x + 1)
-    with pytest.raises(ValueError, match="CUDA tensor"):
-        step(torch.zeros(3))
-
-
-def test_set_capturable_round_trip_keeps_lr_and_state():
-    p = torch.nn.Parameter(torch.randn(3))
-    opt = torch.optim.RAdam([p], lr=2.5e-4)
-    p.grad = torch.ones(3)
-    opt.step()
-    before = {k: v.clone() for k, v in opt.state[p].items()}
-    common.set_capturable_(opt, True)  # what a CUDA run does (the step itself only works on a GPU)
-    group = opt.param_groups[0]
-    assert group["capturable"] and torch.is_tensor(group["lr"]) and float(group["lr"]) == pytest.approx(2.5e-4)
-    group["lr"].fill_(1e-4)
-    common.set_capturable_(opt, False)  # e.g. that run's checkpoint resumed on a CPU
-    assert group["lr"] == pytest.approx(1e-4) and isinstance(group["lr"], float) and not group["capturable"]
-    for k, v in opt.state[p].items():
-        assert torch.equal(v, before[k]) and v.device.type == "cpu"
-    opt.step()  # the plain CPU path runs with the converted state
-    assert float(opt.state[p]["step"]) == 2
-
-
-def test_set_lr_fills_tensor_lr_in_place_and_assigns_float_lr():
-    p = torch.nn.Parameter(torch.zeros(2))
-    opt = torch.optim.Adam([p], lr=1e-3)
-    common.set_lr(opt, 5e-4)
-    assert opt.param_groups[0]["lr"] == 5e-4
-    lr = torch.tensor(1e-3)
-    opt = torch.optim.Adam([p], lr=lr)
-    common.set_lr(opt, 2e-4)
-    assert opt.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(2e-4)
-
-
-def test_staging_on_cpu_shares_memory_and_keeps_its_tensor():
-    s = common.Staging((2, 3), torch.float32, "cpu")
-    host = s.wait()
-    host[0], host[1] = [1, 2, 3], np.array([True, False, True])
-    up = s.upload()
-    assert torch.equal(up, torch.tensor([[1.0, 2.0, 3.0], [1.0, 0.0, 1.0]]))
-    s.wait()[1] = 0.0
-    assert s.upload() is up and up[1].sum() == 0  # the same tensor each time, no copy on the CPU
+    for name in ("atomic_save", "rng_state", "set_rng_state", "arg_conflicts", "compiled", "cuda_graphed",
+                 "set_capturable_", "set_lr", "Staging"):
+        assert getattr(common, name) is getattr(harness, name), name

@@ -1,0 +1,821 @@
+"""The run's lifecycle, written once for every training script: what no reader comes to study.
+
+    args = harness.cli(Args)                       # tyro, bad flags folded into one "error: ..." line
+    ...algorithm-specific checks (harness.at_least / finite / unit_interval / fail)...
+    run = harness.Run(args, resolve=resolve_defaults, memory={"--buffer-size 1000000": need_bytes})
+    ...build envs, replay, networks; run.restore(...) on resume...
+    for step in range(run.start_step, args.total_timesteps):
+        ...
+        if harness.due(step, args.metrics_every):
+            with run.probing(): run.log(step, probe_scalars(...))
+        if run.checkpoint_due(step + 1): run.save(step + 1, state, replay=rb.store)
+        run.progress(step, last_return=...)
+    run.finish(args.total_timesteps)
+
+What it owns: the CLI; generic checks; the run directory (inside runs/, owned by one live process through a lock a
+killed process cannot leave behind), args.json, the resume gate with ONE list of flags that may differ on resume;
+the SummaryWriter with purge_step; atomic checkpoints with one-line errors (disk full, unreadable files); chunked
+incremental saving of frame replays (ChunkStore); the last-good state and the non-finite stop; cadences; the fast
+paths; console progress; Ctrl-C / SIGTERM; and the end-of-run summary written as JSON to runs/NAME/finished, which
+scripts/bench.py, sweep.py and analyze.py read. It holds no algorithm.
+
+One rule for a directory that holds events but no checkpoint (a run stopped before its first checkpoint): it is moved
+aside to runs/NAME.partial-<unix time> with one line saying so, and the run starts fresh; nothing is logged twice.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import io
+import json
+import math
+import os
+import random
+import re
+import resource
+import signal
+import sys
+import time
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+import torch
+
+CHECKPOINT_FORMAT = 3  # harness checkpoints: {"format", "global_step", "args", "state", "counters", "replay"}
+RUNS = "runs"
+# flags that do not change what is trained (device, speed, bookkeeping, evaluation after training): they may differ
+# between a run and its --resume. One list for every script; a name a script does not have is simply absent.
+MAY_DIFFER_ON_RESUME = ("resume", "run_name", "checkpoint_every", "cuda", "torch_deterministic", "torch_threads",
+                        "compile", "cudagraphs", "track", "wandb_project_name", "wandb_entity", "capture_video",
+                        "save_model", "eval_episodes", "eval_epsilon", "progress_every", "envpool_threads")
+
+
+def fail(msg: str):
+    """The one way a run ends on bad input or a broken file: one line on stderr, no traceback, exit 1."""
+    sys.stdout.flush()
+    sys.exit(f"error: {msg}")
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def cli(cls, argv: Optional[list] = None):
+    """tyro.cli(cls), with tyro's boxed parse errors (unknown flag, invalid choice, a value that is not a number)
+    folded into one "error: ..." line and exit 1, like the rest of the bad input. --help prints help_text(cls)."""
+    import tyro
+
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(help_text(cls))
+        sys.exit(0)
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            args = tyro.cli(cls, args=argv)
+    except SystemExit as e:
+        if e.code in (0, None):  # --help
+            sys.stderr.write(err.getvalue())
+            raise
+        body = err.getvalue().split("\u2500\u2500\u2500 \u2502", 1)[0]  # the box's message, before its first rule
+        words = " ".join(re.sub(r"[\u2500-\u257f]", " ", line) for line in body.splitlines()[1:]).split()
+        fail(" ".join(words) or "bad command line (see --help)")
+    sys.stderr.write(err.getvalue())  # warnings, if any
+    return args
+
+
+def help_text(cls, width: Optional[int] = None) -> str:
+    """--help grouped as the Args class is: each `# Title` comment in its body starts a group (run / environment /
+    algorithm / network variant / metrics / checkpointing / speed); each flag shows its values, its docstring
+    re-wrapped as one paragraph, and its default once."""
+    import ast
+    import inspect
+    import shutil
+    import textwrap
+    import typing
+
+    import tyro
+
+    width = width or min(shutil.get_terminal_size((100, 24)).columns, 120)
+    lines = inspect.getsource(cls).splitlines()
+    body = ast.parse(textwrap.dedent("\n".join(lines))).body[0].body
+    hints, defaults = typing.get_type_hints(cls), {f.name: f.default for f in dataclasses.fields(cls)}
+    groups, title, prev_end = {}, "options", 0
+    for i, node in enumerate(body):
+        comments = [ln.strip()[1:].strip() for ln in lines[prev_end:node.lineno - 1] if ln.strip().startswith("#")]
+        prev_end = node.end_lineno
+        if comments:
+            title = comments[0].split(" (")[0].rstrip(":").lower()
+        if not isinstance(node, ast.AnnAssign):
+            continue
+        name = node.target.id
+        if tyro.conf.Suppress in getattr(typing.get_type_hints(cls, include_extras=True)[name], "__metadata__", ()):
+            continue  # not a flag (a value filled in from the others)
+        doc = body[i + 1].value.value if i + 1 < len(body) and isinstance(body[i + 1], ast.Expr) else ""
+        kind = hints[name]
+        args_ = [a for a in typing.get_args(kind) if a is not type(None)]
+        if kind is bool:
+            spec = f"{flag(name)}, --no-{flag(name)[2:]}"
+        elif typing.get_origin(kind) is typing.Literal or (args_ and typing.get_origin(args_[0]) is typing.Literal):
+            spec = f"{flag(name)} {{{','.join(map(str, typing.get_args(args_[0] if args_ else kind) or args_))}}}"
+        else:
+            spec = f"{flag(name)} {(args_[0] if args_ else kind).__name__.upper()}"
+        text = " ".join(doc.split()) + f" (default: {defaults[name]})"
+        groups.setdefault(title, []).append((spec, text))
+    out, pad = [f"usage: {os.path.basename(sys.argv[0])} [OPTIONS]", ""], 28
+    for title, items in groups.items():
+        out.append(f"{title}:")
+        for spec, text in items:
+            wrapped = textwrap.wrap(text, width - pad, break_on_hyphens=False) or [""]
+            if len(spec) > pad - 5:  # a long flag gets a line of its own
+                out.append(f"  {spec}")
+                spec = ""
+            out += [f"  {(spec if j == 0 else '').ljust(pad - 2)}{w}" for j, w in enumerate(wrapped)]
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
+def at_least(args, bounds: dict) -> None:
+    """{field: lowest allowed value}: '--x must be >= lo, got v' for the first field below its bound."""
+    for name, lo in bounds.items():
+        value = getattr(args, name)
+        if value < lo:
+            fail(f"{flag(name)} must be >= {lo}, got {value}")
+
+
+def finite(args, names: Iterable[str], positive: bool = True) -> None:
+    """Rates and scales: finite and > 0 (or >= 0 with positive=False)."""
+    for name in names:
+        value = getattr(args, name)
+        if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+            fail(f"{flag(name)} must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
+
+
+def unit_interval(args, names: Iterable[str]) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            fail(f"{flag(name)} must be in [0, 1], got {value}")
+
+
+def mem_available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), in bytes."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("MemAvailable not found in /proc/meminfo")
+
+
+def check_memory(memory: dict) -> None:
+    """{what: bytes}, e.g. {"--buffer-size 1000000": 7.1e9}: their sum must fit in free host memory."""
+    need = sum(memory.values())
+    if need and need > (avail := mem_available_bytes()):
+        what = " + ".join(memory)
+        fail(f"{what} needs {need / 1e9:.2f} GB of memory but only {avail / 1e9:.2f} GB is available (MemAvailable)")
+
+
+def _generic_checks(args) -> None:
+    fields = {f.name for f in dataclasses.fields(args)}
+    at_least(args, {k: v for k, v in {"total_timesteps": 1, "checkpoint_every": 0, "metrics_every": 0,
+                                      "metrics_batch": 2}.items() if k in fields})
+    if not 0 <= args.seed < 2**32:
+        fail(f"--seed must be in [0, 2**32), got {args.seed}")
+    if getattr(args, "track", False):
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            fail("--track needs wandb, which is not installed (pip install wandb)")
+    if args.resume and args.run_name is None:
+        fail("--resume needs --run-name NAME (the run directory to continue)")
+    if args.run_name is not None:
+        parts = args.run_name.replace("\\", "/").split("/")
+        if not args.run_name.strip() or os.path.isabs(args.run_name) or any(p in ("", ".", "..") for p in parts):
+            fail(f"--run-name {args.run_name!r} must name a directory inside {RUNS}/ (no '..', no absolute path)")
+    if "/" in args.exp_name or args.exp_name in ("", ".", ".."):
+        fail(f"--exp-name {args.exp_name!r} must be a plain name (it becomes part of the run directory's name)")
+    if getattr(args, "cudagraphs", "off") == "on" and not (args.cuda and torch.cuda.is_available()):
+        fail("--cudagraphs on needs a CUDA GPU (none is available, or --no-cuda); use --cudagraphs auto or off")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# files
+
+
+def atomic_save(obj, path: str) -> int:
+    """torch.save `obj` to `path` atomically: write `path.tmp`, fsync, rename over `path`, fsync the directory (a
+    kill at any moment leaves the old file or the new one, never half of one). Returns the bytes written. A full disk
+    removes the temporary file and ends the run with one line; the previous file is untouched."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        size = os.path.getsize(tmp)
+        os.replace(tmp, path)
+        dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e)
+        reason = "no space left on the device" if full else (str(e).splitlines() or [type(e).__name__])[0]
+        fail(f"cannot write {path}: {reason}; the previous checkpoint, if any, is intact")
+    return size
+
+
+def read_checkpoint(path: str, what: str = "--resume") -> dict:
+    """torch.load on the CPU, memory-mapped (a large replay is copied once, from the page cache into its buffer).
+    Any unreadable file (empty, truncated, garbage, another format) gets the same one-line answer."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+            got = ckpt.get("format", ckpt.get("version")) if isinstance(ckpt, dict) else type(ckpt).__name__
+            raise ValueError(f"checkpoint format {got}; this version of the scripts reads format {CHECKPOINT_FORMAT}")
+    except Exception as e:  # noqa: BLE001 -- one answer for every unreadable file
+        fail(f"{what}: cannot read {path} ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
+    return ckpt
+
+
+def rng_state(*generators: np.random.Generator) -> dict:
+    """The global RNG states (python, numpy, torch CPU and CUDA) plus those of the given numpy Generators."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "generators": [g.bit_generator.state for g in generators]}
+
+
+def set_rng_state(state: dict, *generators: np.random.Generator) -> None:
+    """Restore what rng_state returned, in place (the same Generators, in the same order)."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if len(state["generators"]) != len(generators):
+        raise ValueError(f"checkpoint holds {len(state['generators'])} generator states, {len(generators)} given")
+    for g, s in zip(generators, state["generators"]):
+        g.bit_generator.state = s
+
+
+def arg_conflicts(saved: dict, current: dict, may_differ: Iterable[str] = MAY_DIFFER_ON_RESUME) -> list[str]:
+    """Names whose values differ between a run's saved arguments and the current ones, ignoring `may_differ`."""
+    keys = (set(saved) | set(current)) - set(may_differ)
+    return sorted(k for k in keys if saved.get(k) != current.get(k))
+
+
+class ChunkStore:
+    """Incremental checkpoints of a ring of equal-length numpy arrays (a frame replay): the ring is cut into chunks of
+    `chunk` slots; `touch(i)` marks slot i's chunk changed; `save` writes each changed chunk to a new file
+    `chunkNNNNN_<tag>.pt` and returns the manifest naming the newest file of every filled chunk. The files of the
+    previous manifest stay until `prune`, so until the checkpoint naming the new manifest replaces the old one, the
+    old one is complete. A 1M-slot Atari ring rewrites 8-9 of its 31 chunks per 250k steps instead of 7 GB."""
+
+    def __init__(self, arrays: dict, chunk: int = 32_768):
+        self.arrays, self.chunk = arrays, chunk
+        self.capacity = len(next(iter(arrays.values())))
+        self.dirty = np.ones(-(-self.capacity // chunk), dtype=bool)
+        self.saved: dict = {}  # chunk index -> file name of its newest saved copy
+
+    def touch(self, i: int) -> None:
+        self.dirty[i // self.chunk] = True
+
+    def layout(self) -> dict:
+        return {"capacity": self.capacity, "chunk": self.chunk,
+                **{k: (str(a.dtype), tuple(a.shape[1:])) for k, a in self.arrays.items()}}
+
+    def save(self, directory: str, tag: str, filled: int) -> tuple[dict, int]:
+        os.makedirs(directory, exist_ok=True)
+        written = 0
+        for i in range(-(-filled // self.chunk)):
+            if self.dirty[i] or i not in self.saved:
+                lo, hi = i * self.chunk, min((i + 1) * self.chunk, filled)
+                name = f"chunk{i:05d}_{tag}.pt"  # views: torch.save copies nothing in memory
+                written += atomic_save({k: torch.from_numpy(a[lo:hi]) for k, a in self.arrays.items()},
+                                       os.path.join(directory, name))
+                self.saved[i], self.dirty[i] = name, False
+        return {"layout": self.layout(), "files": {i: self.saved[i] for i in range(-(-filled // self.chunk))}}, written
+
+    @staticmethod
+    def prune(directory: str, manifest: Optional[dict]) -> None:
+        """Delete the chunk and temporary files of `directory` that `manifest` does not name."""
+        keep = set(manifest["files"].values()) if manifest else set()
+        for name in os.listdir(directory) if os.path.isdir(directory) else []:
+            if name.startswith("chunk") and name not in keep:
+                os.remove(os.path.join(directory, name))
+
+    @staticmethod
+    def check(directory: str, manifest: dict) -> None:
+        """Raise if a named chunk file is missing or unreadable (empty, truncated): before anything is allocated."""
+        for name in manifest["files"].values():
+            part = torch.load(os.path.join(directory, name), map_location="cpu", weights_only=True, mmap=True)
+            del part
+
+    def load(self, directory: str, manifest: dict) -> None:
+        if manifest["layout"] != self.layout():
+            raise ValueError(f"replay layout {manifest['layout']} does not fit this buffer's {self.layout()}")
+        for i, name in manifest["files"].items():
+            part = torch.load(os.path.join(directory, name), map_location="cpu", weights_only=True, mmap=True)
+            lo = i * self.chunk
+            for k, a in self.arrays.items():
+                a[lo:lo + part[k].shape[0]] = part[k].numpy()
+            del part  # the mapping goes with it
+        self.saved, self.dirty[:] = dict(manifest["files"]), False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cadences and finiteness
+
+
+def due(step: int, every: int, prev: Optional[int] = None) -> bool:
+    """True when `step` is a positive multiple of `every` (0 = never); with `prev`, when a multiple of `every` lies in
+    (prev, step] (for loops whose step counter jumps by a whole rollout)."""
+    if every <= 0:
+        return False
+    if prev is None:
+        return step > 0 and step % every == 0
+    return step // every > prev // every
+
+
+def all_finite(params, *tensors) -> torch.Tensor:
+    """One device-side bool: every parameter and every given tensor is finite. No host sync until it is read."""
+    checks = [torch.isfinite(t).all() for t in (*params, *tensors) if t is not None]
+    return torch.stack(checks).all()
+
+
+class LastGood:
+    """Device-side copy of the latest state that passed the finiteness check: cloned once, refreshed in place with
+    copy_ (no host sync); written to checkpoint_last_good.pt by Run.stop_nonfinite. `step` has the checkpoint's
+    meaning: every step before it is done."""
+
+    def __init__(self):
+        self.state, self.step, self._mine = None, None, []
+
+    @staticmethod
+    def _tensors(obj) -> list:
+        if isinstance(obj, torch.Tensor):
+            return [obj]
+        items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else []
+        return [t for v in items for t in LastGood._tensors(v)]
+
+    @staticmethod
+    def _clone(obj):
+        if isinstance(obj, torch.Tensor):
+            return obj.detach().clone()
+        if isinstance(obj, dict):
+            return {k: LastGood._clone(v) for k, v in obj.items()}
+        return [LastGood._clone(v) for v in obj] if isinstance(obj, (list, tuple)) else obj
+
+    def update(self, step: int, state: dict) -> None:
+        live = self._tensors(state)
+        if self.state is None or len(live) != len(self._mine):  # first call, or the optimiser's state appeared
+            self.state = self._clone(state)
+            self._mine = self._tensors(self.state)
+        else:
+            for mine, t in zip(self._mine, live):
+                mine.copy_(t, non_blocking=True)
+        self.step = step
+
+
+def param_checksum(*modules) -> float:
+    """Sum of every float tensor of the modules' state_dicts in float64: printed on resume so tests can compare."""
+    return sum(t.double().sum().item() for m in modules for t in m.state_dict().values() if t.is_floating_point())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the run
+
+
+class Run:
+    """Owns runs/NAME for the life of the process. Everything that can refuse the run happens in __init__, before any
+    environment, buffer or directory exists (the resume gate reads only): flags, run name, resume, memory."""
+
+    def __init__(self, args, resolve: Callable = lambda a: a, memory: Optional[dict] = None,
+                 progress_every: float = 10.0, log_at_steps_done: bool = False):
+        """log_at_steps_done: the script logs a step's scalars at the count of steps done, so those at a checkpoint's
+        own step belong to it (CleanRL's PPO logs an iteration at global_step after its rollout): resume purges from
+        the step after the checkpoint's, not from it."""
+        _generic_checks(args)
+        resolve(args)  # defaults that depend on other flags: recorded in args.json, compared on --resume
+        if args.run_name is None:
+            args.run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        self.args, self.dir = args, os.path.join(RUNS, args.run_name)
+        self.ckpt_path = os.path.join(self.dir, "checkpoint.pt")
+        self.replay_dir = os.path.join(self.dir, "replay")
+        self.script = os.path.basename(sys.argv[0])
+        self.checkpoint = self._resume_gate(resolve) if args.resume else None
+        self.manifest = None if self.checkpoint is None else self.checkpoint.get("replay")
+        self._fresh_gate()
+        check_memory(memory or {})
+        self._own_directory()
+        self.start_step = 0 if self.checkpoint is None else int(self.checkpoint["global_step"])
+        self.ckpt_step = self.start_step if self.checkpoint else None  # step of the newest resumable checkpoint
+        self.counters = {"probe_seconds": 0.0, "n_probes": 0, "wall_seconds": 0.0, "last_return": float("nan")}
+        if self.checkpoint is not None:
+            self.counters.update(self.checkpoint.get("counters", {}))
+        from torch.utils.tensorboard import SummaryWriter
+
+        if getattr(args, "track", False):  # before the writer: wandb mirrors the TensorBoard events it writes
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                       config=vars(args), name=args.run_name, save_code=True)
+        # on resume, TensorBoard drops the events the interrupted process logged at or after the checkpoint's step
+        self.writer = SummaryWriter(self.dir, purge_step=None if self.checkpoint is None else
+                                    self.start_step + int(log_at_steps_done))
+        if self.checkpoint is None:
+            self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+                f"|{k}|{v}|" for k, v in vars(args).items()))
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        torch.backends.cudnn.deterministic = args.torch_deterministic
+        self.device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        self.start_time = time.time()
+        self._progress_every, self._last_print = progress_every, self.start_time
+        self.use_compile = self.use_graphs = False
+        self._install_signals()
+
+    # -- gates ---------------------------------------------------------------------------------------------------
+    def _resume_gate(self, resolve) -> dict:
+        finished = os.path.join(self.dir, "finished")
+        if os.path.isfile(finished):
+            try:
+                with open(finished) as f:
+                    detail = f"at step {json.load(f)['global_step']}"
+            except (OSError, ValueError, KeyError):
+                detail = f"{finished} exists"
+            print(f"run {self.args.run_name} already finished ({detail}); nothing to resume")
+            sys.exit(0)
+        if not os.path.isfile(self.ckpt_path):
+            fail(f"--resume: no checkpoint in {self.dir}")
+        try:
+            with open(os.path.join(self.dir, "args.json")) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as e:
+            fail(f"--resume: cannot read {self.dir}/args.json ({e})")
+        cls = type(self.args)
+        known = {f.name for f in dataclasses.fields(cls)}
+        try:  # resolve the saved flags as this script resolves its own
+            saved = {**saved, **dataclasses.asdict(resolve(cls(**{k: v for k, v in saved.items() if k in known})))}
+        except (TypeError, ValueError):
+            pass
+        current = dataclasses.asdict(self.args)
+        conflicts = arg_conflicts(saved, current)
+        if conflicts:
+            fail(f"--resume: {self.dir} was made with other flags: " + ", ".join(
+                f"{flag(k)} (saved {saved.get(k)}, now {current.get(k)})" for k in conflicts))
+        ckpt = read_checkpoint(self.ckpt_path)
+        if ckpt.get("replay"):
+            try:
+                ChunkStore.check(self.replay_dir, ckpt["replay"])
+            except Exception as e:  # noqa: BLE001
+                fail(f"--resume: cannot read {self.replay_dir}, named by {self.ckpt_path} ({type(e).__name__}: "
+                     f"{(str(e).splitlines() or [''])[0]})")
+        return ckpt
+
+    def _fresh_gate(self) -> None:
+        if self.checkpoint is not None:
+            return
+        name = self.args.run_name
+        if os.path.exists(self.dir) and not os.path.isdir(self.dir):
+            fail(f"--run-name {name}: cannot write {self.dir} (it exists and is not a directory)")
+        if os.path.exists(self.ckpt_path):
+            fail(f"--run-name {name}: {self.dir} already holds a checkpoint; add --resume to continue it, or choose "
+                 f"another --run-name")
+        if os.path.exists(os.path.join(self.dir, "finished")):
+            fail(f"--run-name {name}: {self.dir} holds a finished run; choose another --run-name")
+
+    def _own_directory(self) -> None:
+        """Create runs/NAME and take its lock (fcntl: the kernel drops it when the process dies, however it dies).
+        A fresh start in a directory that already holds events moves them aside first."""
+        try:
+            os.makedirs(RUNS, exist_ok=True)
+            if self.checkpoint is None and os.path.isdir(self.dir) and _holds_events(self.dir):
+                self._lock(self.dir)  # not while its owner still runs
+                aside = f"{self.dir}.partial-{int(time.time())}"
+                while os.path.exists(aside):  # two move-asides within one second
+                    aside += "x"
+                os.rename(self.dir, aside)
+                os.close(self._lock_fd)
+                print(f"{self.dir} held the events of a run stopped before its first checkpoint: moved to {aside}")
+            os.makedirs(self.dir, exist_ok=True)
+            self._lock(self.dir)
+            for name in os.listdir(self.dir):  # stale temporary files of a killed write
+                if name.endswith(".tmp"):
+                    os.remove(os.path.join(self.dir, name))
+            ChunkStore.prune(self.replay_dir, self.manifest if self.checkpoint else None)
+            if self.checkpoint is None:  # a resumed run keeps the args.json it was made with
+                with open(os.path.join(self.dir, "args.json"), "w") as f:
+                    json.dump(dataclasses.asdict(self.args), f, indent=2)
+        except OSError as e:
+            fail(f"--run-name {self.args.run_name}: cannot write {self.dir} ({e.strerror or e})")
+
+    def _lock(self, directory: str) -> None:
+        self._lock_fd = os.open(os.path.join(directory, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(self._lock_fd, 32, 0).decode(errors="replace").strip() or "?"
+            fail(f"--run-name {self.args.run_name}: {directory} is in use by another running process (pid {pid})")
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, str(os.getpid()).encode(), 0)
+
+    # -- fast paths ----------------------------------------------------------------------------------------------
+    def fast_paths(self) -> tuple[bool, bool]:
+        """(use torch.compile, use CUDA graphs) from --compile/--cudagraphs (auto = on with CUDA), and the status
+        line every run prints."""
+        a, cuda = self.args, self.device.type == "cuda"
+        self.use_compile = a.compile == "on" or (a.compile == "auto" and cuda)
+        self.use_graphs = cuda and a.cudagraphs != "off"
+        print(f"fast paths: torch.compile {'on' if self.use_compile else 'off'}, CUDA graphs "
+              f"{'on' if self.use_graphs else 'off'}, pinned transfers {'on' if cuda else 'off (CPU)'}", flush=True)
+        return self.use_compile, self.use_graphs
+
+    def describe(self, *modules, name: str = "architecture") -> int:
+        """Print the network(s) and parameter count (and put them in TensorBoard's text tab on a fresh run)."""
+        n = sum(p.numel() for m in modules for p in m.parameters())
+        text = "\n".join(str(m) for m in modules)
+        print(text)
+        print(f"parameters: {n:,}")
+        if self.checkpoint is None:
+            self.writer.add_text(name, f"```\n{text}\n```\n\nparameters: {n:,}")
+        return n
+
+    # -- during the run ------------------------------------------------------------------------------------------
+    def log(self, step: int, scalars: dict) -> None:
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def sps(self, step: int) -> int:
+        return int((step - self.start_step) / max(time.time() - self.start_time, 1e-9))
+
+    @contextlib.contextmanager
+    def probing(self):
+        """Time a metric probe: probe_seconds / wall time is the probe share reported in `finished`."""
+        t0 = time.perf_counter()
+        yield
+        self.counters["probe_seconds"] += time.perf_counter() - t0
+        self.counters["n_probes"] += 1
+
+    def wall(self) -> float:
+        return self.counters["wall_seconds"] + time.time() - self.start_time
+
+    def progress(self, step: int, force: bool = False, **fields) -> None:
+        """At most one console line every `progress_every` seconds: step, SPS, ETA, last return, and `fields`."""
+        now = time.time()
+        if not force and now - self._last_print < self._progress_every:
+            return
+        self._last_print = now
+        total, sps = self.args.total_timesteps, self.sps(step)
+        left = int((total - step) / sps) if sps > 0 else None
+        eta = "?" if left is None else f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
+        extra = "".join(f" {k}={v:.4g}" if isinstance(v, float) else f" {k}={v}" for k, v in fields.items())
+        print(f"step {step:,}/{total:,} ({100 * step / total:.1f}%) SPS={sps:,} ETA={eta} "
+              f"return={self.counters['last_return']:.4g} probe_share="
+              f"{100 * self.counters['probe_seconds'] / max(self.wall(), 1e-9):.2f}%{extra}", flush=True)
+
+    def episode(self, step: int, episodic_return: float, length: int) -> None:
+        self.counters["last_return"] = float(episodic_return)
+        self.writer.add_scalar("charts/episodic_return", episodic_return, step)
+        self.writer.add_scalar("charts/episodic_length", length, step)
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def checkpoint_due(self, next_step: int, prev: Optional[int] = None) -> bool:
+        """A checkpoint after the step that makes `next_step` steps done, every --checkpoint-every; none at the end."""
+        return next_step < self.args.total_timesteps and due(next_step, self.args.checkpoint_every, prev)
+
+    def save(self, step: int, state: dict, replay: Optional[ChunkStore] = None, filled: int = 0) -> None:
+        """Checkpoint at `step` (every step before it is done): replay chunks first (new files), then checkpoint.pt,
+        which names them, replaces the old one atomically, then the superseded chunk files go. A kill at any moment
+        leaves one complete resumable checkpoint."""
+        t0 = time.perf_counter()
+        self.writer.flush()  # every event logged so far is on disk before the checkpoint that purges after it
+        manifest, replay_bytes = None, 0
+        if replay is not None:
+            manifest, replay_bytes = replay.save(self.replay_dir, str(step), filled)
+        counters = {**self.counters, "wall_seconds": self.wall()}
+        size = atomic_save({"format": CHECKPOINT_FORMAT, "global_step": step, "script": self.script,
+                            "args": dataclasses.asdict(self.args), "state": state, "counters": counters,
+                            "replay": manifest}, self.ckpt_path)
+        if replay is not None:
+            ChunkStore.prune(self.replay_dir, manifest)
+        self.ckpt_step = step
+        more = f" + {replay_bytes / 1e6:.1f} MB of changed replay chunks" if replay is not None else ""
+        print(f"checkpoint: step {step}, {size / 1e6:.1f} MB{more}, {time.perf_counter() - t0:.1f}s -> "
+              f"{self.ckpt_path}", flush=True)
+
+    def restore_replay(self, store: ChunkStore) -> None:
+        if self.checkpoint is not None and self.checkpoint.get("replay"):
+            store.load(self.replay_dir, self.checkpoint["replay"])
+
+    def resumed(self, *modules) -> None:
+        """The resume line (tests compare its checksum with the checkpoint's); drops the memory-mapped checkpoint."""
+        print(f"resumed {self.dir} from step {self.start_step} (parameter checksum {param_checksum(*modules)!r})",
+              flush=True)
+        self.checkpoint = None
+
+    def stop_nonfinite(self, step: int, what: str, last_good: LastGood) -> None:
+        """Write the last good state beside the resumable checkpoint, say where both are, exit 1."""
+        path = os.path.join(self.dir, "checkpoint_last_good.pt")
+        atomic_save({"format": CHECKPOINT_FORMAT, "global_step": last_good.step, "args": dataclasses.asdict(self.args),
+                     "state": last_good.state}, path)
+        self.writer.close()
+        resumable = self.ckpt_path + (f" (step {self.ckpt_step})" if self.ckpt_step else " (none yet)")
+        fail(f"non-finite {what} at step {step}; last good state (step {last_good.step}) written to {path}; the "
+             f"resumable checkpoint is {resumable}")
+
+    # -- the end -------------------------------------------------------------------------------------------------
+    def finish(self, step: int, keep_checkpoint: bool = False, **extra) -> dict:
+        """Close the writer and write runs/NAME/finished (JSON): what bench.py, sweep.py and analyze.py read."""
+        self.writer.close()
+        wall_here = time.time() - self.start_time
+        summary = {"script": self.script, "global_step": step, "steps_this_process": step - self.start_step,
+                   "wall_seconds": self.wall(), "wall_seconds_this_process": wall_here,
+                   "sps": (step - self.start_step) / max(wall_here, 1e-9),
+                   "probe_seconds": self.counters["probe_seconds"], "n_probes": self.counters["n_probes"],
+                   "probe_share": self.counters["probe_seconds"] / max(self.wall(), 1e-9),
+                   "last_return": self.counters["last_return"],
+                   "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                   "device": self.device.type, "compile": self.use_compile, "cudagraphs": self.use_graphs,
+                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
+        if self.device.type == "cuda":
+            summary["peak_gpu_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            summary["peak_gpu_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
+        with open(os.path.join(self.dir, "finished.tmp"), "w") as f:
+            json.dump(summary, f, indent=1)
+        os.replace(os.path.join(self.dir, "finished.tmp"), os.path.join(self.dir, "finished"))
+        if not keep_checkpoint:  # a finished run is never resumed; a replay checkpoint holds gigabytes
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.ckpt_path)
+            ChunkStore.prune(self.replay_dir, None)
+            with contextlib.suppress(OSError):
+                os.rmdir(self.replay_dir)
+        print(f"done: {step} steps ({summary['steps_this_process']} in this process) in {wall_here:.1f}s, "
+              f"SPS={int(summary['sps'])}; {summary['n_probes']} probes took {summary['probe_seconds']:.2f}s = "
+              f"{100 * summary['probe_share']:.2f}% of wall time; peak host RSS "
+              f"{summary['peak_host_rss_bytes'] / 2**20:.0f} MiB" + (
+                  f", peak GPU memory {summary['peak_gpu_allocated_bytes'] / 2**20:.0f} MiB allocated"
+                  if self.device.type == "cuda" else ""), flush=True)
+        return summary
+
+    # -- Ctrl-C / SIGTERM ----------------------------------------------------------------------------------------
+    def _install_signals(self) -> None:
+        """Ctrl-C or SIGTERM (a scheduler's pre-emption): one line, no traceback, exit 130; the events logged after
+        the last checkpoint are dropped on --resume (purge_step), so the run continues from its last checkpoint."""
+        def on_term(signum, frame):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, on_term)
+        previous = sys.excepthook
+
+        def hook(kind, value, tb):
+            if not issubclass(kind, KeyboardInterrupt):
+                return previous(kind, value, tb)
+            with contextlib.suppress(Exception):
+                self.writer.close()
+                sys.stdout.flush()  # os._exit skips it
+            how = (f"continues from its checkpoint at step {self.ckpt_step} with --resume --run-name "
+                   f"{self.args.run_name}" if self.ckpt_step else
+                   "has no checkpoint yet: start it again without --resume (its events are moved aside)")
+            sys.stderr.write(f"interrupted: {self.dir} {how}\n")
+            sys.stderr.flush()
+            os._exit(130)
+
+        sys.excepthook = hook
+
+
+def _holds_events(directory: str) -> bool:
+    return any(name.startswith("events.out.tfevents") for _, _, files in os.walk(directory) for name in files)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU fast paths (each checked against the plain code on CPU by the tests)
+
+
+def compiled(fn: Callable, enabled: bool = True, strict: bool = False, **compile_kwargs) -> Callable:
+    """`torch.compile(fn)` when `enabled`, else `fn`. If compiling fails (no C++ compiler or Triton, an unsupported
+    op) and not `strict`, one warning goes to stderr and `fn` runs eagerly from then on. Tests pass strict=True."""
+    if not enabled:
+        return fn
+    fast = torch.compile(fn, **compile_kwargs)
+    chosen: list[Callable] = []
+
+    def call(*args):
+        if chosen:
+            return chosen[0](*args)
+        try:
+            out = fast(*args)
+        except Exception as e:  # noqa: BLE001 - any compiler failure means "run eagerly"
+            if strict:
+                raise
+            print(f"warning: torch.compile of {getattr(fn, '__name__', fn)} failed ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0] if str(e) else ''}); running it eagerly", file=sys.stderr, flush=True)
+            chosen.append(fn)
+            return fn(*args)
+        chosen.append(fast)
+        return out
+
+    return call
+
+
+def cuda_graphed(fn: Callable, warmup: int = 3, strict: bool = False) -> Callable:
+    """A callable equivalent to `fn(*tensors)` whose steady state replays a CUDA graph of `fn`: `warmup` eager calls
+    on a side stream (workspaces, autotuning, lazily created optimizer state), then capture on static copies of the
+    inputs, then replay. `fn` must not sync with the host and must update its state in place (set_capturable_). The
+    outputs are the graph's static tensors: consume them before the next call. A failed capture falls back to eager
+    with one warning unless `strict`."""
+    state: dict = {"calls": 0, "graph": None, "eager": False}
+
+    def call(*args):
+        if state["graph"] is not None:
+            for static, a in zip(state["inputs"], args):
+                static.copy_(a, non_blocking=True)
+            state["graph"].replay()
+            return state["outputs"]
+        if state["eager"]:
+            return fn(*args)
+        if not args or not all(torch.is_tensor(a) and a.is_cuda for a in args):
+            raise ValueError("cuda_graphed: every argument must be a CUDA tensor (CUDA graphs need a GPU)")
+        if state["calls"] < warmup:
+            state["calls"] += 1
+            side = state.setdefault("stream", torch.cuda.Stream())
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = fn(*args)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        inputs = [a.clone() for a in args]
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outputs = fn(*inputs)
+        except Exception as e:  # noqa: BLE001
+            if strict:
+                raise
+            print(f"warning: CUDA-graph capture of {getattr(fn, '__name__', fn)} failed ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0] if str(e) else ''}); running it eagerly", file=sys.stderr, flush=True)
+            state["eager"] = True
+            return fn(*args)
+        state.update(graph=graph, inputs=inputs, outputs=outputs)
+        graph.replay()  # capture records the kernels without running them: this call's step happens here
+        return outputs
+
+    return call
+
+
+def set_capturable_(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
+    """Make an Adam-family optimizer's state updatable inside a CUDA graph (lr and step counters become device
+    tensors) or undo it. In place; call it after load_state_dict too. Change the lr with set_lr."""
+    for group in optimizer.param_groups:
+        device = group["params"][0].device
+        lr = float(group["lr"])
+        group["lr"] = torch.tensor(lr, device=device) if capturable else lr
+        group["capturable"] = capturable
+        for p in group["params"]:
+            st = optimizer.state.get(p, {})
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].to(device if capturable else "cpu", torch.float32)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every param group's learning rate: filled in place when it is a tensor (no host sync), else assigned."""
+    for group in optimizer.param_groups:
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+class Staging:
+    """A host buffer and its device twin for batched uploads: fill the array `wait()` returns, then `upload()`. On
+    CUDA the host side is pinned, upload() is one non-blocking copy followed by an event, and wait() blocks on that
+    event so the host buffer is never rewritten while a copy may be in flight. On CPU both sides are the same memory.
+    upload() returns the same device tensor every time (CUDA-graph inputs stay put)."""
+
+    def __init__(self, shape, dtype: torch.dtype, device):
+        cuda = torch.device(device).type == "cuda"
+        self.host = torch.empty(shape, dtype=dtype, pin_memory=cuda)
+        self.np = self.host.numpy()
+        self.device = torch.empty(shape, dtype=dtype, device=device) if cuda else self.host
+        self.copied = torch.cuda.Event() if cuda else None
+
+    def wait(self) -> np.ndarray:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.np
+
+    def upload(self) -> torch.Tensor:
+        if self.copied is not None:
+            self.device.copy_(self.host, non_blocking=True)
+            self.copied.record()
+        return self.device
