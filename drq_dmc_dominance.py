@@ -41,30 +41,22 @@ representation/{latent,fc1,fc2}/{max_score,dormant_score,dormant_kde,srank,satur
 representation/dominant (1 when any probed layer has a neuron with ReDo score > N/2, paper Def. 1), plus grad/{latent,
 fc1,fc2}: mean |dL/dW| of that layer's weights in the critic update at the probe step (paper App. C.2). Here `latent`
 is the 50-d LayerNorm+tanh encoder output that feeds the Q MLPs; fc2 is the penultimate layer (the one the paper sees
-saturate) and fc1 the layer where dominant neurons appear.
+saturate) and fc1 the layer where dominant neurons appear. A probe due before the replay holds --metrics-batch
+transitions is skipped (one line says so).
 
-Cost: rendering is ~25-40 frames/s per CPU core and physics is negligible, but one batch-512 update (critic fwd+bwd,
-three no-grad encoder passes, augmentation) is ~10 CPU-seconds on this project's CPU box, so the 500k-frame recipe
-needs a GPU; the progress line and the final summary split wall time into physics/render/replay/update/eval.
+Cost: rendering is ~25-40 frames/s per CPU core, but one batch-512 update is ~10 CPU-seconds on this project's CPU
+box, so the 500k-frame recipe needs a GPU; the final summary splits wall time into physics/render/replay/update/eval.
 
-Checkpoints (--checkpoint-every N frames, default 50k): runs/NAME/checkpoint.pt, one file replaced atomically, holds
-everything the run needs to continue: actor, critic, target critic, log-alpha and the three optimisers, the pruning
-masks, the replay's filled part (frames stored once, as in memory: ~21 KB per agent step at 84x84, so up to ~2.1 GB at
-the default --buffer-size), the evaluation schedule, the probe batch and the RNG states. `--resume --run-name NAME`
-continues from it with the same flags (the environments start fresh episodes); the TensorBoard log continues with no
-gap and no duplicate. Cost: 50k frames are ~4-14 minutes of a GPU run (one env rendering ~30 steps/s, action repeat
-8-2); a write took 1.1 s for 0.6 GB (25k stored frames) and 3-13 s for 2.2 GB (full buffer) on the CPU box's disk.
-A finished run deletes its checkpoint.pt (keep the model with --save-model). A non-finite loss, parameter or action
-stops the run (exit 1) after writing the last good networks and optimisers to runs/NAME/checkpoint_last_good.pt
-(losses and parameters are checked where the host syncs anyway: every --log-every frames, before probes and
-checkpoints).
+Checkpoints and resume: harness.py. A checkpoint (every --checkpoint-every frames) holds the networks, optimisers,
+pruning masks, evaluation schedule, probe batch and RNG states; the replay (frames stored once, ~21 KB per agent step
+at 84x84, ~2.1 GB at the default --buffer-size) goes to runs/NAME/replay/ in chunks of 8,192 slots, and a checkpoint
+rewrites only the chunks written since the previous one. A resumed run starts fresh episodes. A non-finite loss,
+parameter or action stops the run; losses and parameters are checked where the host syncs anyway (every --log-every
+frames, before probes and checkpoints).
 
-GPU fast paths (README "GPU fast paths"; auto = on with CUDA): `--compile` (torch.compile of the critic loss with its
-augmentation and target, of the actor loss and of the acting step), `--cudagraphs` (the whole update -- critic, target
-lerp, actor and temperature steps with capturable Adam -- and the acting step replayed as CUDA graphs) and pinned
-uploads (each batch in two non-blocking copies: the obs/next_obs stacks, then actions/rewards/terminated). Per agent
-step the only host sync is the action MuJoCo needs; losses and gradient magnitudes are read only where the loop logs,
-probes or checkpoints.
+GPU fast paths (README "GPU fast paths"): torch.compile of the two losses and the acting step; CUDA graphs of the
+whole update (critic, target lerp, actor, temperature, capturable Adam) and of the acting step; pinned batch uploads.
+Per agent step the only host sync is the action MuJoCo needs.
 
 Usage:
   python drq_dmc_dominance.py --env-id cartpole-swingup_sparse --mitigation lnwd
@@ -77,27 +69,26 @@ import os
 os.environ.setdefault("MUJOCO_GL", "egl")  # must precede the dm_control import: headless rendering
 
 import collections
+import contextlib
 import copy
-import json
+import functools
 import math
-import random
-import sys
 import time
-from dataclasses import asdict, dataclass
-from typing import Literal, Optional
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, Optional, get_args
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import tyro
 from dm_control import suite
 from dm_control.suite import finger as dmc_finger
-from torch.utils.tensorboard import SummaryWriter
 
 import common
+import harness
 
-MITIGATIONS = ("none", "ln", "lnwd", "hlgauss", "reset", "redo", "prune")
+Mitigation = Literal["none", "ln", "lnwd", "hlgauss", "reset", "redo", "prune"]
+MITIGATIONS = get_args(Mitigation)
 # modified sparse tasks: id -> (dm_control domain, task)
 MODIFIED_TASKS = {
     "cartpole-balance_sparse_narrow": ("cartpole", "balance_sparse"),
@@ -105,16 +96,14 @@ MODIFIED_TASKS = {
     "reacher-easy_masked": ("reacher", "easy"),
 }
 PLANET_ACTION_REPEAT = {"cartpole": 8, "reacher": 4, "cheetah": 4, "ball_in_cup": 4, "finger": 2, "walker": 2}
-CHECKPOINT_FORMAT = 1
-# flags that may change on --resume: they do not change the training itself
-RESUME_MAY_DIFFER = ("resume", "checkpoint_every", "cuda", "compile", "cudagraphs", "track", "wandb_project_name",
-                     "wandb_entity", "capture_video", "save_model", "eval_episodes", "run_name")
 DEFAULT_SPIN_VELOCITY = dmc_finger._SPIN_VELOCITY  # dm_control's value (15), restored for plain finger envs
 FAST_SPIN_VELOCITY = 30.0
+REPLAY_CHUNK = 8192  # replay slots per checkpoint chunk file (~170 MB of 84x84 frames)
 
 
 @dataclass
 class Args:
+    # Run
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
@@ -123,12 +112,6 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, cuda will be enabled when available"""
-    compile: Literal["auto", "on", "off"] = "auto"
-    """torch.compile the critic loss (augmentation and TD target included), the actor loss and the acting step
-    (auto: on with CUDA; off on CPU, where compiling takes about a minute and gains little)"""
-    cudagraphs: Literal["auto", "on", "off"] = "auto"
-    """replay the acting step and the whole update (critic, target lerp, actor and temperature steps, pruning masks)
-    as CUDA graphs, which removes the per-kernel launch cost of these small networks (auto: on with CUDA; needs CUDA)"""
     track: bool = False
     """track with Weights and Biases (wandb is not installed in this project: gives an error)"""
     wandb_project_name: str = "cleanRL"
@@ -140,28 +123,23 @@ class Args:
     save_model: bool = False
     """save actor, critic and temperature to runs/{run_name}/ at the end"""
     run_name: Optional[str] = None
-    """run directory runs/NAME (default {env_id}__{exp_name}__{seed}__{unix_time})"""
-    checkpoint_every: int = 50_000
-    """frames between checkpoints to runs/NAME/checkpoint.pt (0 = off); the file holds the replay, so it grows to
-    ~2.1 GB at the default --buffer-size and takes seconds to write (minutes of rendering pass between two)"""
-    resume: bool = False
-    """continue runs/NAME (needs --run-name) from runs/NAME/checkpoint.pt; the other flags must match its args.json"""
+    """run directory runs/NAME; None means {env_id}__{exp_name}__{seed}__{unix_time}"""
 
-    # environment
+    # Environment
     env_id: str = "cartpole-swingup"
     """dm_control domain-task, or cartpole-balance_sparse_narrow, finger-spin_fast, reacher-easy_masked"""
     total_timesteps: int = 500_000
     """total environment frames (action-repeated physics steps)"""
     action_repeat: Optional[int] = None
-    """action repeat (default: PlaNet table: cartpole 8, reacher/cheetah/ball_in_cup 4, others 2)"""
+    """action repeat; None means the PlaNet table: cartpole 8, reacher/cheetah/ball_in_cup 4, others 2"""
     frame_stack: int = 3
     """number of stacked RGB frames"""
     image_size: int = 84
     """rendered frame height and width"""
     camera_id: Optional[int] = None
-    """camera to render (default 0; quadruped 2)"""
+    """camera to render; None means 0 (quadruped 2)"""
 
-    # DrQ / SAC (jaxrl defaults)
+    # Algorithm (DrQ / SAC, jaxrl defaults)
     buffer_size: int = 100_000
     """replay capacity in agent steps (one uint8 frame stored per step)"""
     batch_size: int = 512
@@ -181,7 +159,7 @@ class Args:
     init_temperature: float = 0.1
     """initial SAC temperature"""
     target_entropy: Optional[float] = None
-    """SAC target entropy (default -|A|/2, as jaxrl)"""
+    """SAC target entropy; None means -|A|/2, as jaxrl"""
     image_pad: int = 4
     """random-shift augmentation: replicate-pad by this many pixels, then random crop back"""
     hidden_dim: int = 256
@@ -189,25 +167,17 @@ class Args:
     latent_dim: int = 50
     """width of the LayerNorm+tanh projection of the conv features"""
 
-    # evaluation and logging
+    # Evaluation and logging
     eval_every: int = 10_000
     """frames between evaluations of the deterministic policy (0 = off; also evaluates at the end)"""
     eval_episodes: int = 10
     """episodes per evaluation"""
     log_every: int = 1000
-    """frames between loss/statistics scalars and stdout progress lines"""
-    metrics_every: int = 10_000
-    """frames between critic representation probes (0 = off)"""
-    metrics_batch: int = 256
-    """un-augmented replay samples in the (fixed) probe batch"""
-    kde_threshold: float = 20.0
-    """KDE-peak density above which a neuron counts as dormant (dormant_kde)"""
-    kde_noise_std: float = 1e-3
-    """std of the Gaussian noise added before the KDE dormancy test"""
+    """frames between loss/statistics scalars (charts/SPS included)"""
 
-    # mitigations
-    mitigation: str = "none"
-    """one of none, ln, lnwd, hlgauss, reset, redo, prune"""
+    # Network variant and mitigations
+    mitigation: Mitigation = "none"
+    """the paper's mitigation of neuron dominance (see the module docstring)"""
     hr: bool = False
     """Hadamard representation on the critic's hidden layers: act(W1 x + b1) * act(W2 x + b2) (our extension)"""
     hr_branches: int = 2
@@ -237,6 +207,28 @@ class Args:
     prune_every: int = 1000
     """frames between pruning-mask updates (prune)"""
 
+    # Metrics
+    metrics_every: int = 10_000
+    """frames between critic representation probes (0 = off)"""
+    metrics_batch: int = 256
+    """un-augmented replay samples in the (fixed) probe batch, drawn at the first probe with enough stored"""
+    kde_threshold: float = 20.0
+    """KDE-peak density above which a neuron counts as dormant (dormant_kde)"""
+    kde_noise_std: float = 1e-3
+    """std of the Gaussian noise added before the KDE dormancy test"""
+
+    # Checkpointing
+    checkpoint_every: int = 50_000
+    """frames between checkpoints (0 = off); each rewrites only the replay chunks written since the previous one"""
+    resume: bool = False
+    """continue runs/NAME (needs --run-name) from runs/NAME/checkpoint.pt; the other flags must match its args.json"""
+
+    # Speed
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile the critic and actor losses and the acting step (auto: on with CUDA; CPU compiling gains little)"""
+    cudagraphs: Literal["auto", "on", "off"] = "auto"
+    """replay the acting step and the whole update as CUDA graphs (auto: on with CUDA; needs CUDA)"""
+
 
 def parse_env_id(env_id: str):
     """'domain-task' -> (domain, task) of the dm_control suite; modified sparse tasks map to their base task."""
@@ -249,68 +241,39 @@ def parse_env_id(env_id: str):
 
 
 def validate(args: Args) -> None:
-    """Reject bad input with one line on stderr before any environment or buffer exists."""
-    def fail(msg):
-        sys.exit(f"error: {msg}")
-
+    """DrQ's own checks (harness.Run does the generic ones): one line on stderr naming the flag, exit 1."""
     if parse_env_id(args.env_id) is None:
-        fail(f"--env-id {args.env_id!r} is not a dm_control task (expected domain-task, e.g. cartpole-swingup, or one "
-             f"of {', '.join(MODIFIED_TASKS)})")
-    if args.mitigation not in MITIGATIONS:
-        fail(f"--mitigation must be one of {', '.join(MITIGATIONS)}, got {args.mitigation!r}")
-    if args.track:
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            fail("--track needs wandb, which is not installed (pip install wandb)")
+        harness.fail(f"--env-id {args.env_id!r} is not a dm_control task (expected domain-task, e.g. cartpole-swingup, "
+                     f"or one of {', '.join(MODIFIED_TASKS)})")
     if args.capture_video:
-        fail("--capture-video is not supported by drq_dmc_dominance.py")
-    if args.cudagraphs == "on" and not (args.cuda and torch.cuda.is_available()):
-        fail("--cudagraphs on needs a CUDA GPU (none is available, or --no-cuda); use --cudagraphs auto or off")
-    positive = ["total_timesteps", "frame_stack", "image_size", "buffer_size", "batch_size", "hidden_dim", "latent_dim",
-                "log_every", "metrics_batch", "eval_episodes", "hr_branches", "hl_bins"]
-    for name in positive:
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ["learning_starts", "eval_every", "metrics_every", "image_pad", "checkpoint_every"]:
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.action_repeat is not None and args.action_repeat < 1:
-        fail(f"--action-repeat must be >= 1, got {args.action_repeat}")
-    for name in ["policy_lr", "q_lr", "alpha_lr", "init_temperature"]:
-        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
-            fail(f"--{name.replace('_', '-')} must be a positive finite number, got {getattr(args, name)}")
+        harness.fail("--capture-video is not supported by drq_dmc_dominance.py")
+    harness.at_least(args, {"frame_stack": 1, "image_size": 1, "buffer_size": 1, "batch_size": 1, "hidden_dim": 1,
+                            "latent_dim": 1, "log_every": 1, "eval_episodes": 1, "hr_branches": 1, "hl_bins": 1,
+                            "learning_starts": 0, "eval_every": 0, "image_pad": 0})
+    if args.action_repeat is not None:
+        harness.at_least(args, {"action_repeat": 1})
+    harness.finite(args, ["policy_lr", "q_lr", "alpha_lr", "init_temperature"])
     if args.hr and args.hr_branches < 2:
-        fail(f"--hr-branches must be >= 2 with --hr, got {args.hr_branches}")
+        harness.fail(f"--hr-branches must be >= 2 with --hr, got {args.hr_branches}")
     if args.batch_size > args.buffer_size:
-        fail(f"--batch-size ({args.batch_size}) must not exceed --buffer-size ({args.buffer_size})")
+        harness.fail(f"--batch-size {args.batch_size} exceeds --buffer-size {args.buffer_size}")
     if args.metrics_every and args.metrics_batch > args.buffer_size:
-        fail(f"--metrics-batch ({args.metrics_batch}) must not exceed --buffer-size ({args.buffer_size})")
-    if not 0.0 <= args.gamma <= 1.0 or not 0.0 < args.tau <= 1.0:
-        fail(f"--gamma must be in [0, 1] and --tau in (0, 1], got {args.gamma}, {args.tau}")
+        harness.fail(f"--metrics-batch {args.metrics_batch} exceeds --buffer-size {args.buffer_size}")
+    harness.unit_interval(args, ["gamma"])
+    if not 0.0 < args.tau <= 1.0:
+        harness.fail(f"--tau must be in (0, 1], got {args.tau}")
     if args.mitigation == "hlgauss" and (args.hl_bins < 2 or args.hl_max <= args.hl_min or args.hl_sigma <= 0):
-        fail(f"--hl-bins >= 2, --hl-max > --hl-min and --hl-sigma > 0 needed, got {args.hl_bins}, "
-             f"[{args.hl_min}, {args.hl_max}], {args.hl_sigma}")
-    if args.mitigation == "reset" and args.reset_every < 1:
-        fail(f"--reset-every must be >= 1, got {args.reset_every}")
-    if args.mitigation == "redo" and (args.redo_every < 1 or args.redo_tau < 0):
-        fail(f"--redo-every must be >= 1 and --redo-tau >= 0, got {args.redo_every}, {args.redo_tau}")
+        harness.fail(f"--hl-bins >= 2, --hl-max > --hl-min and --hl-sigma > 0 needed, got {args.hl_bins}, "
+                     f"[{args.hl_min}, {args.hl_max}], {args.hl_sigma}")
+    if args.mitigation == "reset":
+        harness.at_least(args, {"reset_every": 1})
+    if args.mitigation == "redo":
+        harness.at_least(args, {"redo_every": 1, "redo_tau": 0})
     if args.mitigation == "prune":
         if not (0.0 <= args.prune_target < 1.0 and 0.0 <= args.prune_start < args.prune_end <= 1.0):
-            fail(f"--prune-target must be in [0, 1) and 0 <= --prune-start < --prune-end <= 1, got "
-                 f"{args.prune_target}, {args.prune_start}, {args.prune_end}")
-        if args.prune_every < 1:
-            fail(f"--prune-every must be >= 1, got {args.prune_every}")
-    frame_bytes = 3 * args.image_size ** 2
-    need = args.buffer_size * (frame_bytes + 64)
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
-    except (OSError, StopIteration):
-        avail = None
-    if avail is not None and need > avail:
-        fail(f"--buffer-size {args.buffer_size} needs {need / 2**30:.1f} GiB of replay but only "
-             f"{avail / 2**30:.1f} GiB is free")
+            harness.fail(f"--prune-target must be in [0, 1) and 0 <= --prune-start < --prune-end <= 1, got "
+                         f"{args.prune_target}, {args.prune_start}, {args.prune_end}")
+        harness.at_least(args, {"prune_every": 1})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -385,17 +348,51 @@ def critic_reward_scale(env_id: str, global_step: int, total_timesteps: int) -> 
     return 1.0
 
 
+def env_seeds(seed: int, start_step: int) -> tuple:
+    """(training env, evaluation env) seeds. A resumed run starts fresh episodes from seeds of its own, so it does
+    not replay the initial states the run began with."""
+    if start_step == 0:
+        return seed, seed + 10_000
+    train, evaluation = np.random.SeedSequence([seed, start_step]).generate_state(2)
+    return int(train), int(evaluation)
+
+
+def evaluate(env: DMCPixels, policy, episodes: int) -> float:
+    """Mean return of `episodes` episodes of policy(obs) -> action (the deterministic policy)."""
+    returns = []
+    for _ in range(episodes):
+        obs, _ = env.reset()
+        done, ret = False, 0.0
+        while not done:
+            obs, _, r, term, trunc, _ = env.step(policy(obs))
+            ret += r
+            done = term or trunc
+        returns.append(ret)
+    return float(np.mean(returns))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Replay: one uint8 frame per time step, stacks rebuilt at sampling
+
+
+class Batch(NamedTuple):
+    """A batch of transitions: numpy from FrameReplay.sample, device tensors (views of persistent buffers) from
+    BatchSampler.sample."""
+    obs: object  # (B, stack*3, H, W) uint8
+    actions: object  # (B, A) float32 in [-1, 1]
+    rewards: object  # (B,) float32, summed over the action repeat
+    terminated: object  # (B,) bool (numpy) / 0. or 1. float32 (tensors): 1 where the step terminated
+    next_obs: object  # (B, stack*3, H, W) uint8
 
 
 class FrameReplay:
     """Ring of single frames. Slot k holds frame f_k and the (action, reward, terminated) that led to it from f_{k-1};
     an episode's reset frame is a slot of its own marked `first`. A transition is any non-first slot p: obs = stack
     ending at p-1, next_obs = stack ending at p, where frames before the episode start are replaced by the episode's
-    first frame (as the env's reset fills its stack). Positions are absolute counters; slot = position % capacity."""
+    first frame (as the env's reset fills its stack). Positions are absolute counters; slot = position % capacity.
+    `store` checkpoints the ring incrementally (harness.ChunkStore): every write marks its slot's chunk changed."""
 
-    def __init__(self, capacity, frame_shape, action_dim, frame_stack):
+    def __init__(self, capacity, frame_shape, action_dim, frame_stack, chunk: int = REPLAY_CHUNK):
         self.capacity, self.stack = capacity, frame_stack
         self.frames = np.zeros((capacity, *frame_shape), np.uint8)
         self.actions = np.zeros((capacity, action_dim), np.float32)
@@ -405,6 +402,16 @@ class FrameReplay:
         self.start = np.zeros(capacity, np.int64)  # absolute position of the slot's episode start
         self.pos = 0
         self.episode_start = 0
+        self.store = harness.ChunkStore({k: getattr(self, k) for k in
+                                         ("frames", "actions", "rewards", "terminated", "first", "start")}, chunk)
+
+    @staticmethod
+    def bytes_needed(capacity: int, image_size: int) -> int:
+        return capacity * (3 * image_size ** 2 + 64)  # a frame, and ~64 B of action, reward, flags, start
+
+    @property
+    def filled(self) -> int:
+        return min(self.pos, self.capacity)
 
     def add_first(self, frame):
         self.episode_start = self.pos
@@ -415,6 +422,7 @@ class FrameReplay:
 
     def _write(self, frame, action, reward, terminated, first):
         i = self.pos % self.capacity
+        self.store.touch(i)
         self.frames[i] = frame
         self.actions[i] = action
         self.rewards[i] = reward
@@ -422,20 +430,6 @@ class FrameReplay:
         self.first[i] = first
         self.start[i] = self.episode_start
         self.pos += 1
-
-    ARRAYS = ("frames", "actions", "rewards", "terminated", "first", "start")
-
-    def state_dict(self):
-        """The filled part only, as tensors sharing the arrays' memory (torch.save writes them without a copy)."""
-        n = min(self.pos, self.capacity)
-        return {"pos": self.pos, "episode_start": self.episode_start,
-                **{k: torch.from_numpy(getattr(self, k)[:n]) for k in self.ARRAYS}}
-
-    def load_state_dict(self, state):
-        n = min(state["pos"], self.capacity)
-        for k in self.ARRAYS:
-            getattr(self, k)[:n] = state[k].numpy()
-        self.pos, self.episode_start = state["pos"], state["episode_start"]
 
     def num_transitions(self):
         lo = max(0, self.pos - self.capacity)
@@ -467,38 +461,38 @@ class FrameReplay:
         offsets = np.arange(self.stack, -1, -1)
         return np.maximum(p[:, None] - offsets[None, :], self.start[p % self.capacity][:, None]) % self.capacity
 
-    def sample(self, batch_size, rng: np.random.Generator):
-        """Uniform over valid transitions: (obs, actions, rewards, terminated, next_obs), numpy; obs uint8."""
+    def sample(self, batch_size, rng: np.random.Generator) -> Batch:
+        """Uniform over valid transitions, as numpy arrays."""
         p = self.sample_positions(batch_size, rng)
         slot = p % self.capacity
         f = self.frames[self.stack_slots(p)]  # (B, stack+1, C, H, W)
         b, _, c, h, w = f.shape
         obs = f[:, :-1].reshape(b, self.stack * c, h, w)
         next_obs = f[:, 1:].reshape(b, self.stack * c, h, w)
-        return obs, self.actions[slot], self.rewards[slot], self.terminated[slot], next_obs
+        return Batch(obs, self.actions[slot], self.rewards[slot], self.terminated[slot], next_obs)
 
 
 class BatchSampler:
     """FrameReplay.sample(batch_size, rng) into persistent tensors, with batched transfers: the obs and next_obs
     stacks are gathered straight into one uint8 host buffer (2B, stack*C, H, W) (np.take with out=, no intermediate
     copy) and actions, rewards, terminated into one float32 buffer (A + 2, B); on CUDA both are pinned and go up in
-    one non-blocking copy each. sample() returns (obs, actions, rewards, terminated, next_obs) as views of the same
-    device memory at every call (CUDA-graph inputs: use them before the next sample()); terminated is 0./1. float.
+    one non-blocking copy each. sample() returns a Batch of views of the same device memory at every call (CUDA-graph
+    inputs: use them before the next sample()); terminated is 0./1. float.
     Same RNG draws and same values as FrameReplay.sample."""
 
     def __init__(self, rb: FrameReplay, batch_size: int, device: torch.device):
         self.rb, self.batch_size = rb, batch_size
         c, h, w = rb.frames.shape[1:]
         self.a = a = rb.actions.shape[1]
-        self.frames = common.Staging((2 * batch_size, rb.stack * c, h, w), torch.uint8, device)
+        self.frames = harness.Staging((2 * batch_size, rb.stack * c, h, w), torch.uint8, device)
         self.frames_np = self.frames.np.reshape(2, batch_size, rb.stack, c, h, w)  # a view: [0] obs, [1] next_obs
         # rows: actions (transposed), reward, terminated. Every view is dense, so the clones cuda_graphed captures on
         # keep its strides (a column of a (B, A + 2) buffer would come back contiguous and make dynamo recompile)
-        self.scalars = common.Staging((a + 2, batch_size), torch.float32, device)
+        self.scalars = harness.Staging((a + 2, batch_size), torch.float32, device)
         f, x = self.frames.device, self.scalars.device
-        self.batch = (f[:batch_size], x[:a].t(), x[a], x[a + 1], f[batch_size:])
+        self.batch = Batch(f[:batch_size], x[:a].t(), x[a], x[a + 1], f[batch_size:])
 
-    def sample(self, rng: np.random.Generator):
+    def sample(self, rng: np.random.Generator) -> Batch:
         rb, a = self.rb, self.a
         p = rb.sample_positions(self.batch_size, rng)
         q = rb.stack_slots(p)
@@ -783,24 +777,32 @@ def redo_critic_(critic: Critic, actor: Actor, obs, actions, tau, critic_opt, ac
     return recycled
 
 
-def mean_abs_grad(params) -> torch.Tensor:
-    """Mean |dL/dW| over the given parameters' gradients, as a 0-d tensor (no host sync)."""
-    return torch.cat([p.grad.abs().flatten() for p in params]).mean()
+# ---------------------------------------------------------------------------------------------------------------
+# Probe
 
 
-def crossed(prev_step, step, every):
-    """True when a multiple of `every` lies in (prev_step, step]."""
-    return every > 0 and step // every > prev_step // every
+@torch.no_grad()
+def probe_metrics(critic: Critic, obs: torch.Tensor, actions: torch.Tensor, grads: torch.Tensor, args: Args) -> dict:
+    """Every representation/* and grad/* scalar of one probe: common.probe_scalars on Q1's latent, fc1 and fc2 (no
+    hidden_bias: the latent reaches the head only through fc1, beside the action), each layer's `dominant` (paper
+    Def. 1: some neuron's ReDo score > N/2) and their maximum, and the critic-loss gradients of this step's update."""
+    layers = critic.probe(critic.encoder(obs), actions)
+    out = common.probe_scalars(layers, tau=args.redo_tau, kde_threshold=args.kde_threshold,
+                               kde_noise_std=args.kde_noise_std, seed=args.seed)
+    for name, (acts, _) in layers.items():
+        out[f"representation/{name}/dominant"] = float(out[f"representation/{name}/max_score"] > acts.shape[1] / 2)
+    out["representation/dominant"] = max(out[f"representation/{name}/dominant"] for name in layers)
+    return {**out, **{f"grad/{name}": g for name, g in zip(GRAD_LAYERS, grads.tolist())}}
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Hot path: acting and the update, as functions of tensors (README "GPU fast paths"). The loop builds them once; with
-# --compile / --cudagraphs they are compiled and/or replayed as CUDA graphs. None of them syncs with the host, and
-# everything a graph reads (parameters, optimiser state, pruning masks, log_alpha, the batch tensors) stays in place.
+# ALGO LOGIC: acting and the update, as functions of tensors the loop builds once (compiled and/or replayed as CUDA
+# graphs with --compile / --cudagraphs). None of them syncs with the host; everything a graph reads (parameters,
+# optimiser state, pruning masks, log_alpha, the batch tensors) stays in place.
 
 STAT_NAMES = ("losses/qf_loss", "losses/qf1_values", "losses/actor_loss", "losses/alpha_loss", "losses/alpha",
-              "losses/entropy")  # the rows of update()'s stats tensor
-GRAD_LAYERS = ("latent", "fc1", "fc2")  # the rows of update()'s grads tensor: grad/<layer>
+              "losses/entropy")  # the rows of train_step's stats tensor
+GRAD_LAYERS = ("latent", "fc1", "fc2")  # the rows of train_step's grads tensor: grad/<layer>
 
 
 def make_act(critic: Critic, actor: Actor, deterministic: bool = False):
@@ -814,191 +816,95 @@ def make_act(critic: Critic, actor: Actor, deterministic: bool = False):
     return act
 
 
-def make_update(critic: Critic, target_critic: Critic, actor: Actor, log_alpha: torch.Tensor,
-                critic_opt: torch.optim.Optimizer, actor_opt: torch.optim.Optimizer, alpha_opt: torch.optim.Optimizer,
-                args: Args, target_entropy: float, hl: Optional[HLGauss] = None,
-                pruner: Optional[MagnitudePruner] = None, compile_loss: bool = False):
-    """update(obs_u8, actions, rewards, terminated, next_u8, reward_scale) -> (stats, grads): one DrQ update --
-    random shift of both stacks, soft TD target from the target critic, critic step (MSE or HL-Gauss), pruning masks
-    re-applied, target lerp, actor step on the updated critic's features (gradients stopped at the encoder), and
-    temperature step. Inputs are tensors (terminated 0./1. float, reward_scale a 0-d tensor); stats holds STAT_NAMES
-    and grads the mean |dL/dW| of the critic loss at GRAD_LAYERS (Q1's path), both device tensors read only where
-    the loop syncs. The two losses are what torch.compile sees; the whole update is what a CUDA graph captures."""
-    gamma, tau, pad = args.gamma, args.tau, args.image_pad
+def q_value(out: torch.Tensor, hl: Optional[HLGauss]) -> torch.Tensor:
+    return hl.value(out) if hl is not None else out.squeeze(-1)
+
+
+def mean_abs_grad(params) -> torch.Tensor:
+    """Mean |dL/dW| over the given parameters' gradients, as a 0-d tensor (no host sync)."""
+    return torch.cat([p.grad.abs().flatten() for p in params]).mean()
+
+
+def critic_loss(critic, target_critic, actor, hl, args, obs_u8, actions, rewards, terminated, next_u8, reward_scale,
+                alpha):
+    """Random shift of both stacks, soft TD target from the target critic (jaxrl backup_entropy), MSE or HL-Gauss on
+    both Q heads. Returns (loss, mean Q1, the shifted obs the actor then uses)."""
+    obs, next_obs = random_shift(obs_u8, args.image_pad), random_shift(next_u8, args.image_pad)  # still uint8
+    with torch.no_grad():
+        next_a, next_logp = actor.sample(critic.encoder(next_obs))
+        tq1, tq2 = target_critic(target_critic.encoder(next_obs), next_a)
+        next_v = torch.min(q_value(tq1, hl), q_value(tq2, hl)) - alpha * next_logp
+        target = rewards * reward_scale + args.gamma * (1.0 - terminated) * next_v
+    q1, q2 = critic(critic.encoder(obs), actions)
+    if hl is not None:
+        loss = hl.loss(q1, target) + hl.loss(q2, target)
+    else:
+        loss = F.mse_loss(q1.squeeze(-1), target) + F.mse_loss(q2.squeeze(-1), target)
+    return loss, q_value(q1, hl).detach().mean(), obs
+
+
+def actor_loss(critic, actor, hl, obs, alpha):
+    """SAC's actor loss on the updated critic's conv features, gradients stopped (jaxrl copies the encoder into the
+    actor). Returns (loss, entropy estimate)."""
+    with torch.no_grad():
+        feats = critic.encoder(obs)
+    pi, logp = actor.sample(feats)
+    pq1, pq2 = critic(feats, pi)
+    return (alpha * logp - torch.min(q_value(pq1, hl), q_value(pq2, hl))).mean(), -logp.detach().mean()
+
+
+def make_train_step(critic: Critic, target_critic: Critic, actor: Actor, log_alpha: torch.Tensor,
+                    critic_opt: torch.optim.Optimizer, actor_opt: torch.optim.Optimizer,
+                    alpha_opt: torch.optim.Optimizer, args: Args, target_entropy: float,
+                    hl: Optional[HLGauss] = None, pruner: Optional[MagnitudePruner] = None, compile_loss: bool = False):
+    """train_step(obs, actions, rewards, terminated, next_obs, reward_scale) -> (stats, grads): one DrQ update --
+    critic step, pruning masks re-applied, target lerp, actor step, temperature step. Inputs are tensors (a Batch, then
+    reward_scale as a 0-d tensor); stats holds STAT_NAMES and grads the mean |dL/dW| of the critic loss at GRAD_LAYERS
+    (Q1's path), device tensors read only where the loop syncs. The two losses are what torch.compile sees; the whole
+    step is what a CUDA graph captures."""
     critic_params, target_params = list(critic.parameters()), list(target_critic.parameters())
     grad_groups = ([critic.proj.weight], [lin.weight for lin in critic.q1.fc1.linears],
                    [lin.weight for lin in critic.q1.fc2.linears])
+    critic_loss_fn = harness.compiled(functools.partial(critic_loss, critic, target_critic, actor, hl, args),
+                                      compile_loss)
+    actor_loss_fn = harness.compiled(functools.partial(actor_loss, critic, actor, hl), compile_loss)
 
-    def q_value(out):
-        return hl.value(out) if hl is not None else out.squeeze(-1)
-
-    def critic_loss_fn(obs_u8, actions, rewards, terminated, next_u8, reward_scale, alpha):
-        obs = random_shift(obs_u8, pad)  # uint8 stays uint8: the encoder scales it
-        next_obs = random_shift(next_u8, pad)
-        rewards = rewards * reward_scale
-        not_done = 1.0 - terminated
-        with torch.no_grad():
-            next_a, next_logp = actor.sample(critic.encoder(next_obs))
-            tq1, tq2 = target_critic(target_critic.encoder(next_obs), next_a)
-            next_v = torch.min(q_value(tq1), q_value(tq2)) - alpha * next_logp  # soft backup (jaxrl backup_entropy)
-            target = rewards + gamma * not_done * next_v
-        q1, q2 = critic(critic.encoder(obs), actions)
-        if hl is not None:
-            loss = hl.loss(q1, target) + hl.loss(q2, target)
-        else:
-            loss = F.mse_loss(q1.squeeze(-1), target) + F.mse_loss(q2.squeeze(-1), target)
-        return loss, q_value(q1).detach().mean(), obs
-
-    def actor_loss_fn(obs, alpha):
-        # on the updated critic's conv features, gradients stopped (jaxrl copies the encoder into the actor)
-        with torch.no_grad():
-            feats = critic.encoder(obs)
-        pi, logp = actor.sample(feats)
-        pq1, pq2 = critic(feats, pi)
-        return (alpha * logp - torch.min(q_value(pq1), q_value(pq2))).mean(), -logp.detach().mean()
-
-    critic_loss_fn = common.compiled(critic_loss_fn, compile_loss)
-    actor_loss_fn = common.compiled(actor_loss_fn, compile_loss)
-
-    def update(obs_u8, actions, rewards, terminated, next_u8, reward_scale):
+    def train_step(obs_u8, actions, rewards, terminated, next_u8, reward_scale):
         alpha = log_alpha.detach().exp()
-        critic_loss, q1_mean, obs = critic_loss_fn(obs_u8, actions, rewards, terminated, next_u8, reward_scale, alpha)
+        qf_loss, q1_mean, obs = critic_loss_fn(obs_u8, actions, rewards, terminated, next_u8, reward_scale, alpha)
         critic_opt.zero_grad(set_to_none=True)
-        critic_loss.backward()
+        qf_loss.backward()
         grads = torch.stack([mean_abs_grad(ps) for ps in grad_groups])  # cheap: always computed, read when probing
         critic_opt.step()
         if pruner is not None:
             pruner.apply()
         with torch.no_grad():
-            torch._foreach_lerp_(target_params, critic_params, tau)
-        actor_loss, entropy = actor_loss_fn(obs, alpha)
+            torch._foreach_lerp_(target_params, critic_params, args.tau)
+        pi_loss, entropy = actor_loss_fn(obs, alpha)
         actor_opt.zero_grad(set_to_none=True)
-        actor_loss.backward()
+        pi_loss.backward()
         actor_opt.step()
         alpha_loss = log_alpha.exp() * (entropy - target_entropy)
         alpha_opt.zero_grad(set_to_none=True)
         alpha_loss.backward()
         alpha_opt.step()
-        stats = torch.stack([critic_loss.detach(), q1_mean, actor_loss.detach(), alpha_loss.detach(), alpha, entropy])
-        return stats, grads
+        return torch.stack([qf_loss.detach(), q1_mean, pi_loss.detach(), alpha_loss.detach(), alpha, entropy]), grads
 
-    return update
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Checkpoints and resume
+    return train_step
 
 
-def check_resume(args: Args, run_dir: str, run_args: dict) -> None:
-    """The --resume rules, checked before any environment or buffer exists: exit 0 when the run already finished,
-    exit 1 with one line when there is nothing to resume or the flags differ from the run's args.json."""
-    if args.run_name is None:
-        sys.exit("error: --resume needs --run-name NAME (the run directory to continue)")
-    finished = os.path.join(run_dir, "finished")
-    if os.path.exists(finished):
-        print(f"run {args.run_name} already finished ({finished} exists); nothing to resume")
-        sys.exit(0)
-    if not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
-        sys.exit(f"error: --resume: no checkpoint in {run_dir}")
-    try:
-        with open(os.path.join(run_dir, "args.json")) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: --resume: cannot read {run_dir}/args.json ({e})")
-    conflicts = common.arg_conflicts(saved, run_args, RESUME_MAY_DIFFER)
-    if conflicts:
-        diffs = ", ".join(f"--{k.replace('_', '-')} (saved {saved.get(k)}, now {run_args.get(k)})" for k in conflicts)
-        sys.exit(f"error: --resume: {run_dir} was made with other flags: {diffs}")
+make_update = make_train_step  # the name of earlier versions
 
-
-def ensure_writable(run_dir: str) -> None:
-    """Create runs/NAME and write a file in it, or exit with one line naming --run-name."""
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        probe = os.path.join(run_dir, ".write_test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        reason = "a file of that name is in the way" if os.path.isfile(run_dir) else (e.strerror or str(e))
-        sys.exit(f"error: --run-name {os.path.basename(run_dir)}: cannot write {run_dir} ({reason})")
-
-
-def env_seeds(seed: int, start_step: int) -> tuple:
-    """(training env, evaluation env) seeds. A resumed run starts fresh episodes from seeds of its own, so it does
-    not replay the initial states the run began with."""
-    if start_step == 0:
-        return seed, seed + 10_000
-    train, evaluation = np.random.SeedSequence([seed, start_step]).generate_state(2)
-    return int(train), int(evaluation)
-
-
-def param_checksum(*state_dicts) -> float:
-    """Sum in float64 of every float tensor of the state_dicts: printed on resume, so the restored networks can be
-    compared with the checkpoint file."""
-    return sum(float(t.double().sum()) for sd in state_dicts for t in sd.values() if t.is_floating_point())
-
-
-def snapshot_(dst, src):
-    """Detached copy of the nested dicts/lists of tensors `src` (state_dicts), reusing dst's tensors (copy_, no new
-    memory) wherever they still match: the in-memory last good state written when training goes non-finite."""
-    if isinstance(src, torch.Tensor):
-        if isinstance(dst, torch.Tensor) and (dst.shape, dst.dtype, dst.device) == (src.shape, src.dtype, src.device):
-            return dst.copy_(src)
-        return src.detach().clone()
-    if isinstance(src, dict):
-        dst = dst if isinstance(dst, dict) else {}
-        return {k: snapshot_(dst.get(k), v) for k, v in src.items()}
-    if isinstance(src, (list, tuple)):
-        dst = dst if isinstance(dst, (list, tuple)) and len(dst) == len(src) else [None] * len(src)
-        return type(src)(snapshot_(d, v) for d, v in zip(dst, src))
-    return copy.deepcopy(src)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = harness.cli(Args)
     validate(args)
-    run_name = args.run_name or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
-    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
-    run_args = {**asdict(args), "run_name": run_name}
-    if args.resume:
-        check_resume(args, run_dir, run_args)
-    elif os.path.exists(ckpt_path):
-        sys.exit(f"error: --run-name {run_name}: {run_dir} already holds a checkpoint; add --resume to continue it, "
-                 f"or choose another --run-name")
-    ensure_writable(run_dir)
-    if not args.resume:
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(run_args, f, indent=2)
-    # mmap: the replay's frames are read from the file page by page into the buffer, never held twice in memory
-    t_resume = time.perf_counter()
-    ckpt = None
-    if args.resume:
-        try:
-            ckpt = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
-        except Exception as e:  # noqa: BLE001  (truncated, empty, not a torch file: one line, not a traceback)
-            sys.exit(f"error: --resume: cannot read {ckpt_path} ({type(e).__name__}: {str(e).splitlines()[0]})")
-        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-            sys.exit(f"error: --resume: {ckpt_path} is not a checkpoint of format {CHECKPOINT_FORMAT}")
-    start_step = ckpt["global_step"] if ckpt else 0
-    # Events are logged at the frame count reached by the step that produced them, so a checkpoint at step S
-    # already holds the events at S (flushed before it was written): drop only the ones logged after it.
-    writer = SummaryWriter(run_dir, purge_step=start_step + 1 if ckpt else None)
-    if not ckpt:
-        writer.add_text("hyperparameters",
-                        "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    rng = np.random.default_rng(args.seed)
-
-    train_seed, eval_seed = env_seeds(args.seed, start_step)
+    run = harness.Run(args, memory={f"--buffer-size {args.buffer_size}": FrameReplay.bytes_needed(
+        args.buffer_size, args.image_size)}, log_at_steps_done=True)  # events at S belong to the checkpoint at S
+    device = run.device
+    rng = np.random.default_rng(args.seed)  # random actions before learning starts, replay sampling, ReDo's batch
+    probe_rng = np.random.default_rng([args.seed, 1])  # the probe batch's draw: never an RNG that drives the agent
+    train_seed, eval_seed = env_seeds(args.seed, run.start_step)
     env = make_env(args, train_seed)
     eval_env = make_env(args, eval_seed) if args.eval_every > 0 else None
     action_dim, obs_shape = env.action_dim, env.obs_shape
@@ -1013,260 +919,179 @@ if __name__ == "__main__":
         critic_opt = torch.optim.Adam(critic.parameters(), lr=args.q_lr)
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
     alpha_opt = torch.optim.Adam([log_alpha], lr=args.alpha_lr)
+    optimizers = {"critic_opt": critic_opt, "actor_opt": actor_opt, "alpha_opt": alpha_opt}
+    networks = {"critic": critic, "target_critic": target_critic, "actor": actor}
     hl = HLGauss(args.hl_min, args.hl_max, args.hl_bins, args.hl_sigma, device) if args.mitigation == "hlgauss" \
         else None
     pruner = MagnitudePruner(prunable_weights(critic)) if args.mitigation == "prune" else None
     rb = FrameReplay(args.buffer_size, (3, args.image_size, args.image_size), action_dim, args.frame_stack)
-    probe_gen = torch.Generator(device=device)  # re-seeded at every probe: the KDE noise is the same each time
+    run.describe(critic, actor)
+    print(f"{args.env_id}: action repeat {env.action_repeat}, camera {env.camera_id}; actor on the critic's encoder "
+          f"(gradients stopped); replay {FrameReplay.bytes_needed(rb.capacity, args.image_size) / 1e9:.2f} GB")
 
-    n_critic = sum(p.numel() for p in critic.parameters())
-    n_actor = sum(p.numel() for p in actor.parameters())
-    arch = (f"{critic}\n{actor}\ncritic parameters: {n_critic:,} (conv encoder shared with the actor, gradients "
-            f"stopped); actor parameters (without encoder): {n_actor:,}; action repeat {env.action_repeat}, "
-            f"camera {env.camera_id}, device {device}")
-    print(arch)
-    if not ckpt:
-        writer.add_text("architecture", f"```\n{arch}\n```")
+    def training_state() -> dict:
+        """Networks, temperature and optimisers (live references): the last good state, and a checkpoint's core."""
+        return {**{k: m.state_dict() for k, m in networks.items()}, "log_alpha": log_alpha.detach(),
+                **{k: opt.state_dict() for k, opt in optimizers.items()}}
 
-    def training_state():
-        """Networks and optimisers (state_dicts reference the live tensors)."""
-        return {"critic": critic.state_dict(), "target_critic": target_critic.state_dict(),
-                "actor": actor.state_dict(), "log_alpha": log_alpha.detach(), "critic_opt": critic_opt.state_dict(),
-                "actor_opt": actor_opt.state_dict(), "alpha_opt": alpha_opt.state_dict()}
-
-    global_step, last_return, probe_batch, last_eval_step = 0, float("nan"), None, -1
-    checkpoint_step = None  # step of the checkpoint.pt this run can be resumed from
-    if ckpt:
-        for module, key in ((critic, "critic"), (target_critic, "target_critic"), (actor, "actor")):
-            module.load_state_dict(ckpt[key])
+    probe_batch, last_eval_step = None, -1  # the probe batch is fixed at the first probe: curves compare like with like
+    if run.checkpoint is not None:
+        state = run.checkpoint["state"]
+        for key, module in networks.items():
+            module.load_state_dict(state[key])
+        for key, opt in optimizers.items():  # own copies: on the CPU they would view the memory-mapped file
+            opt.load_state_dict(copy.deepcopy(state[key]))
         with torch.no_grad():
-            log_alpha.copy_(ckpt["log_alpha"])
-        for opt, key in ((critic_opt, "critic_opt"), (actor_opt, "actor_opt"), (alpha_opt, "alpha_opt")):
-            opt.load_state_dict(ckpt[key])
-        if pruner is not None:
-            for mask, saved in zip(pruner.masks, ckpt["prune_masks"]):
+            log_alpha.copy_(state["log_alpha"])
+            for mask, saved in zip(pruner.masks if pruner is not None else [], state["prune_masks"] or []):
                 mask.copy_(saved)
-        rb.load_state_dict(ckpt["replay"])
-        if ckpt["probe_batch"] is not None:
-            probe_batch = tuple(t.to(device) for t in ckpt["probe_batch"])
-        global_step = checkpoint_step = ckpt["global_step"]
-        last_eval_step, last_return = ckpt["last_eval_step"], ckpt["last_return"]
-        common.set_rng_state(ckpt["rng"], rng)
-        del ckpt
-        checksum = param_checksum(critic.state_dict(), target_critic.state_dict(), actor.state_dict())
-        print(f"resumed {run_dir} from step {global_step} (parameter checksum {checksum!r}); ready in "
-              f"{time.perf_counter() - t_resume:.1f}s", flush=True)
-    use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
-    use_graphs = device.type == "cuda" and args.cudagraphs != "off"
-    for opt in (critic_opt, actor_opt, alpha_opt):  # after load_state_dict, which brings the saved run's setting
-        common.set_capturable_(opt, use_graphs)
-    last_good = {"step": global_step, "state": snapshot_(None, training_state())}  # for a non-finite stop
-
-    # the hot functions, built once: compiled and/or replayed as CUDA graphs (README "GPU fast paths"). Every
-    # mitigation writes what the graphs read in place (reset zeroes Adam state, ReDo and pruning write into the
-    # weights, moments and masks), so none of them needs the graphs off.
-    update = make_update(critic, target_critic, actor, log_alpha, critic_opt, actor_opt, alpha_opt, args,
-                         target_entropy, hl, pruner, use_compile)
-    act = common.compiled(make_act(critic, actor), use_compile)
-    act_eval = common.compiled(make_act(critic, actor, deterministic=True), use_compile)
+        run.restore_replay(rb.store)
+        rb.pos, rb.episode_start = int(state["replay"]["pos"]), int(state["replay"]["episode_start"])
+        if state["probe_batch"] is not None:
+            probe_batch = tuple(t.to(device, copy=True) for t in state["probe_batch"])
+        last_eval_step = state["last_eval_step"]
+        harness.set_rng_state(state["rng"], rng, probe_rng)
+        run.resumed(critic, target_critic, actor)
+    use_compile, use_graphs = run.fast_paths()
+    for opt in optimizers.values():  # after load_state_dict, which brings the saved run's setting
+        harness.set_capturable_(opt, use_graphs)
+    # every mitigation writes what the graphs read in place (reset zeroes Adam state, ReDo and pruning write into the
+    # weights, moments and masks), so none of them needs the graphs off
+    train_step = make_train_step(critic, target_critic, actor, log_alpha, critic_opt, actor_opt, alpha_opt, args,
+                                 target_entropy, hl, pruner, use_compile)
+    act = harness.compiled(make_act(critic, actor), use_compile)
+    act_eval = harness.compiled(make_act(critic, actor, deterministic=True), use_compile)
     if use_graphs:
-        update, act, act_eval = common.cuda_graphed(update), common.cuda_graphed(act), common.cuda_graphed(act_eval)
-    print(f"fast paths: torch.compile {'on' if use_compile else 'off'}, CUDA graphs {'on' if use_graphs else 'off'}, "
-          f"pinned transfers {'on' if device.type == 'cuda' else 'off (CPU)'}", flush=True)
+        train_step, act, act_eval = map(harness.cuda_graphed, (train_step, act, act_eval))
     sampler = BatchSampler(rb, args.batch_size, device)
-    obs_in = common.Staging((1, *obs_shape), torch.uint8, device) if device.type == "cuda" else None
+    obs_in = harness.Staging((1, *obs_shape), torch.uint8, device) if device.type == "cuda" else None
     reward_scale_t = torch.ones((), device=device)  # the critic's reward scale, filled in place when it changes
     reward_scale = 1.0
+    last_good = harness.LastGood()
+    last_good.update(run.start_step, training_state())
+    timers = collections.defaultdict(float)  # wall seconds per phase (on CUDA, update time is launch time only)
+
+    @contextlib.contextmanager
+    def timed(phase: str):
+        t = time.perf_counter()
+        yield
+        timers[phase] += time.perf_counter() - t
+
+    def seconds() -> dict:
+        return {"physics": env.time_physics, "render": env.time_render, **timers}
 
     def policy_action(fn, obs) -> np.ndarray:
         """fn (act or act_eval) on one observation; the action's host copy is the one sync of an agent step."""
         if obs_in is None:  # CPU: the stack itself, no copy
-            x = torch.from_numpy(obs)[None]
-        else:  # CUDA: through a pinned buffer, one non-blocking copy
-            obs_in.wait()[0] = obs
-            x = obs_in.upload()
-        return fn(x)[0].cpu().numpy()
+            return fn(torch.from_numpy(obs)[None])[0].cpu().numpy()
+        obs_in.wait()[0] = obs  # CUDA: through a pinned buffer, one non-blocking copy
+        return fn(obs_in.upload())[0].cpu().numpy()
 
-    def stop_non_finite(what):
-        """Write the last good state to checkpoint_last_good.pt (checkpoint.pt stays the resume point); exit 1."""
-        path = os.path.join(run_dir, "checkpoint_last_good.pt")
-        common.atomic_save({"format": CHECKPOINT_FORMAT, "global_step": last_good["step"], "args": run_args,
-                            **last_good["state"]}, path)
-        writer.close()
-        resumable = f"{ckpt_path} (step {checkpoint_step})" if checkpoint_step is not None else "(none yet)"
-        sys.exit(f"error: non-finite {what}; last good state (step {last_good['step']}) written to {path}; the "
-                 f"resumable checkpoint is {resumable}")
-
-    def keep_if_finite(stats):
-        """Called where the host syncs anyway (before logging, probing, checkpointing): stop on a non-finite loss
-        or parameter, else make the current state the last good one."""
-        bad = [k for k, v in stats.items() if not math.isfinite(float(v))]
+    def keep_if_finite(step: int, stats: dict) -> None:
+        """Where the host syncs anyway (logging, probing, checkpointing): stop on a non-finite loss or parameter,
+        else the current state becomes the last good one."""
+        bad = [k for k, v in stats.items() if not math.isfinite(v)]
         if bad:
-            stop_non_finite(f"loss at step {global_step} ({', '.join(bad)})")
-        params = [*critic.parameters(), *target_critic.parameters(), *actor.parameters(), log_alpha]
-        if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
-            stop_non_finite(f"parameters at step {global_step}")
-        last_good["step"] = global_step
-        last_good["state"] = snapshot_(last_good["state"], training_state())  # copy_ into the same tensors
+            run.stop_nonfinite(step, f"loss ({', '.join(bad)})", last_good)
+        if not harness.all_finite([*critic.parameters(), *target_critic.parameters(), *actor.parameters(),
+                                   log_alpha]).item():
+            run.stop_nonfinite(step, "parameters", last_good)
+        last_good.update(step, training_state())
 
-    def save_checkpoint():
-        """Everything the run needs to continue, in one file replaced atomically; returns (MB, seconds)."""
-        t = time.perf_counter()
-        writer.flush()  # the events logged so far (steps <= global_step) reach the disk before the checkpoint
-        size = common.atomic_save({
-            "format": CHECKPOINT_FORMAT, "global_step": global_step, "args": run_args, **training_state(),
-            "prune_masks": pruner.masks if pruner is not None else None, "replay": rb.state_dict(),
-            "last_eval_step": last_eval_step, "last_return": last_return, "probe_batch": probe_batch,
-            "rng": common.rng_state(rng)}, ckpt_path)
-        return size / 1e6, time.perf_counter() - t
-
-    def to_torch(x):
-        return torch.as_tensor(x, device=device)
-
-    def evaluate():
-        returns = []
-        for _ in range(args.eval_episodes):
-            obs, _ = eval_env.reset()
-            done, ret = False, 0.0
-            while not done:
-                obs, _, r, term, trunc, _ = eval_env.step(policy_action(act_eval, obs))
-                ret += r
-                done = term or trunc
-            returns.append(ret)
-        return float(np.mean(returns))
-
-    timers = collections.defaultdict(float)  # wall seconds per phase (on CUDA, update time is launch time only)
-    start_time = time.time()  # SPS counts the frames of this process only (from start_step)
+    global_step = run.start_step
     obs, frame = env.reset()  # a resumed run starts a fresh episode
     rb.add_first(frame)
     episode_return, episode_frames, stats = 0.0, 0, None
     while global_step < args.total_timesteps:
         prev_step = global_step
+        # ALGO LOGIC: uniformly random actions until learning starts, then the policy's; one frame stored per step
         if global_step < args.learning_starts:
             action = rng.uniform(-1.0, 1.0, action_dim).astype(np.float32)
         else:
             action = policy_action(act, obs)
             if not np.isfinite(action).all():  # the host has the action anyway; MuJoCo would raise on it
-                stop_non_finite(f"action at step {global_step}")
+                run.stop_nonfinite(global_step, "action", last_good)
         obs, frame, reward, terminated, truncated, frames = env.step(action)
         global_step += frames
         episode_return += reward
         episode_frames += frames
         rb.add(frame, action, reward, terminated)
         if terminated or truncated:
-            writer.add_scalar("charts/episodic_return", episode_return, global_step)
-            writer.add_scalar("charts/episodic_length", episode_frames, global_step)
-            last_return, episode_return, episode_frames = episode_return, 0.0, 0
+            run.episode(global_step, episode_return, episode_frames)
+            episode_return, episode_frames = 0.0, 0
             obs, frame = env.reset()
             rb.add_first(frame)
 
+        log_now = harness.due(global_step, args.log_every, prev_step)
+        checkpoint_now = run.checkpoint_due(global_step, prev_step)
         if global_step >= args.learning_starts:
-            probe_now = (crossed(prev_step, global_step, args.metrics_every)
-                         and rb.num_transitions() >= args.metrics_batch)
-            t = time.perf_counter()
-            batch = sampler.sample(rng)
-            timers["replay"] += time.perf_counter() - t
-            t = time.perf_counter()
-            scale = critic_reward_scale(args.env_id, global_step, args.total_timesteps)
-            if scale != reward_scale:
-                reward_scale = scale
-                reward_scale_t.fill_(scale)
-            # with CUDA graphs, stats and grads are the graph's static outputs, overwritten by the next update: they
-            # are read below, in this iteration, or never
-            stats_t, grads_t = update(*batch, reward_scale_t)
-            timers["update"] += time.perf_counter() - t
+            # ALGO LOGIC: one update per agent step, then the mitigation due at this step
+            with timed("replay"):
+                batch = sampler.sample(rng)
+            with timed("update"):
+                scale = critic_reward_scale(args.env_id, global_step, args.total_timesteps)
+                if scale != reward_scale:
+                    reward_scale = scale
+                    reward_scale_t.fill_(scale)
+                # with CUDA graphs, stats_t and grads_t are the graph's static outputs, overwritten by the next
+                # update: they are read below, in this iteration, or never
+                stats_t, grads_t = train_step(*batch, reward_scale_t)
+            with timed("mitigation"):
+                if args.mitigation == "reset" and harness.due(global_step, args.reset_every, prev_step):
+                    reset_critic_heads_(critic, target_critic, Critic(obs_shape, action_dim, args).to(device),
+                                        critic_opt)
+                    run.log(global_step, {"charts/critic_resets": global_step // args.reset_every})
+                if args.mitigation == "redo" and harness.due(global_step, args.redo_every, prev_step):
+                    r = rb.sample(args.batch_size, rng)
+                    n = redo_critic_(critic, actor, torch.as_tensor(r.obs, device=device),
+                                     torch.as_tensor(r.actions, device=device), args.redo_tau, critic_opt, actor_opt)
+                    run.log(global_step, {"charts/redo_recycled": n})
+                if pruner is not None and harness.due(global_step, args.prune_every, prev_step):
+                    pruner.update(cubic_sparsity(global_step, args.total_timesteps, args.prune_target,
+                                                 args.prune_start, args.prune_end))
+                    run.log(global_step, {"charts/critic_sparsity": pruner.sparsity()})
 
-            t = time.perf_counter()
-            if args.mitigation == "reset" and crossed(prev_step, global_step, args.reset_every):
-                reset_critic_heads_(critic, target_critic, Critic(obs_shape, action_dim, args).to(device), critic_opt)
-                writer.add_scalar("charts/critic_resets", global_step // args.reset_every, global_step)
-            if args.mitigation == "redo" and crossed(prev_step, global_step, args.redo_every):
-                r_obs, r_act, *_ = rb.sample(args.batch_size, rng)
-                n = redo_critic_(critic, actor, to_torch(r_obs), to_torch(r_act), args.redo_tau, critic_opt, actor_opt)
-                writer.add_scalar("charts/redo_recycled", n, global_step)
-            if pruner is not None and crossed(prev_step, global_step, args.prune_every):
-                pruner.update(cubic_sparsity(global_step, args.total_timesteps, args.prune_target, args.prune_start,
-                                             args.prune_end))
-                writer.add_scalar("charts/critic_sparsity", pruner.sparsity(), global_step)
-            timers["mitigation"] += time.perf_counter() - t
-
-            if (probe_now or crossed(prev_step, global_step, args.log_every)
-                    or crossed(prev_step, global_step, args.checkpoint_every)):
+            probe_now = harness.due(global_step, args.metrics_every, prev_step)
+            if probe_now and probe_batch is None and (stored := rb.num_transitions()) < args.metrics_batch:
+                print(f"probe at step {global_step} skipped: the replay holds {stored} transitions, fewer than "
+                      f"--metrics-batch {args.metrics_batch}", flush=True)
+                probe_now = False
+            if probe_now or log_now or checkpoint_now:
                 stats = dict(zip(STAT_NAMES, stats_t.tolist()))  # the host sync of this update
                 stats["charts/critic_reward_scale"] = reward_scale
-                keep_if_finite(stats)  # what is about to be probed, logged or saved is finite
-
+                keep_if_finite(global_step, stats)  # what is about to be probed, logged or saved is finite
             if probe_now:
-                t = time.perf_counter()
-                if probe_batch is None:  # fixed at the first probe, reused so curves compare like with like
-                    p_obs, p_act, *_ = rb.sample(args.metrics_batch, rng)
-                    probe_batch = (to_torch(p_obs), to_torch(p_act))
-                probe_gen.manual_seed(args.seed)
-                with torch.no_grad():
-                    layers = critic.probe(critic.encoder(probe_batch[0]), probe_batch[1])
-                any_dominant = 0.0
-                for name, (acts, pre) in layers.items():
-                    m = common.layer_metrics(acts, pre, tau=args.redo_tau, kde_threshold=args.kde_threshold,
-                                             kde_noise_std=args.kde_noise_std, generator=probe_gen)
-                    m["dominant"] = float(m["max_score"] > acts.shape[1] / 2)  # paper Def. 1: s_i > N/2
-                    any_dominant = max(any_dominant, m["dominant"])
-                    for k, v in m.items():
-                        writer.add_scalar(f"representation/{name}/{k}", v, global_step)
-                writer.add_scalar("representation/dominant", any_dominant, global_step)
-                for name, g in zip(GRAD_LAYERS, grads_t.tolist()):
-                    writer.add_scalar(f"grad/{name}", g, global_step)
-                timers["metrics"] += time.perf_counter() - t
+                with timed("metrics"), run.probing():
+                    if probe_batch is None:
+                        p = rb.sample(args.metrics_batch, probe_rng)
+                        probe_batch = (torch.as_tensor(p.obs, device=device), torch.as_tensor(p.actions, device=device))
+                    run.log(global_step, probe_metrics(critic, *probe_batch, grads_t, args))
 
-        if stats is not None and crossed(prev_step, global_step, args.log_every):
-            for k, v in stats.items():
-                writer.add_scalar(k, float(v), global_step)
-            # float, not CleanRL's int: DrQ on a CPU runs below 1 frame/s
-            writer.add_scalar("charts/SPS", (global_step - start_step) / (time.time() - start_time), global_step)
-
-        if eval_env is not None and crossed(prev_step, global_step, args.eval_every):
-            t = time.perf_counter()
-            writer.add_scalar("eval/episodic_return", evaluate(), global_step)
+        if stats is not None and log_now:  # SPS as a float, not CleanRL's int: DrQ on a CPU runs below 1 frame/s
+            sps = (global_step - run.start_step) / max(time.time() - run.start_time, 1e-9)
+            run.log(global_step, {**stats, "charts/SPS": sps})
+        if eval_env is not None and harness.due(global_step, args.eval_every, prev_step):
+            with timed("eval"):
+                run.log(global_step, {"eval/episodic_return": evaluate(
+                    eval_env, lambda o: policy_action(act_eval, o), args.eval_episodes)})
             last_eval_step = global_step
-            timers["eval"] += time.perf_counter() - t
-
-        if crossed(prev_step, global_step, args.log_every) or global_step >= args.total_timesteps:
-            sps = (global_step - start_step) / (time.time() - start_time)
-            print(f"global_step={global_step}, SPS={sps:.2f}, episodic_return={last_return:.1f} | seconds: "
-                  f"physics={env.time_physics:.1f} render={env.time_render:.1f} replay={timers['replay']:.1f} "
-                  f"update={timers['update']:.1f} mitigation={timers['mitigation']:.1f} "
-                  f"metrics={timers['metrics']:.1f} eval={timers['eval']:.1f}", flush=True)
-
-        # not at the last step: the run finishes right after it, and a finished run is never resumed
-        if crossed(prev_step, global_step, args.checkpoint_every) and global_step < args.total_timesteps:
-            mb, seconds = save_checkpoint()
-            checkpoint_step = global_step
-            timers["checkpoint"] += seconds
-            print(f"checkpoint: step {global_step}, {mb:.1f} MB, {seconds:.1f}s -> {ckpt_path}", flush=True)
+        if checkpoint_now:
+            run.save(global_step, {**training_state(), "prune_masks": pruner.masks if pruner is not None else None,
+                                   "replay": {"pos": rb.pos, "episode_start": rb.episode_start},
+                                   "last_eval_step": last_eval_step, "probe_batch": probe_batch,
+                                   "rng": harness.rng_state(rng, probe_rng)}, replay=rb.store, filled=rb.filled)
+        run.progress(global_step, **{k: round(v, 1) for k, v in seconds().items()})
 
     if eval_env is not None and last_eval_step != global_step:  # end-of-run evaluation
-        t = time.perf_counter()
-        ret = evaluate()
-        writer.add_scalar("eval/episodic_return", ret, global_step)
-        timers["eval"] += time.perf_counter() - t
-        print(f"final eval/episodic_return={ret:.1f} ({args.eval_episodes} episodes, {timers['eval']:.1f}s in eval)")
-    total = time.time() - start_time
-    print(f"done: {global_step} frames ({global_step - start_step} in this process, {total:.1f}s, "
-          f"SPS={(global_step - start_step) / total:.2f}); seconds: physics="
-          f"{env.time_physics:.1f} render={env.time_render:.1f} "
-          f"(eval env: physics={getattr(eval_env, 'time_physics', 0):.1f} "
-          f"render={getattr(eval_env, 'time_render', 0):.1f}) replay={timers['replay']:.1f} "
-          f"update={timers['update']:.1f} "
-          f"mitigation={timers['mitigation']:.1f} metrics={timers['metrics']:.1f} eval={timers['eval']:.1f} "
-          f"checkpoint={timers['checkpoint']:.1f}")
-    if device.type == "cuda":  # scripts/bench.py reads this line
-        print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB allocated, "
-              f"{torch.cuda.max_memory_reserved(device) / 2**20:.0f} MiB reserved")
+        with timed("eval"):
+            ret = evaluate(eval_env, lambda o: policy_action(act_eval, o), args.eval_episodes)
+        run.log(global_step, {"eval/episodic_return": ret})
+        print(f"final eval/episodic_return={ret:.1f} ({args.eval_episodes} episodes)")
     if args.save_model:
-        path = os.path.join(run_dir, f"{args.exp_name}.cleanrl_model")
+        path = os.path.join(run.dir, f"{args.exp_name}.cleanrl_model")
         torch.save({"critic": critic.state_dict(), "actor": actor.state_dict(), "log_alpha": log_alpha.detach()}, path)
         print(f"model saved to {path}")
-    writer.close()
-    with open(os.path.join(run_dir, "finished"), "w") as f:  # sweeps skip finished runs; analyze.py counts them
-        json.dump({"global_step": global_step, "wall_seconds": total}, f)
-    if os.path.exists(ckpt_path):  # a finished run is never resumed, and its checkpoint holds gigabytes of replay
-        os.remove(ckpt_path)
+    phases = {**seconds(), "eval_physics": getattr(eval_env, "time_physics", 0.0),
+              "eval_render": getattr(eval_env, "time_render", 0.0)}
+    print("seconds: " + " ".join(f"{k}={v:.1f}" for k, v in phases.items()))
+    run.finish(global_step, seconds=phases)

@@ -1,21 +1,14 @@
-"""Tests of drq_dmc_dominance.py: HL-Gauss, pruning, sparse-task modifications, frame replay, augmentation, input
-validation, the GPU fast paths against the code they replaced (on CPU), and smoke runs of the real script per
-mitigation (event files read back).
+"""Tests of drq_dmc_dominance.py: HL-Gauss, pruning, sparse-task modifications, frame replay and its incremental
+checkpoints, augmentation, input validation, the update and the GPU fast paths against independent formulations (on
+CPU), smoke runs of the real script per mitigation (event files read back), kill/resume and the non-finite stop.
 
 Rendering (~25 frames/s per core) dominates: smoke runs use cartpole (action repeat 8) and a few hundred frames."""
 import concurrent.futures
 import copy
-import dataclasses
 import functools
 import json
 import math
 import os
-import re
-import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -24,7 +17,8 @@ import torch._inductor.config as inductor_config
 from scipy.stats import norm
 
 import drq_dmc_dominance as drq
-from conftest import REPO
+import harness
+from conftest import kill_after_checkpoint, resume_after_kill, steps_of
 
 SCRIPT = "drq_dmc_dominance.py"
 
@@ -302,6 +296,7 @@ def test_batched_sampler_returns_what_frame_replay_sample_returned():
         rng.bit_generator.state = state  # the same RNG state for both
         got = sampler.sample(rng)
         assert rng.bit_generator.state == after  # the same draws
+        assert isinstance(got, drq.Batch) and isinstance(want, drq.Batch)
         assert [g.dtype for g in got] == [torch.uint8, torch.float32, torch.float32, torch.float32, torch.uint8]
         for g, w in zip(got, want):
             w = torch.from_numpy(np.asarray(w)).float() if w.dtype == np.bool_ else torch.from_numpy(np.asarray(w))
@@ -350,9 +345,9 @@ def small_agent(mitigation="none", seed=0, **kw):
 
 
 def agent_update(a, compile_loss=False):
-    return drq.make_update(a["critic"], a["target_critic"], a["actor"], a["log_alpha"], a["critic_opt"],
-                           a["actor_opt"], a["alpha_opt"], a["args"], a["target_entropy"], a["hl"], a["pruner"],
-                           compile_loss)
+    return drq.make_train_step(a["critic"], a["target_critic"], a["actor"], a["log_alpha"], a["critic_opt"],
+                               a["actor_opt"], a["alpha_opt"], a["args"], a["target_entropy"], a["hl"], a["pruner"],
+                               compile_loss)
 
 
 def agent_tensors(a, optimizer_state=True):
@@ -364,9 +359,18 @@ def agent_tensors(a, optimizer_state=True):
     return out
 
 
+def reference_shift(x, pad):
+    """DrQ's augmentation as the paper writes it: replicate-pad, then crop back at a random offset per sample (the
+    offsets drawn as random_shift draws them: all rows, then all columns)."""
+    n, _, h, w = x.shape
+    oy, ox = torch.randint(0, 2 * pad + 1, (n,)), torch.randint(0, 2 * pad + 1, (n,))
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="replicate")
+    return torch.stack([padded[i, :, oy[i]:oy[i] + h, ox[i]:ox[i] + w] for i in range(n)])
+
+
 def reference_update(a, batch, reward_scale):
-    """The update closure of the training loop before make_update, verbatim but for its free variables (numpy
-    batch in, stats dict and probe_grads=True gradient magnitudes as floats out)."""
+    """The update written out step by step as the inline update of the training loop was (numpy batch in, stats
+    dict and gradient magnitudes as floats out), with its own augmentation (pad, then crop)."""
     critic, target_critic, actor, log_alpha = a["critic"], a["target_critic"], a["actor"], a["log_alpha"]
     critic_opt, actor_opt, alpha_opt, hl, pruner, args = (a["critic_opt"], a["actor_opt"], a["alpha_opt"], a["hl"],
                                                           a["pruner"], a["args"])
@@ -384,8 +388,8 @@ def reference_update(a, batch, reward_scale):
         return torch.cat(grads).mean().item() if grads else 0.0
 
     obs_u8, actions, rewards, terminated, next_u8 = batch
-    obs = drq.random_shift(to_torch(obs_u8).float(), args.image_pad)
-    next_obs = drq.random_shift(to_torch(next_u8).float(), args.image_pad)
+    obs = reference_shift(to_torch(obs_u8).float(), args.image_pad)
+    next_obs = reference_shift(to_torch(next_u8).float(), args.image_pad)
     actions, rewards = to_torch(actions), to_torch(rewards) * reward_scale
     not_done = 1.0 - to_torch(terminated).float()
     alpha = log_alpha.exp().detach()
@@ -430,7 +434,7 @@ def reference_update(a, batch, reward_scale):
 
 @pytest.mark.parametrize("mitigation, hr", [("none", False), ("hlgauss", False), ("lnwd", True), ("prune", False)])
 def test_update_matches_the_reference_update(mitigation, hr):
-    """make_update fed by BatchSampler performs exactly the steps of the inline update it replaced, fed by
+    """make_train_step fed by BatchSampler performs exactly the steps of the update written out, fed by
     FrameReplay.sample: the same stats, gradient magnitudes, parameters and optimiser state, bit for bit."""
     ref, new = small_agent(mitigation, hr=hr), small_agent(mitigation, hr=hr)
     update = agent_update(new)
@@ -520,7 +524,7 @@ def test_compiled_paths_match_eager(monkeypatch):
     """torch.compile (inductor, on CPU here) of the critic and actor losses and of the acting step gives the eager
     results. strict: a compiler failure fails the test instead of silently falling back to eager. Inductor draws its
     own random numbers unless fallback_random is set, which makes it draw torch's eager ones."""
-    monkeypatch.setattr(drq.common, "compiled", functools.partial(drq.common.compiled, strict=True))
+    monkeypatch.setattr(drq.harness, "compiled", functools.partial(harness.compiled, strict=True))
     torch._dynamo.reset()
     eager, fast = small_agent("hlgauss"), small_agent("hlgauss")
     eager_update, fast_update = agent_update(eager), agent_update(fast, compile_loss=True)
@@ -540,23 +544,48 @@ def test_compiled_paths_match_eager(monkeypatch):
     # (inductor sums in another order) can move a weight by a fraction of lr: compare to a tenth of one step
     for g, w in zip(agent_tensors(fast, False), agent_tensors(eager, False)):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-3)
-    act = drq.common.compiled(drq.make_act(fast["critic"], fast["actor"], deterministic=True), True)
+    act = harness.compiled(drq.make_act(fast["critic"], fast["actor"], deterministic=True), True)
     eager_act = drq.make_act(fast["critic"], fast["actor"], deterministic=True)
     for i in range(2):
         torch.testing.assert_close(act(batch[0][i:i + 1]), eager_act(batch[0][i:i + 1]), rtol=1e-5, atol=1e-6)
 
 
-def test_cudagraphs_on_needs_cuda():
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
+def test_mitigation_is_a_choice_and_the_probe_batch_must_fit_the_replay():
     with pytest.raises(SystemExit) as e:
-        drq.validate(drq.Args(cudagraphs="on"))
-    assert "--cudagraphs" in str(e.value.code)
+        harness.cli(drq.Args, ["--mitigation", "dropout"])
+    assert str(e.value.code).startswith("error: invalid choice 'dropout' for argument '--mitigation'")
+    assert harness.cli(drq.Args, ["--mitigation", "hlgauss"]).mitigation == "hlgauss"
     with pytest.raises(SystemExit) as e:
-        drq.validate(drq.Args(cudagraphs="on", cuda=False))
-    assert "--cudagraphs" in str(e.value.code)
-    drq.validate(drq.Args(cudagraphs="off", compile="on"))  # these are fine without CUDA
-    assert {"compile", "cudagraphs"} <= set(drq.RESUME_MAY_DIFFER)  # they do not change what is trained
+        drq.validate(drq.Args(buffer_size=200, batch_size=8, metrics_batch=256))
+    assert e.value.code == "error: --metrics-batch 256 exceeds --buffer-size 200"
+    drq.validate(drq.Args(buffer_size=200, batch_size=8, metrics_batch=256, metrics_every=0))  # no probe: fine
+
+
+def test_probe_depends_only_on_the_network_and_batch_and_flags_dominance():
+    """probe_metrics: every tag of the three layers, each layer's `dominant` = (max_score > width / 2), the same result
+    however many probes ran before, and no draw from torch's global RNG (which drives the agent)."""
+    agent = small_agent(kde_noise_std=1e-3)
+    obs = torch.randint(0, 256, (32, *OBS_SHAPE), dtype=torch.uint8)
+    actions = torch.rand(32, ACTION_DIM) * 2 - 1
+    grads = torch.tensor([0.1, 0.2, 0.3])
+    before = torch.get_rng_state()
+    first = drq.probe_metrics(agent["critic"], obs, actions, grads, agent["args"])
+    assert torch.equal(torch.get_rng_state(), before)
+    assert drq.probe_metrics(agent["critic"], obs, actions, grads, agent["args"]) == first
+    widths = {"latent": 8, "fc1": 16, "fc2": 16}
+    for layer, width in widths.items():
+        for key in ("max_score", "dormant_score", "dormant_kde", "srank", "saturated", "zombie"):
+            assert math.isfinite(first[f"representation/{layer}/{key}"])
+        assert first[f"representation/{layer}/dominant"] == float(first[f"representation/{layer}/max_score"] > width / 2)
+    assert first["representation/dominant"] == max(first[f"representation/{k}/dominant"] for k in widths)
+    assert [first[f"grad/{k}"] for k in ("latent", "fc1", "fc2")] == pytest.approx([0.1, 0.2, 0.3])
+
+
+def test_only_flags_that_do_not_change_training_may_differ_on_resume():
+    may = set(harness.MAY_DIFFER_ON_RESUME)
+    assert {"total_timesteps", "seed", "buffer_size", "batch_size", "q_lr", "mitigation", "env_id", "learning_starts",
+            "metrics_every", "log_every", "eval_every", "action_repeat", "image_pad"}.isdisjoint(may)
+    assert {"torch_deterministic", "compile", "cudagraphs", "cuda", "checkpoint_every"} <= may
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -615,7 +644,9 @@ def test_smoke_run_logs_training_and_dominance_metrics(smoke_runs, read_scalars,
             assert 0 < mx <= width and dom == float(mx > width / 2)
     assert all(v > 0 for _, v in s["grad/fc1"])  # gradients reach the hidden layers
     assert [step for step, _ in s["representation/fc1/max_score"]] == SMOKE[name][1]
-    assert "global_step=" in proc.stdout and "SPS=" in proc.stdout
+    done = 1040 if name == "none" else 240
+    assert f"done: {done} steps" in proc.stdout and "seconds: physics=" in proc.stdout
+    assert json.loads((run_dir / "finished").read_text())["global_step"] == done
     compiled = "on" if name == "compiled" else "off"
     assert f"fast paths: torch.compile {compiled}, CUDA graphs off, pinned transfers off (CPU)" in proc.stdout
     assert "warning: torch.compile" not in proc.stderr  # compiled for real, no eager fallback
@@ -641,61 +672,51 @@ def test_smoke_run_logs_training_and_dominance_metrics(smoke_runs, read_scalars,
 # Checkpoint, resume, non-finite stop
 
 
-def test_resume_accepts_flags_that_do_not_change_training(tmp_path):
-    """The may-differ list leaves out everything that changes the training."""
-    may = set(drq.RESUME_MAY_DIFFER)
-    assert {"total_timesteps", "seed", "buffer_size", "batch_size", "q_lr", "mitigation", "env_id",
-            "learning_starts", "metrics_every", "log_every"}.isdisjoint(may)
-    saved = {**dataclasses.asdict(drq.Args()), "run_name": "x"}
-    now = {**saved, "resume": True, "checkpoint_every": 7, "cuda": False, "eval_episodes": 3}
-    assert drq.common.arg_conflicts(saved, now, may) == []
-
-
-def test_frame_replay_state_round_trip_after_wraparound(tmp_path):
-    rb = drq.FrameReplay(17, (3, 4, 4), 2, 3)
-    rng = np.random.default_rng(0)
-    for t in range(40):
-        frame = rng.integers(0, 255, (3, 4, 4), dtype=np.uint8)
-        if t % 9 == 0:
+def filled_replay(rb, n, gen, start=0):
+    """n writes into rb: random frames, actions, rewards; an episode every 7 writes, every other one terminated."""
+    for t in range(start, start + n):
+        frame = gen.integers(0, 256, rb.frames.shape[1:], dtype=np.uint8)
+        if t % 7 == 0:
             rb.add_first(frame)
         else:
-            rb.add(frame, rng.uniform(-1, 1, 2), float(t), t % 9 == 8)
-    torch.save(rb.state_dict(), tmp_path / "rb.pt")
-    restored = drq.FrameReplay(17, (3, 4, 4), 2, 3)
-    restored.load_state_dict(torch.load(tmp_path / "rb.pt", mmap=True, weights_only=False))
-    a, b = rb.sample(64, np.random.default_rng(5)), restored.sample(64, np.random.default_rng(5))
-    for x, y in zip(a, b):
+            rb.add(frame, gen.uniform(-1, 1, rb.actions.shape[1]), float(t), t % 14 == 13)
+    return rb
+
+
+def test_replay_checkpoints_rewrite_only_changed_chunks_and_restore_exactly(tmp_path):
+    """Through the ring's ChunkStore (chunks of 8 slots in a 40-slot ring): a checkpoint after 5 more writes rewrites
+    the 2 chunks they touched and keeps the others' files; after wrapping, the restored ring (its arrays, and the
+    transitions it samples) equals the original."""
+    gen, directory = np.random.default_rng(0), str(tmp_path / "replay")
+    rb = filled_replay(drq.FrameReplay(40, (3, 6, 6), 2, 3, chunk=8), 20, gen)
+    first, size = rb.store.save(directory, "100", rb.filled)
+    assert sorted(first["files"]) == [0, 1, 2] and size > 0  # slots 0..19: chunks 0-2
+    filled_replay(rb, 5, gen, start=20)  # slots 20..24: chunks 2 and 3
+    second, _ = rb.store.save(directory, "200", rb.filled)
+    assert second["files"] == {0: first["files"][0], 1: first["files"][1], 2: "chunk00002_200.pt",
+                               3: "chunk00003_200.pt"}
+    harness.ChunkStore.prune(directory, second)
+    assert sorted(os.listdir(directory)) == sorted(second["files"].values())
+    filled_replay(rb, 30, gen, start=25)  # wraps: slots 25..39 and 0..14
+    assert rb.pos == 55 and rb.filled == 40
+    third, _ = rb.store.save(directory, "300", rb.filled)
+    assert third["files"][2] == second["files"][2]  # slots 16..23 untouched since the second checkpoint
+    assert {i for i, f in third["files"].items() if f.endswith("_300.pt")} == {0, 1, 3, 4}
+
+    restored = drq.FrameReplay(40, (3, 6, 6), 2, 3, chunk=8)
+    restored.store.load(directory, third)
+    restored.pos, restored.episode_start = rb.pos, rb.episode_start
+    for k in ("frames", "actions", "rewards", "terminated", "first", "start"):
+        np.testing.assert_array_equal(getattr(restored, k), getattr(rb, k), err_msg=k)
+    for x, y in zip(rb.sample(64, np.random.default_rng(5)), restored.sample(64, np.random.default_rng(5))):
         np.testing.assert_array_equal(x, y)
-    half = drq.FrameReplay(1000, (3, 8, 8), 2, 3)  # partly filled: only the filled slots are stored
-    half.add_first(np.zeros((3, 8, 8), np.uint8))
-    half.add(np.ones((3, 8, 8), np.uint8), [0.5, 0.5], 1.0, False)
-    state = half.state_dict()
-    assert state["pos"] == 2 and state["frames"].shape == (2, 3, 8, 8) and state["first"].tolist() == [True, False]
-    torch.save(state, tmp_path / "half.pt")
-    assert os.path.getsize(tmp_path / "half.pt") < 20_000 < half.frames.nbytes  # views saved without their arrays
+    assert not restored.store.dirty.any()  # the next checkpoint writes only what changes after the restore
 
 
-def test_snapshot_reuses_its_tensors():
-    net = torch.nn.Linear(3, 2)
-    opt = torch.optim.Adam(net.parameters())
-    net(torch.ones(1, 3)).sum().backward()
-    opt.step()
-    snap = drq.snapshot_(None, {"net": net.state_dict(), "opt": opt.state_dict()})
-    ptr = snap["net"]["weight"].data_ptr()
-    with torch.no_grad():
-        net.weight.add_(1.0)
-    again = drq.snapshot_(snap, {"net": net.state_dict(), "opt": opt.state_dict()})
-    assert again["net"]["weight"].data_ptr() == ptr  # copied into, not reallocated
-    assert torch.equal(again["net"]["weight"], net.weight) and again["net"]["weight"] is not net.weight
-    assert torch.equal(again["opt"]["state"][0]["exp_avg"], opt.state[net.weight]["exp_avg"])
-
-
-def _checksum(ckpt):
-    """Independent of the script: float64 sum of every float tensor of the three networks in the checkpoint file."""
-    total = 0.0
-    for key in ("critic", "target_critic", "actor"):
-        total += sum(float(t.double().sum()) for t in ckpt[key].values() if torch.is_floating_point(t))
-    return total
+def _checksum(state):
+    """Independent of the script: float64 sum of every float tensor of the three networks in the checkpoint."""
+    return sum(float(t.double().sum()) for key in ("critic", "target_critic", "actor")
+               for t in state[key].values() if torch.is_floating_point(t))
 
 
 KILL_FLAGS = ["--env-id", "cartpole-swingup", "--batch-size", "8", "--buffer-size", "24", "--learning-starts", "80",
@@ -704,66 +725,39 @@ KILL_FLAGS = ["--env-id", "cartpole-swingup", "--batch-size", "8", "--buffer-siz
               "--seed", "3", "--run-name", "killed"]
 
 
-def test_sigkill_after_checkpoint_then_resume_continues_the_run(tmp_path, run_script, read_scalars):
-    """A real run (cartpole: 8 frames per render; 640 frames, checkpoint at 240, pruning masks and a wrapped replay
-    of 24 slots) is SIGKILLed after it has logged past its checkpoint, then resumed to the end."""
+def test_sigkill_after_checkpoint_then_resume_continues_the_run(tmp_path):
+    """A real run (cartpole: 8 frames per render; 640 frames, checkpoints at 240 and 480, pruning masks and a wrapped
+    replay of 24 slots) is SIGKILLed after a checkpoint, then resumed to the end with --no-torch-deterministic (a
+    flag that may differ on resume)."""
     run_dir = tmp_path / "runs" / "killed"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    with open(tmp_path / "first.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, os.path.join(REPO, SCRIPT), *KILL_FLAGS], cwd=tmp_path, env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.time() + 180
-            # kill once the checkpoint exists and the run has logged a step after it (events the resume must purge)
-            while not ((run_dir / "checkpoint.pt").exists()
-                       and "global_step=320" in (tmp_path / "first.log").read_text()):
-                assert proc.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    first = (tmp_path / "first.log").read_text()
-    assert proc.returncode == -signal.SIGKILL and not (run_dir / "finished").exists(), first[-3000:]
-    shutil.copy(run_dir / "checkpoint.pt", tmp_path / "saved.pt")
-    ckpt = torch.load(tmp_path / "saved.pt", map_location="cpu", weights_only=False)
-    step = ckpt["global_step"]
-    assert step in (240, 480) and f"checkpoint: step {step}," in first
-    assert ckpt["format"] == drq.CHECKPOINT_FORMAT and ckpt["args"]["run_name"] == "killed"
-    replay = ckpt["replay"]
-    assert replay["pos"] > 24 and replay["frames"].shape == (24, 3, 84, 84)  # wrapped: all 24 slots are filled
-    assert ckpt["probe_batch"] is not None and ckpt["probe_batch"][0].shape == (16, 9, 84, 84)
-    assert len(ckpt["prune_masks"]) == 4 + 1 + 2 * 2 and not all(bool(m.all()) for m in ckpt["prune_masks"])
-    assert set(ckpt["rng"]) >= {"python", "numpy", "torch", "generators"} and len(ckpt["rng"]["generators"]) == 1
+    out, ckpt, _ = kill_after_checkpoint(SCRIPT, KILL_FLAGS, tmp_path, "killed", 240)
+    step, state = ckpt["global_step"], ckpt["state"]
+    assert step in (240, 480) and f"checkpoint: step {step}," in out
+    assert "probe at step 80 skipped: the replay holds 10 transitions, fewer than --metrics-batch 16" in out
+    assert ckpt["format"] == harness.CHECKPOINT_FORMAT and ckpt["args"]["run_name"] == "killed"
+    assert state["replay"]["pos"] > 24 and ckpt["replay"]["layout"]["capacity"] == 24  # wrapped
+    assert sorted(ckpt["replay"]["files"].values()) == sorted(p.name for p in (run_dir / "replay").iterdir())
+    assert state["probe_batch"] is not None and state["probe_batch"][0].shape == (16, 9, 84, 84)
+    assert len(state["prune_masks"]) == 4 + 1 + 2 * 2 and not all(bool(m.all()) for m in state["prune_masks"])
+    assert len(state["rng"]["generators"]) == 2  # the agent's RNG and the probe batch's
 
-    proc = run_script(SCRIPT, KILL_FLAGS + ["--resume"], cwd=tmp_path, timeout=300, env={"OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    m = re.search(r"resumed runs/killed from step (\d+) \(parameter checksum ([-+0-9.e]+)\)", proc.stdout)
-    assert m and int(m.group(1)) == step, proc.stdout[-3000:]
-    assert float(m.group(2)) == pytest.approx(_checksum(ckpt), rel=1e-12, abs=1e-9)  # restored == checkpointed
+    proc, checksum, s = resume_after_kill(SCRIPT, KILL_FLAGS + ["--no-torch-deterministic"], tmp_path,
+                                          "killed", ckpt)
+    assert checksum == pytest.approx(_checksum(state), rel=1e-12, abs=1e-9)  # restored == checkpointed
     assert json.loads((run_dir / "finished").read_text())["global_step"] == 640
-    assert not (run_dir / "checkpoint.pt").exists()  # a finished run drops its (large) checkpoint
-    assert "done: 640 frames" in proc.stdout
-
-    s = read_scalars(str(run_dir))
-    for tag, every in [("charts/SPS", 80), ("losses/qf_loss", 80), ("representation/fc1/max_score", 80),
-                       ("charts/critic_sparsity", 40)]:
-        steps = [st for st, _ in s[tag]]
-        assert steps == list(range(steps[0], 641, every)), (tag, steps)  # no gap, no duplicate at the resume point
-    assert s["charts/SPS"][0][0] == 80
-    sparsity = dict(s["charts/critic_sparsity"])  # the schedule went on from the restored masks
-    for st, value in sparsity.items():
+    assert not (run_dir / "checkpoint.pt").exists() and not (run_dir / "replay").exists()  # dropped once finished
+    assert json.loads((run_dir / "args.json").read_text())["torch_deterministic"] is True  # the run's own args
+    assert steps_of(s, "charts/SPS") == list(range(80, 641, 80))  # no gap, no duplicate at the resume point
+    assert steps_of(s, "losses/qf_loss") == list(range(80, 641, 80))
+    assert steps_of(s, "representation/fc1/max_score") == list(range(160, 641, 80))  # 80: too few transitions
+    assert steps_of(s, "charts/critic_sparsity") == list(range(80, 641, 40))
+    for st, value in s["charts/critic_sparsity"]:  # the schedule went on from the restored masks
         assert value == pytest.approx(drq.cubic_sparsity(st, 640, 0.95, 0.2, 0.8), abs=2e-3)
-
-    again = run_script(SCRIPT, KILL_FLAGS + ["--resume"], cwd=tmp_path, timeout=120, env={"OMP_NUM_THREADS": "1"})
-    assert again.returncode == 0 and "run killed already finished" in again.stdout, again.stdout + again.stderr
-    assert "nothing to resume" in again.stdout
 
 
 @pytest.mark.parametrize("flags, what, good_step, resumable", [
     (["--policy-lr", "1e30"], "action at step 80", 80, "runs/nf/checkpoint.pt (step 80)"),
-    (["--q-lr", "1e30"], "loss at step 80 (losses/actor_loss", 0, "(none yet)"),
+    (["--q-lr", "1e30"], "loss (losses/actor_loss", 0, "runs/nf/checkpoint.pt (none yet)"),
 ])
 def test_non_finite_training_stops_with_last_good_state(run_script, tmp_path, flags, what, good_step, resumable):
     """Absurd learning rates: the critic's blows the actor loss up in the first update (step 80); the actor's passes
@@ -777,12 +771,12 @@ def test_non_finite_training_stops_with_last_good_state(run_script, tmp_path, fl
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: non-finite {what}"), proc.stderr[-3000:]
-    assert f"last good state (step {good_step}) written to runs/nf/checkpoint_last_good.pt" in lines[0]
+    assert f"at step 80; last good state (step {good_step}) written to runs/nf/checkpoint_last_good.pt" in lines[0]
     assert lines[0].endswith(f"the resumable checkpoint is {resumable}")
     good = torch.load(tmp_path / "runs" / "nf" / "checkpoint_last_good.pt", map_location="cpu", weights_only=False)
     assert good["global_step"] == good_step
     for key in ("critic", "target_critic", "actor", "critic_opt", "actor_opt", "alpha_opt", "log_alpha"):
-        tensors = [good[key]] if key == "log_alpha" else list(_tensors(good[key]))
+        tensors = list(_tensors(good["state"][key]))
         assert all(bool(torch.isfinite(t).all()) for t in tensors), key
         assert tensors or (good_step == 0 and key.endswith("_opt")), key  # no optimiser state before the first update
     if good_step:
