@@ -16,8 +16,11 @@ configuration, environment and seed, and writes to --out:
 - dominance_<algo>.png        largest activation score against return, srank and dormant share, one point per
                               configuration averaged over seeds and tasks (dominance paper's Fig. 9).
 
-Only finished runs (runs/NAME/finished, written by the scripts on a clean exit) enter the numbers; runs still going
-or stopped are counted and listed in tables.md, never mixed in.
+Only finished runs (runs/NAME/finished, the JSON summary the scripts write on a clean exit) enter the numbers; runs
+still going or stopped, and runs/NAME.partial-<time> directories (a run stopped before its first checkpoint, moved
+aside when it was started again) are counted and listed in tables.md, never mixed in. From the summary come each
+run's step count (the curves' horizon), wall time and probe share; an older `finished` that is not JSON (an empty
+marker) still marks the run finished, its step count then read from its last logged step.
 
 Baseline normalisation (HR papers, App. D.1): per game, lo/hi are the lowest and highest points of the ReLU
 configuration's learning curves (all seeds, whole training; curves are episode returns averaged in --curve-points
@@ -31,6 +34,7 @@ import glob
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections import defaultdict
@@ -45,6 +49,7 @@ SCRIPT_ALGO = {"dqn_atari_hr": "dqn", "ppo_atari_hr": "ppo", "pqn_atari_hr": "pq
 KNOWN_CONFIGS = {"relu", "tanh", "tanh_ln", "hr_tanh", "hr_relu", "widen_relu", "widen_tanh", "2hr_tanh", "hadamax",
                  "crelu", "redo", "none", "ln", "lnwd", "hlgauss", "reset", "prune"}
 RUNNING_WINDOW_S = 15 * 60  # an unfinished run whose event file changed this recently counts as still running
+PARTIAL = re.compile(r"\.partial-\d+$")  # runs/NAME.partial-<unix time>: moved aside by a fresh start (harness.py)
 
 
 @dataclass
@@ -58,10 +63,40 @@ class RunData:
     seed: int
     status: str
     scalars: dict = field(default_factory=dict)  # tag -> (steps array, values array)
+    summary: dict = field(default_factory=dict)  # runs/NAME/finished (JSON); {} when absent or an older marker
 
     @property
     def last_step(self) -> int:
         return max((int(s[-1]) for s, _ in self.scalars.values() if len(s)), default=0)
+
+    @property
+    def global_step(self) -> int:
+        """Steps the run trained: its summary's global_step, else its last logged step."""
+        return int(number(self.summary.get("global_step"), self.last_step))
+
+
+def number(value, default=math.nan) -> float:
+    """A summary field as a float (default when it is missing or not a finite number)."""
+    try:
+        x = float(value) if value is not None and not isinstance(value, bool) else default
+    except (TypeError, ValueError):
+        return default
+    return x if math.isfinite(x) else default
+
+
+def read_finished(run_dir: str) -> dict | None:
+    """The end-of-run summary harness.Run.finish writes to runs/NAME/finished (global_step, wall_seconds, sps,
+    probe_share, peak memory, ...). None when the run has not finished; {} for an older marker that is not a JSON
+    object (an empty file); any subset of the keys is accepted."""
+    path = os.path.join(run_dir, "finished")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
 
 
 def read_event_scalars(run_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -122,14 +157,17 @@ def load_run(run_dir: str, now: float) -> RunData | None:
     name = os.path.basename(run_dir.rstrip("/"))
     algo = algorithm_of(args, name)
     events = glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
-    if os.path.exists(os.path.join(run_dir, "finished")):
+    summary = read_finished(run_dir)
+    if summary is not None:
         status = "finished"
+    elif PARTIAL.search(name):
+        status = "moved aside"
     elif events and now - max(os.path.getmtime(e) for e in events) < RUNNING_WINDOW_S:
         status = "running"
     else:
         status = "stopped"
     run = RunData(run_dir, name, args, algo, config_label(args, algo), str(args.get("env_id", "?")),
-                  int(args.get("seed", 0)), status)
+                  int(args.get("seed", 0)), status, summary=summary or {})
     run.scalars = read_event_scalars(run_dir) if events else {}
     return run
 
@@ -247,7 +285,9 @@ def main(argv=None) -> int:
     rows = []
     for r in done:
         row = {"run": r.name, "algo": r.algo, "config": r.config, "env_id": r.env_id, "game": game_of(r),
-               "seed": r.seed, "status": r.status, "last_step": r.last_step,
+               "seed": r.seed, "status": r.status, "last_step": r.last_step, "global_step": r.global_step,
+               "wall_seconds": number(r.summary.get("wall_seconds")),
+               "probe_share": number(r.summary.get("probe_share")),
                "episodes": len(r.scalars["charts/episodic_return"][1]),
                "final_score": last_fraction_mean(r.scalars["charts/episodic_return"][1]),
                "final_eval": float(np.mean(r.scalars["eval/episodic_return"][1][-10:]))
@@ -261,7 +301,9 @@ def main(argv=None) -> int:
         by_algo[r.algo].append(r)
     grids = {}
     for algo, rs in by_algo.items():
-        horizon = min(max(r.last_step, int(r.args.get("total_timesteps", 0))) for r in rs)
+        # the steps each run trained (its summary), else its --total-timesteps (an older marker)
+        horizon = min(max(r.last_step, int(number(r.summary.get("global_step"), r.args.get("total_timesteps", 0))))
+                      for r in rs)
         grids[algo] = np.linspace(horizon / a.curve_points, horizon, a.curve_points)
 
     agg_rows, tables = [], ["# Results", ""]
@@ -294,6 +336,7 @@ def main(argv=None) -> int:
                 tables.append(f"| {config} | {n} | {len(per_task)} | {k} | {fmt_ci(res['mean'])} | "
                               f"{fmt_ci(res['median'])} | {fmt_ci(res['iqm'])} |")
         tables.append("")
+        tables += wall_time_lines(rs)
         tables += table1(rows, algo, a.layer) + table2(rows, algo, kind)
         plot_curves(rs, grids[algo], kind, bounds, algo, a)
         plot_representation(rs, grids[algo], kind, bounds, algo, a)
@@ -307,6 +350,16 @@ def main(argv=None) -> int:
         f.write("\n".join(tables) + "\n")
     print(f"wrote {a.out}/results.csv, aggregates.csv, tables.md and figures")
     return 0
+
+
+def wall_time_lines(rs: list[RunData]) -> list[str]:
+    """Compute spent, from the runs' summaries (wall time over every process of a resumed run)."""
+    hours = [number(r.summary.get("wall_seconds")) / 3600 for r in rs]
+    hours = [h for h in hours if not math.isnan(h)]
+    if not hours:
+        return []
+    return [f"Wall time (runs/NAME/finished) of {len(hours)} of {len(rs)} runs: median {np.median(hours):.2f} h "
+            f"per run, {sum(hours):.1f} h in all.", ""]
 
 
 def per_game_mean(rows, algo, config, key):

@@ -3,7 +3,8 @@ metrics on and off, the share of time the metric probes take, peak host and GPU 
 scripts, the envpool ceiling (envpool alone stepping random actions with the same envs and threads).
 
 Each script runs as a user would run it: `python <script> ...` in a temporary working directory, with a unique
---run-name, one process per measurement.
+--run-name, one process per measurement. What a run reports about itself (probe time and count, peak host and GPU
+memory, device, fast paths) is read from the end-of-run summary harness.py writes to runs/NAME/finished (JSON).
 
     python scripts/bench.py --quick                      # the 2-core CPU check (small budgets, < 10 minutes)
     python scripts/bench.py --out                        # full budgets (GPU machine), appends to bench/RESULTS.md
@@ -21,6 +22,7 @@ then also gives the projection to the default cadence D: on/off = (D / SPS_off) 
 import argparse
 import datetime
 import glob
+import json
 import os
 import platform
 import re
@@ -81,16 +83,20 @@ DRQ_VARIANTS = {"none": ["--mitigation", "none"]}
 
 # Budgets. Quick mode (the 2-core CPU, all rows in < 10 minutes): small rollouts that keep the default compute
 # per sample (gradient steps per sample and minibatch size of the defaults), so the probe batch of ppo and pqn is
-# their 256-sample rollout instead of 1024; learning starts early enough that the window is all training.
+# their 256-sample rollout instead of 1024 (a probe batch larger than its rollout is refused); learning starts early
+# enough that the window is all training, and, for the replay scripts, late enough that the replay holds the probe
+# batch (a probe before that is skipped).
 SPECS = {
     "dqn": Spec(
         "dqn", "dqn_atari_hr.py", "steps", 25_000, ATARI_VARIANTS,
-        quick=Budget(200, 800, ["--learning-starts", "200", "--buffer-size", "100000"]),  # 0.7 GB replay
+        # learning starts once the replay holds the default probe batch (1,024); a 0.7 GB replay
+        quick=Budget(200, 800, ["--learning-starts", "1024", "--buffer-size", "100000"]),
         full=Budget(10_000, 150_000, [])),  # after the default learning_starts 80k; 6 default-cadence probes
     "ppo": Spec(
         "ppo", "ppo_atari_hr.py", "steps", 102_400, ATARI_VARIANTS,
         # 8 envs x 32 steps, one minibatch of 256 (default: 8 x 128, four of 256): same 4 epochs of 256-minibatches
-        quick=Budget(256, 768, ["--num-steps", "32", "--num-minibatches", "1"], ceiling_steps=300),
+        quick=Budget(256, 768, ["--num-steps", "32", "--num-minibatches", "1", "--metrics-batch", "256"],
+                     ceiling_steps=300),
         full=Budget(102_400, 1_024_000, [], ceiling_steps=5000), envpool=True),
     "pqn": Spec(
         "pqn", "pqn_atari_hr.py", "steps", 100_000, ATARI_VARIANTS,
@@ -154,63 +160,42 @@ def steady_sps(events, warmup_step: int) -> Optional[dict]:
     return {"sps": (s1 - s0) / (t1 - t0), "step0": s0, "step1": s1, "seconds": t1 - t0}
 
 
-PROGRESS_RE = re.compile(r"global_step=(\d+),?\s+SPS=([\d.]+)")
-
-
-def progress_events(text: str) -> list:
-    """(time since the script's start, step) from its progress lines `global_step=N[,] SPS=R`, where R is the
-    cumulative rate N / elapsed: elapsed = N / R (the fallback when no TensorBoard events can be read)."""
-    out = []
-    for m in PROGRESS_RE.finditer(text):
-        step, rate = int(m.group(1)), float(m.group(2))
-        if rate > 0:
-            out.append((step / rate, step))
-    return out
-
-
-def parse_probe_report(text: str) -> Optional[dict]:
-    """The script's own end-of-run probe accounting: {'seconds', 'share' (0..1), 'n' (or None)}.
-    dqn:  `metrics: N probes took Xs = Y% of wall time` (any `N probes took Xs = Y%`)
-    ppo:  `... metric probes Xs = Y% of the run's time`
-    drq:  `done: ... (K in this process, Ts, ...) ... metrics=X ...` (the metrics timer over the run's wall time)"""
-    m = re.search(r"(\d+) probes? took ([\d.]+)s = ([\d.]+)%", text)
-    if m:
-        return {"seconds": float(m.group(2)), "share": float(m.group(3)) / 100, "n": int(m.group(1))}
-    m = re.search(r"metric probes:? ([\d.]+)s = ([\d.]+)%", text)
-    if m:
-        return {"seconds": float(m.group(1)), "share": float(m.group(2)) / 100, "n": None}
-    for line in text.splitlines():
-        if line.startswith("done:"):
-            total = re.search(r"in this process, ([\d.]+)s", line)
-            metrics = re.search(r"\bmetrics=([\d.]+)", line)
-            if total and metrics and float(total.group(1)) > 0:
-                return {"seconds": float(metrics.group(1)),
-                        "share": float(metrics.group(1)) / float(total.group(1)), "n": None}
-    return None
-
-
-GPU_RE = re.compile(r"peak GPU memory[^\d\n]*([\d.]+)\s*(GiB|GB|MiB|MB)", re.IGNORECASE)
-
-
-def parse_peak_gpu_mib(text: str) -> Optional[float]:
-    """MiB from a `peak GPU memory: X MiB|GiB|MB|GB` line (the last one), if the script prints one."""
-    found = GPU_RE.findall(text)
-    if not found:
+def read_finished(run_dir: str) -> Optional[dict]:
+    """The run's end-of-run summary: runs/NAME/finished, the JSON object harness.Run.finish writes (global_step,
+    sps, probe_seconds, n_probes, probe_share, peak_host_rss_bytes, peak_gpu_*_bytes on CUDA, device, compile,
+    cudagraphs, ...). None when the run did not finish or the file is not a JSON object (an older empty marker)."""
+    try:
+        with open(os.path.join(run_dir, "finished")) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
         return None
-    value, unit = float(found[-1][0]), found[-1][1].lower()
-    return value * {"gib": 1024.0, "gb": 1e9 / 2 ** 20, "mib": 1.0, "mb": 1e6 / 2 ** 20}[unit]
+    return summary if isinstance(summary, dict) else None
 
 
-FAST_RE = re.compile(r"fast paths: torch\.compile (on|off), CUDA graphs (on|off), pinned transfers (on|off)")
-
-
-def parse_fast_paths(text: str) -> Optional[str]:
-    """The GPU fast paths a run used, from its `fast paths: ...` line: 'compile+graphs+pinned', ..., 'eager'."""
-    m = FAST_RE.search(text)
-    if not m:
+def probe_report(summary: Optional[dict]) -> Optional[dict]:
+    """{'seconds', 'share' (0..1), 'n'}: the run's probe time, its share of the run's wall time, and the probes."""
+    if not summary or summary.get("probe_seconds") is None:
         return None
-    used = [name for name, state in zip(("compile", "graphs", "pinned"), m.groups()) if state == "on"]
+    seconds, n = float(summary["probe_seconds"]), summary.get("n_probes")
+    share = summary.get("probe_share")
+    if share is None and summary.get("wall_seconds"):
+        share = seconds / float(summary["wall_seconds"])
+    return {"seconds": seconds, "share": None if share is None else float(share), "n": None if n is None else int(n)}
+
+
+def fast_paths_of(summary: Optional[dict]) -> Optional[str]:
+    """The GPU fast paths a run used: 'compile+graphs+pinned', ..., 'eager' (pinned uploads go with CUDA)."""
+    if not summary or "compile" not in summary:
+        return None
+    used = [name for name, on in (("compile", summary.get("compile")), ("graphs", summary.get("cudagraphs")),
+                                  ("pinned", summary.get("device") == "cuda")) if on]
     return "+".join(used) or "eager"
+
+
+def peak_gpu_mib(summary: Optional[dict]) -> Optional[float]:
+    """Peak GPU memory the run's process held (torch's max reserved; max allocated if that is all there is)."""
+    value = None if not summary else summary.get("peak_gpu_reserved_bytes", summary.get("peak_gpu_allocated_bytes"))
+    return None if value is None else float(value) / 2 ** 20
 
 
 def parse_ceiling(text: str) -> Optional[float]:
@@ -337,6 +322,27 @@ def read_scalars(run_dir: str) -> dict:
 # One measurement, one row
 
 
+def collect(res: dict, run_dir: str, warmup: int) -> dict:
+    """Add what one finished child left in run_dir to its run_child result: steady-state SPS from the charts/SPS
+    events, the probe steps, and from the run's own summary (runs/NAME/finished, JSON; not its printed lines) the
+    probe time and count, device, fast paths and peak memory. A run that left no summary keeps wait4's peak RSS
+    and the nvidia-smi poll."""
+    res["scalars"] = read_scalars(run_dir) if os.path.isdir(run_dir) else {}
+    sps_events = [(t, s) for t, s, _ in res["scalars"].get("charts/SPS", [])]
+    res["window"], res["sps_events"] = steady_sps(sps_events, warmup), sps_events
+    res["probe_steps"] = probe_steps_of(res["scalars"])
+    summary = res["summary"] = read_finished(run_dir)
+    res["probe"], res["fast"] = probe_report(summary), fast_paths_of(summary)
+    res["device"] = summary.get("device") if summary else None
+    if summary and summary.get("peak_host_rss_bytes"):
+        res["rss_mib"], res["rss_src"] = summary["peak_host_rss_bytes"] / 2 ** 20, "finished"
+    else:
+        res["rss_mib"], res["rss_src"] = res.get("maxrss_mib"), "wait4"
+    if peak_gpu_mib(summary) is not None:
+        res["gpu_mib"], res["gpu_src"] = peak_gpu_mib(summary), "finished"
+    return res
+
+
 def measure(spec: Spec, variant: str, budget: Budget, cadence: int, workdir: str, timeout: float, tag: str,
             poll_gpu: bool, log=print) -> dict:
     """One run of spec's script with metrics every `cadence` steps (0 = off)."""
@@ -350,25 +356,7 @@ def measure(spec: Spec, variant: str, budget: Budget, cadence: int, workdir: str
         f"{total} {spec.unit} ({budget.warmup} warm-up) ...", flush=True)
     res = run_child(cmd, workdir, timeout, os.path.join(workdir, f"{run_name}.log"), poll_gpu)
     res["cmd"], res["metrics_every"] = cmd, cadence
-    run_dir = os.path.join(workdir, "runs", run_name)
-    res["scalars"] = read_scalars(run_dir) if os.path.isdir(run_dir) else {}
-    sps_events = [(t, s) for t, s, _ in res["scalars"].get("charts/SPS", [])]
-    res["window"], res["sps_source"] = steady_sps(sps_events, budget.warmup), "tb"
-    if res["window"] is None:
-        res["window"], res["sps_source"] = steady_sps(progress_events(res["text"]), budget.warmup), "stdout"
-    res["sps_events"] = sps_events
-    res["probe_steps"] = probe_steps_of(res["scalars"])
-    res["probe"] = parse_probe_report(res["text"])
-    res["fast"] = parse_fast_paths(res["text"])
-    if res["gpu_mib"] is None:
-        res["gpu_mib"] = parse_peak_gpu_mib(res["text"])
-        res["gpu_src"] = "script" if res["gpu_mib"] is not None else None
-    else:
-        printed = parse_peak_gpu_mib(res["text"])
-        if printed is not None:
-            res["gpu_mib"], res["gpu_src"] = printed, "script"
-    m = re.search(r"device:? (cuda[:\w]*|cpu)\b", res["text"])
-    res["device"] = m.group(1) if m else None
+    collect(res, os.path.join(workdir, "runs", run_name), budget.warmup)
     log(f"    {res['wall']:.0f}s wall, {res['cpu']:.0f}s CPU; window "
         f"{fmt_sps(res['window']['sps']) if res['window'] else '—'} {spec.unit}/s", flush=True)
     if res["rc"] != 0:
@@ -406,11 +394,10 @@ def make_row(spec: Spec, variant: str, budget: Budget, on: dict, off: dict, cade
         if r["rc"] != 0:
             row["errors"].append(f"metrics {name}: rc {r['rc']}{' (timeout)' if r['timed_out'] else ''}")
         row[f"sps_{name}"] = r["window"]["sps"] if r["window"] else None
-        row[f"src_{name}"] = r["sps_source"] if r["window"] else None
     row["ratio"] = row["sps_on"] / row["sps_off"] if row["sps_on"] and row["sps_off"] else None
     w = on["window"]
     row["probes_in_window"] = (sum(1 for p in on["probe_steps"] if w["step0"] < p <= w["step1"]) if w else None)
-    # probe share and seconds per probe: the script's own end-of-run report (every script prints one)
+    # probe share and seconds per probe: the metrics-on run's finished summary (probe_seconds / n_probes)
     row["share"], row["p"] = None, None
     if on["probe"]:
         n = on["probe"]["n"] if on["probe"]["n"] is not None else len(on["probe_steps"])
@@ -418,7 +405,8 @@ def make_row(spec: Spec, variant: str, budget: Budget, on: dict, off: dict, cade
         row["p"] = on["probe"]["seconds"] / n if n else None
     row["projected"] = (project(row["p"], row["sps_off"], spec.default_cadence)
                         if row["p"] is not None and row["sps_off"] else None)
-    row["rss_mib"] = max(on["maxrss_mib"], off["maxrss_mib"])
+    rss = [r["rss_mib"] for r in (on, off) if r.get("rss_mib") is not None]
+    row["rss_mib"] = max(rss) if rss else None
     gpus = [r["gpu_mib"] for r in (on, off) if r["gpu_mib"] is not None]
     row["gpu_mib"] = max(gpus) if gpus else None
     row["gpu_src"] = next((r["gpu_src"] for r in (on, off) if r["gpu_src"]), None)
@@ -481,13 +469,15 @@ FOOTNOTES = """\
   "on / off" then is the speed at that inflated cadence, and "on / off at default cadence" the projection
   (D / SPS_off) / (D / SPS_off + s per probe) with D the script's default cadence (dqn 25,000, ppo 102,400,
   pqn 100,000 steps, drq 10,000 frames). With "(default)" that column repeats the measured on / off.
-- probe share: the script's own end-of-run report of its probe time over its wall time (whole run, warm-up
-  included); s / probe = probe time / probes.
+- probe share: `probe_share` of the run's `finished` summary (runs/NAME/finished, JSON): probe time over the
+  run's wall time (whole run, warm-up included); s / probe = `probe_seconds` / `n_probes` of the same file.
 - metrics off: `--metrics-every 0`.
-- fast paths: what the run's `fast paths:` line reported (torch.compile, CUDA graphs, pinned-memory uploads;
-  "eager" = none; — = the script has none). Compare with `--args "pqn=--compile off --cudagraphs off"`.
-- peak host RSS: the child's own ru_maxrss (os.wait4), the larger of the two runs. Peak GPU memory: the script's
-  `peak GPU memory` line when it prints one, else nvidia-smi polled every 0.5 s; n/a on a CPU machine.
+- fast paths: `compile`, `cudagraphs` and `device` of the run's `finished` summary (torch.compile, CUDA graphs,
+  pinned-memory uploads, which go with CUDA; "eager" = none; — = no summary). Compare with
+  `--args "pqn=--compile off --cudagraphs off"`.
+- peak host RSS: `peak_host_rss_bytes` of the run's `finished` summary (the process's ru_maxrss; os.wait4 of the
+  child when a run left none), the larger of the two runs. Peak GPU memory: `peak_gpu_reserved_bytes` of the
+  summary (torch's max reserved), else nvidia-smi polled every 0.5 s; n/a on a CPU machine.
 - envpool ceiling: scripts/bench_envpool_ceiling.py (envpool alone, random actions, the script's pool: same
   training envs, test envs and threads), training-env steps per second; % of ceiling uses our SPS at the default
   cadence (measured, or SPS_off x the projected on / off when the cadence was scaled).
@@ -588,14 +578,10 @@ def parse_args(argv=None):
 
 
 def resolve_budget(spec: Spec, b: Budget, scale: float = 1.0, extra: Optional[list] = None) -> Budget:
-    """The budget a run uses: the preset's post-learning-starts warm-up and window times `scale` (dqn's learning
-    starts too; drq keeps its own, which fills the probe batch), `extra` flags appended, and the warm-up made
-    absolute (learning starts + warm-up, a multiple of the charts/SPS interval)."""
-    args = list(b.args)
-    if spec.key == "dqn" and scale != 1.0 and "--learning-starts" in args:
-        i = args.index("--learning-starts") + 1
-        args[i] = str(max(1, int(int(args[i]) * scale)))
-    args += list(extra or [])
+    """The budget a run uses: the preset's post-learning-starts warm-up and window times `scale` (the learning starts
+    stay: for dqn and drq they fill the probe batch), `extra` flags appended, and the warm-up made absolute
+    (learning starts + warm-up, a multiple of the charts/SPS interval)."""
+    args = list(b.args) + list(extra or [])
     g = spec.gran(args)
     starts = flag(args, "--learning-starts", LEARNING_STARTS.get(spec.key, 0))
     warmup = round_up(starts + max(int(b.warmup * scale), 1), g)
@@ -665,11 +651,7 @@ def main(argv=None) -> int:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     elapsed = time.time() - t_start
-    sources = {r[k] for r in rows for k in ("src_on", "src_off") if r.get(k)}
     notes = FOOTNOTES.format(probes=args.probes)
-    if "stdout" in sources:
-        notes += ("- some SPS came from the scripts' progress lines (`global_step=N SPS=R`, cumulative: elapsed = "
-                  "N / R) because their TensorBoard events could not be read.\n")
     load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
     header = machine_header(sys.argv[1:] if argv is None else argv, load, load_end)
     report = "\n\n".join([header, format_table(rows), notes.rstrip(),

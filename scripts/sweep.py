@@ -5,9 +5,9 @@ The bash launchers (scripts/run_atari8.sh, run_pqn_atari51.sh, run_dmc_dominance
 environment variables or flags override games/tasks, configurations, seeds and extra flags.
 
 Every run gets a deterministic name, `<algo>__<env>__<config>__s<seed>`, so relaunching the same sweep:
-- skips runs that finished (runs/NAME/finished exists, written by the script on a clean exit),
-- resumes runs that started and wrote a checkpoint (`--resume`); a run stopped before its first checkpoint is moved
-  aside to runs/NAME.partial-<time> and starts over,
+- skips runs that finished (runs/NAME/finished exists: the JSON summary the script writes on a clean exit),
+- resumes runs that started and wrote a checkpoint (`--resume`); a run stopped before its first checkpoint starts
+  over (the script moves its directory aside to runs/NAME.partial-<unix time> first, as any fresh start does),
 - starts the rest.
 Local mode runs N jobs at a time and spreads them round-robin over the visible GPUs (CUDA_VISIBLE_DEVICES per job).
 SLURM mode writes one job-array script (one array task per run; requeue-safe because each task relaunches through
@@ -115,21 +115,23 @@ def build_runs(sweep: str, algo: str, games: list[str], configs: list[str], seed
 def plan(run: Run, runs_dir: str) -> str:
     """'skip' (finished), 'resume' (has a checkpoint), 'restart' (started, no checkpoint yet) or 'start'."""
     d = os.path.join(runs_dir, run.name)
-    if os.path.exists(os.path.join(d, "finished")):
+    if os.path.exists(os.path.join(d, "finished")):  # the end-of-run summary (JSON) harness.Run.finish writes
         return "skip"
     if os.path.exists(os.path.join(d, "checkpoint.pt")):
         return "resume"
     return "restart" if os.path.exists(d) else "start"
 
 
-def prepare(run: Run, runs_dir: str, dry_run: bool) -> list[str] | None:
+def prepare(run: Run, runs_dir: str) -> list[str] | None:
+    """The command for a run, None if it finished. A restart is launched fresh like a start: the script itself (the
+    harness, one rule for every way a run is started) moves a directory holding events but no checkpoint aside to
+    runs/NAME.partial-<unix time>, after taking its lock, so a run still going is never moved."""
     action = plan(run, runs_dir)
     if action == "skip":
         return None
-    if action == "restart" and not dry_run:  # killed before its first checkpoint: keep its logs aside, start over
-        aside = os.path.join(runs_dir, f"{run.name}.partial-{int(time.time())}")
-        shutil.move(os.path.join(runs_dir, run.name), aside)
-        print(f"# {run.name} stopped before its first checkpoint: moved it to {aside} and starting over", flush=True)
+    if action == "restart":
+        print(f"# {run.name} stopped before its first checkpoint: starting over (the script moves its events aside "
+              f"to runs/{run.name}.partial-<time>)", flush=True)
     return run.command(runs_dir, action == "resume")
 
 
@@ -147,7 +149,7 @@ def run_local(runs: list[Run], runs_dir: str, jobs: int, dry_run: bool) -> int:
     gpus = visible_gpus()
     todo = []
     for run in runs:
-        cmd = prepare(run, runs_dir, dry_run)
+        cmd = prepare(run, runs_dir)
         if cmd is None:
             print(f"# skip {run.name} (finished)")
             continue
@@ -223,7 +225,7 @@ def main(argv=None) -> int:
     if a.task_id is not None:  # one SLURM array task
         if not 0 <= a.task_id < len(runs):
             raise SystemExit(f"error: --task-id {a.task_id} out of range 0..{len(runs) - 1}")
-        cmd = prepare(runs[a.task_id], runs_dir, a.dry_run)
+        cmd = prepare(runs[a.task_id], runs_dir)
         if cmd is None:
             print(f"{runs[a.task_id].name} already finished")
             return 0

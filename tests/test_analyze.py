@@ -15,8 +15,18 @@ import analyze  # noqa: E402
 TOTAL = 100_000
 
 
+def summary(seed, **extra):
+    """runs/NAME/finished as harness.Run.finish writes it; this run trained 500 steps past its last episode."""
+    return {"script": "dqn_atari_hr.py", "global_step": TOTAL + 500, "steps_this_process": TOTAL + 500,
+            "wall_seconds": 3600.0 * seed, "wall_seconds_this_process": 3600.0 * seed, "sps": 27.9,
+            "probe_seconds": 36.0, "n_probes": 4, "probe_share": 0.01, "last_return": 1.0,
+            "peak_host_rss_bytes": 2 ** 30, "device": "cpu", "compile": False, "cudagraphs": False,
+            "finished_at": "2025-01-01T00:00:00+0000", **extra}
+
+
 def write_run(runs, name, args, returns, metrics=None, finished=True, evals=None):
-    """A run directory as the training scripts write it: args.json, one event file, the finished marker."""
+    """A run directory as the training scripts write it: args.json, one event file, and `finished`: True = the
+    harness's JSON summary, a dict = that JSON, a str = that text (an older marker), False = none."""
     from torch.utils.tensorboard import SummaryWriter
 
     d = runs / name
@@ -31,8 +41,10 @@ def write_run(runs, name, args, returns, metrics=None, finished=True, evals=None
     for step, value in evals or []:
         w.add_scalar("eval/episodic_return", value, step)
     w.close()
-    if finished:
-        (d / "finished").write_text("")
+    if finished is True:
+        finished = summary(args.get("seed", 1))
+    if finished is not False:
+        (d / "finished").write_text(finished if isinstance(finished, str) else json.dumps(finished))
     return d
 
 
@@ -65,13 +77,17 @@ def analysed(tmp_path_factory):
               [(s, -21.0 if s <= 50_000 else 21.0) for s in STEPS],
               {"representation/latent/dormant_kde": [(100_000, 0.8)]})
     write_run(runs, "dqn__Breakout__hr_relu__s1", dqn_args("hr_relu", "Breakout", 1), [(s, 10.0) for s in STEPS],
-              {"representation/latent/dormant_kde": [(100_000, 0.95)]})
+              {"representation/latent/dormant_kde": [(100_000, 0.95)]},
+              finished={"global_step": TOTAL + 500, "wall_seconds": 3600.0})  # only the older summary's keys
     write_run(runs, "dqn__Pong__hr_tanh__s1", dqn_args("hr_tanh", "Pong", 1), [(s, 0.0) for s in STEPS],
-              {"representation/latent/dormant_kde": [(100_000, 0.2)]})
+              {"representation/latent/dormant_kde": [(100_000, 0.2)]}, finished="")  # an older empty marker
     # a crashed run and a directory without args: listed / ignored, never in the numbers
     stopped = write_run(runs, "dqn__Pong__relu__s2", dqn_args("relu", "Pong", 2), [(1000, 1e6)], finished=False)
     for f in stopped.iterdir():
         os.utime(f, (1, 1))
+    # its first try, stopped before its first checkpoint and moved aside by the harness when it started again
+    write_run(runs, "dqn__Pong__relu__s2.partial-1700000000", dqn_args("relu", "Pong", 2), [(1000, 1e6)],
+              finished=False)
     (runs / "_sweep_logs").mkdir()
     out = base / "results"
     assert analyze.main([str(runs), "--out", str(out), "--reps", "300", "--curve-reps", "20",
@@ -83,8 +99,8 @@ def analysed(tmp_path_factory):
 
 def test_results_csv_final_scores(analysed):
     _, rows = analysed
-    assert len(rows) == 9  # the stopped run is left out
-    assert "dqn__Pong__relu__s2" not in rows
+    assert len(rows) == 9  # the stopped run and the one moved aside are left out
+    assert "dqn__Pong__relu__s2" not in rows and not any(".partial-" in name for name in rows)
     r = rows["dqn__Breakout__relu__s1"]
     assert r["algo"] == "dqn" and r["config"] == "relu" and r["game"] == "Breakout" and r["seed"] == "1"
     assert float(r["final_score"]) == pytest.approx(np.mean([96, 97, 98, 99, 100]))  # last 5% of 100 episodes
@@ -135,7 +151,38 @@ def test_tables_md(analysed):
     hr = (np.mean([(150 - lo) / (hi - lo), (50 - lo) / (hi - lo)]) + 0.5) / 2
     assert f"| tanh | {tanh_base:.3f} | {hr:.3f} | — | — |" in text
     assert "`dqn__Pong__relu__s2`: stopped" in text
-    assert "1 runs." in text
+    assert "`dqn__Pong__relu__s2.partial-1700000000`: moved aside, last step 1000" in text
+    assert "2 runs." in text
+    # wall time from the 8 runs whose summary has it (s1: 1 h each, five runs; s2: 2 h, three); not the empty marker
+    assert "Wall time (runs/NAME/finished) of 8 of 9 runs: median 1.00 h per run, 11.0 h in all." in text
+
+
+def test_results_csv_reads_the_summary(analysed):
+    _, rows = analysed
+    r = rows["dqn__Breakout__relu__s2"]
+    assert int(r["global_step"]) == TOTAL + 500 and int(r["last_step"]) == TOTAL  # trained past its last episode
+    assert float(r["wall_seconds"]) == 7200.0 and float(r["probe_share"]) == pytest.approx(0.01)
+    short = rows["dqn__Breakout__hr_relu__s1"]  # {global_step, wall_seconds} only
+    assert int(short["global_step"]) == TOTAL + 500 and float(short["wall_seconds"]) == 3600.0
+    assert short["probe_share"] == "nan"
+    old = rows["dqn__Pong__hr_tanh__s1"]  # an empty `finished`: still finished; steps from its last event
+    assert old["status"] == "finished" and int(old["global_step"]) == TOTAL
+    assert old["wall_seconds"] == "nan" and old["probe_share"] == "nan"
+
+
+def test_read_finished_tolerates_older_markers(tmp_path):
+    assert analyze.read_finished(str(tmp_path)) is None  # not finished
+    for text, expected in (("", {}), ("done\n", {}), ("[1, 2]", {}), ('{"global_step": 7}', {"global_step": 7})):
+        (tmp_path / "finished").write_text(text)
+        assert analyze.read_finished(str(tmp_path)) == expected
+    run = analyze.RunData("x", "x", {}, "dqn", "relu", "Pong", 1, "finished",
+                          {"charts/episodic_return": (np.array([5, 45]), np.array([1.0, 8.0]))})
+    assert run.global_step == 45  # no summary: its last logged step
+    run.summary = {"global_step": 50}
+    assert run.global_step == 50
+    run.summary = {"global_step": "garbage"}
+    assert run.global_step == 45
+    assert np.isnan(analyze.number(None)) and np.isnan(analyze.number("x")) and analyze.number(float("inf"), 3) == 3
 
 
 def test_figures_written(analysed):

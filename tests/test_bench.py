@@ -1,9 +1,12 @@
-"""Tests for scripts/bench.py: the parsing of the scripts' own output lines, steady-state SPS on synthetic series
-with known answers, the projection to the default cadence, the table, and one tiny
-real run of the harness on dqn_atari_hr.py."""
+"""Tests for scripts/bench.py: steady-state SPS on synthetic series with known answers, what a run's `finished`
+summary (JSON, written by harness.Run.finish) gives the table, synthesised and written by the real harness on a toy
+loop, the projection to the default cadence, the table, and one tiny real run of the bench on dqn_atari_hr.py.
+Nothing here reads the scripts' printed lines."""
+import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -38,50 +41,121 @@ def test_steady_sps_too_few_events():
     assert bench.steady_sps([(1.0, 100), (1.0, 200)], warmup_step=0) is None  # no time passed
 
 
-def test_progress_events_from_cumulative_sps_lines():
-    text = ("global_step=5000 SPS=100 episodic_return=nan epsilon=0.550 probe_overhead=0.00%\n"  # dqn
-            "global_step=2048, SPS=256, episodic_return=1.0\n"  # ppo / pqn
-            "global_step=4000, SPS=12.50, episodic_return=3.0 | seconds: physics=1.0\n")  # drq
-    assert bench.progress_events(text) == [(50.0, 5000), (8.0, 2048), (320.0, 4000)]
-    # fallback SPS: 500 steps/s after the warm-up
-    events = [(s / 100, s) for s in (1000, 2000)] + [(20 + (s - 2000) / 500, s) for s in (3000, 4000, 5000)]
-    lines = "".join(f"global_step={s}, SPS={s / t:.2f}\n" for t, s in events)
-    assert bench.steady_sps(bench.progress_events(lines), 2000)["sps"] == pytest.approx(500.0, rel=1e-3)
+def write_run_dir(run_dir, sps_events, probe_steps=(), summary=None):
+    """A run directory as a harness script leaves it: charts/SPS events at the given (wall time, step), one
+    representation/* scalar per probe, and `finished` (a dict is written as JSON, a str as it is)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(str(run_dir))
+    for t, step in sps_events:
+        w.add_scalar("charts/SPS", 1.0, step, walltime=t)
+    for step in probe_steps:
+        w.add_scalar("representation/latent/srank", 3.0, step, walltime=1.0)
+    w.close()
+    if summary is not None:
+        (run_dir / "finished").write_text(summary if isinstance(summary, str) else json.dumps(summary))
 
 
-def test_parse_probe_report_of_each_script():
-    dqn = ("done: 2000 steps (2000 in this process) in 320.2s, SPS=6\n"
-           "metrics: 3 probes took 2.96s = 0.93% of wall time\n")
-    assert bench.parse_probe_report(dqn) == {"seconds": 2.96, "share": pytest.approx(0.0093), "n": 3}
-    for ppo in ("done: 4096 steps in 30.5s, SPS=134, metric probes 1.50s = 4.92% of the time\n",
-                "done: 4096 steps, 4096 in 30.5s in this process (SPS=134), metric probes 1.50s = 4.92% of the run's "
-                "time\n"):
-        assert bench.parse_probe_report(ppo) == {"seconds": 1.5, "share": pytest.approx(0.0492), "n": None}
-    drq = ("global_step=40, SPS=3.00, episodic_return=nan | seconds: physics=0.1 render=0.2 replay=0.0 update=1.0 "
-           "mitigation=0.0 metrics=9.9 eval=0.0\n"
-           "done: 2320 frames (2320 in this process, 80.0s, SPS=29.00); seconds: physics=1.0 render=2.0 (eval env: "
-           "physics=0.0 render=0.0) replay=0.5 update=40.0 mitigation=0.0 metrics=4.0 eval=0.0 checkpoint=0.0\n")
-    assert bench.parse_probe_report(drq) == {"seconds": 4.0, "share": pytest.approx(0.05), "n": None}
-    pqn = ("global_step=512, SPS=343, episodic_return=nan, epsilon=0.001\n"
-           "done: 512 steps, 512 in 1.5s in this process (SPS=342), metric probes 0.29s = 19.30% of this process's "
-           "time\n")
-    assert bench.parse_probe_report(pqn) == {"seconds": 0.29, "share": pytest.approx(0.193), "n": None}
-    silent = "global_step=1024, SPS=100, episodic_return=nan, epsilon=0.500\n"  # no probe accounting printed
-    assert bench.parse_probe_report(silent) is None
+CPU_SUMMARY = {"script": "pqn_atari_hr.py", "global_step": 4096, "steps_this_process": 4096, "wall_seconds": 40.0,
+               "wall_seconds_this_process": 40.0, "sps": 102.4, "probe_seconds": 3.0, "n_probes": 4,
+               "probe_share": 0.075, "last_return": 1.0, "peak_host_rss_bytes": 750 * 2 ** 20, "device": "cpu",
+               "compile": False, "cudagraphs": False, "finished_at": "2025-01-01T00:00:00+0000"}
 
 
-def test_parse_fast_paths():
-    line = "fast paths: torch.compile {}, CUDA graphs {}, pinned transfers {}"
-    assert bench.parse_fast_paths(line.format("on", "on", "on")) == "compile+graphs+pinned"
-    assert bench.parse_fast_paths("x\n" + line.format("off", "off", "off (CPU)") + "\ny") == "eager"
-    assert bench.parse_fast_paths(line.format("on", "off", "off (CPU)")) == "compile"
-    assert bench.parse_fast_paths("no such line") is None
+def test_collect_reads_the_finished_summary(tmp_path):
+    events = [(100.0 + s / 200, s) for s in range(256, 4097, 256)]  # 200 steps/s throughout
+    write_run_dir(tmp_path, events, probe_steps=(1024, 2048, 3072, 4096), summary=CPU_SUMMARY)
+    res = bench.collect({"maxrss_mib": 999.0, "gpu_mib": None, "gpu_src": None}, str(tmp_path), warmup=1024)
+    assert res["window"]["sps"] == pytest.approx(200.0) and (res["window"]["step0"], res["window"]["step1"]) == (
+        1024, 4096)
+    assert res["probe_steps"] == [1024, 2048, 3072, 4096]
+    assert res["probe"] == {"seconds": 3.0, "share": pytest.approx(0.075), "n": 4}
+    assert res["device"] == "cpu" and res["fast"] == "eager"
+    assert res["rss_mib"] == pytest.approx(750.0) and res["rss_src"] == "finished"  # the run's own, not wait4's
+    assert res["gpu_mib"] is None
 
 
-def test_parse_peak_gpu_and_ceiling():
-    assert bench.parse_peak_gpu_mib("nothing here") is None
-    assert bench.parse_peak_gpu_mib("peak GPU memory: 1.5 GiB (max_memory_reserved)") == pytest.approx(1536.0)
-    assert bench.parse_peak_gpu_mib("peak GPU memory 800 MiB\npeak GPU memory = 900 MiB") == pytest.approx(900.0)
+def test_collect_on_cuda_and_without_a_summary(tmp_path):
+    cuda = {**CPU_SUMMARY, "device": "cuda", "compile": True, "cudagraphs": True,
+            "peak_gpu_allocated_bytes": 2 * 2 ** 30, "peak_gpu_reserved_bytes": 3 * 2 ** 30}
+    (tmp_path / "gpu").mkdir()
+    write_run_dir(tmp_path / "gpu", [(1.0, 100), (2.0, 200)], summary=cuda)
+    res = bench.collect({"maxrss_mib": 10.0, "gpu_mib": 5000.0, "gpu_src": "nvidia-smi (process)"},
+                        str(tmp_path / "gpu"), warmup=0)
+    assert res["fast"] == "compile+graphs+pinned" and res["device"] == "cuda"
+    assert res["gpu_mib"] == pytest.approx(3072.0) and res["gpu_src"] == "finished"  # torch's peak reserved
+    assert bench.fast_paths_of({**cuda, "cudagraphs": False}) == "compile+pinned"
+    assert bench.fast_paths_of({**CPU_SUMMARY, "compile": True}) == "compile"
+    assert bench.peak_gpu_mib({"peak_gpu_allocated_bytes": 2 ** 20}) == pytest.approx(1.0)
+    # a run that failed (no summary), left an older empty marker, or a JSON that is not an object: no probe share,
+    # device or fast paths; peak host RSS from wait4, GPU memory from the nvidia-smi poll
+    for name, marker in (("failed", None), ("old", ""), ("list", "[1, 2]")):
+        (tmp_path / name).mkdir()
+        write_run_dir(tmp_path / name, [(1.0, 100), (2.0, 200)], summary=marker)
+        res = bench.collect({"maxrss_mib": 10.0, "gpu_mib": 5000.0, "gpu_src": "nvidia-smi (process)"},
+                            str(tmp_path / name), warmup=0)
+        assert res["summary"] is None and res["probe"] is None and res["fast"] is None and res["device"] is None
+        assert (res["rss_mib"], res["rss_src"]) == (10.0, "wait4") and res["gpu_mib"] == 5000.0
+        assert res["window"]["sps"] == pytest.approx(100.0)
+    res = bench.collect({"maxrss_mib": 1.0, "gpu_mib": None, "gpu_src": None}, str(tmp_path / "missing"), 0)
+    assert res["window"] is None and res["probe_steps"] == [] and res["summary"] is None
+    # share from wall_seconds when a summary lacks probe_share; no count -> None (make_row counts the probe steps)
+    assert bench.probe_report({"probe_seconds": 2.0, "wall_seconds": 8.0}) == {"seconds": 2.0, "share": 0.25,
+                                                                             "n": None}
+
+
+TOY = textwrap.dedent("""
+    import dataclasses, sys, time
+    from typing import Optional
+    sys.path.insert(0, {repo!r})
+    import harness
+
+    @dataclasses.dataclass
+    class Args:
+        exp_name: str = "toy"
+        seed: int = 1
+        torch_deterministic: bool = True
+        cuda: bool = False
+        env_id: str = "Toy-v0"
+        total_timesteps: int = 1000
+        run_name: Optional[str] = None
+        resume: bool = False
+        checkpoint_every: int = 0
+        metrics_every: int = 250
+        metrics_batch: int = 2
+        compile: str = "off"
+        cudagraphs: str = "off"
+
+    args = harness.cli(Args)
+    run = harness.Run(args)
+    run.fast_paths()
+    for step in range(args.total_timesteps):
+        if step % 100 == 0:
+            time.sleep(0.01)
+            run.log(step, {{"charts/SPS": run.sps(step)}})
+        if harness.due(step, args.metrics_every):
+            with run.probing():
+                time.sleep(0.1)
+                run.log(step, {{"representation/latent/srank": 1.0}})
+    run.finish(args.total_timesteps)
+""")
+
+
+def test_collect_reads_what_the_harness_writes(tmp_path):
+    """The contract: the keys bench reads are the ones harness.Run.finish writes (a toy loop on the real harness)."""
+    (tmp_path / "toy.py").write_text(TOY.format(repo=REPO))
+    proc = subprocess.run([sys.executable, "toy.py", "--run-name", "toy"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = bench.collect({"maxrss_mib": 1.0, "gpu_mib": None, "gpu_src": None}, str(tmp_path / "runs" / "toy"), 200)
+    assert res["probe"]["n"] == 3 and res["probe_steps"] == [250, 500, 750]
+    assert 0.3 <= res["probe"]["seconds"] < 5 and 0 < res["probe"]["share"] < 1
+    assert res["device"] == "cpu" and res["fast"] == "eager"
+    assert res["rss_src"] == "finished" and res["rss_mib"] > 20 and res["gpu_mib"] is None
+    assert res["window"] is not None and res["window"]["sps"] > 0
+
+
+def test_parse_ceiling():
     line = ("Breakout-v5: 136 envs (128 train + 8 test), 200 steps in 1.3s: SPS (training-env steps, as "
             "charts/SPS) = 19692, all envs = 20923")
     assert bench.parse_ceiling(line) == 19692.0
@@ -105,15 +179,15 @@ def fake_run(rate, probe_steps=(), probe_cost=0.0, report=None, rc=0, rss=500.0)
     for s in range(1024, 8193, 1024):
         t += 1024 / rate + probe_cost * sum(1 for p in probe_steps if s - 1024 < p <= s)
         events.append((t, s))
-    return {"rc": rc, "timed_out": False, "window": bench.steady_sps(events, 2048), "sps_source": "tb",
-            "sps_events": events, "probe_steps": list(probe_steps), "probe": report, "maxrss_mib": rss,
-            "gpu_mib": None, "gpu_src": None, "device": "cpu"}
+    return {"rc": rc, "timed_out": False, "window": bench.steady_sps(events, 2048), "sps_events": events,
+            "probe_steps": list(probe_steps), "probe": report, "rss_mib": rss, "gpu_mib": None, "gpu_src": None,
+            "device": "cpu", "fast": "eager" if rc == 0 else None}
 
 
 def test_make_row_and_table():
     spec, budget = bench.SPECS["pqn"], bench.Budget(2048, 6144, ["--num-envs", "32"], 100)
     on = fake_run(100.0, probe_steps=[3072, 6144], probe_cost=2.0, rss=600.0,
-                  report={"seconds": 4.0, "share": 0.05, "n": None})  # pqn's line gives no count: probe steps do
+                  report={"seconds": 4.0, "share": 0.05, "n": None})  # no count in the summary: probe steps give it
     off = fake_run(100.0)
     row = bench.make_row(spec, "relu", budget, on, off, 3072, True, {"sps": 200.0}, "cpu")
     assert row["sps_off"] == pytest.approx(100.0)
@@ -131,7 +205,7 @@ def test_make_row_and_table():
 
     table = bench.format_table([row, row2]).splitlines()
     assert len(table) == 4 and all(line.count("|") == len(bench.COLUMNS) + 1 for line in table)
-    assert table[2].startswith("| pqn | relu | cpu | — | 32 | ")
+    assert table[2].startswith("| pqn | relu | cpu | eager | 32 | ")
     cells = [c.strip() for c in table[2].strip("|").split("|")]
     named = dict(zip(bench.COLUMNS, cells))
     assert named["SPS metrics off"] == "100" and named["probe cadence"] == "3,072 (scaled)"
@@ -145,9 +219,9 @@ def test_make_row_and_table():
 def test_budgets_and_extra_flags():
     dqn, drq, pqn = bench.SPECS["dqn"], bench.SPECS["drq"], bench.SPECS["pqn"]
     b = bench.resolve_budget(dqn, dqn.quick)
-    assert (b.warmup, b.measure) == (400, 800)  # learning starts 200 + 200 steps of training
+    assert (b.warmup, b.measure) == (1300, 800)  # learning starts 1024 (the probe batch) + 200 steps, rounded up
     b = bench.resolve_budget(dqn, dqn.quick, 0.2)
-    assert (b.warmup, b.measure, bench.flag(b.args, "--learning-starts", 0)) == (100, 200, 40)
+    assert (b.warmup, b.measure, bench.flag(b.args, "--learning-starts", 0)) == (1100, 200, 1024)
     assert bench.resolve_budget(dqn, dqn.full).warmup == 90_000  # the script's default learning starts (80k)
     b = bench.resolve_budget(drq, drq.quick, 0.5)
     assert (b.warmup, b.measure) == (2088, 16)  # drq keeps its learning starts (the probe batch needs them)
@@ -168,7 +242,8 @@ def test_bad_flags():
 
 
 def test_tiny_real_run_of_dqn(tmp_path):
-    """The harness end to end on dqn_atari_hr.py: 400-step runs (100 warm-up), metrics every 200 steps and off."""
+    """The bench end to end on dqn_atari_hr.py: 1,400-step runs (learning starts 1,024, when the replay holds the
+    probe batch; 1,100 warm-up), metrics every 200 steps and off."""
     out = tmp_path / "RESULTS.md"
     proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "bench.py"), "--quick", "--scripts", "dqn",
                            "--variants", "relu", "--scale", "0.2", "--out", str(out)],
@@ -181,5 +256,6 @@ def test_tiny_real_run_of_dqn(tmp_path):
     named = dict(zip(bench.COLUMNS, [c.strip() for c in row.strip("|").split("|")]))
     assert named["device"] == "cpu" and named["probe cadence"] == "200 (scaled)"
     assert float(named["SPS metrics on"].replace(",", "")) > 0 and float(named["SPS metrics off"].replace(",", "")) > 0
-    assert named["probe share"].endswith("%")  # dqn reports it
+    assert named["probe share"].endswith("%") and named["s / probe"] != "—"  # from runs/NAME/finished
+    assert named["fast paths"] == "eager"
     assert named["peak host RSS"].endswith("iB") and named["peak GPU mem"] == "n/a"

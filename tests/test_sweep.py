@@ -1,7 +1,11 @@
-"""Sweep launchers: the commands they print, skip/resume of earlier runs, GPU spreading, the SLURM array."""
+"""Sweep launchers: the commands they print, skip/resume/restart of earlier runs (a restart moved aside by the
+script's harness, not by the launcher), GPU spreading, the SLURM array."""
+import glob
+import json
 import os
 import subprocess
 import sys
+import textwrap
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,14 +47,22 @@ def test_overrides_and_ppo(tmp_path):
 def test_finished_runs_skipped_unfinished_resumed(tmp_path):
     runs = tmp_path / "runs"
     (runs / "dqn__PongNoFrameskip-v4__relu__s1").mkdir(parents=True)
-    (runs / "dqn__PongNoFrameskip-v4__relu__s1" / "finished").write_text("")
+    (runs / "dqn__PongNoFrameskip-v4__relu__s1" / "finished").write_text(json.dumps({"global_step": 10_000_000}))
     (runs / "dqn__PongNoFrameskip-v4__relu__s2").mkdir()  # started, checkpointed, not finished
     (runs / "dqn__PongNoFrameskip-v4__relu__s2" / "checkpoint.pt").write_bytes(b"")
     (runs / "dqn__PongNoFrameskip-v4__relu__s3").mkdir()  # started, killed before its first checkpoint
-    cmds, out = launcher("run_atari8.sh", "--dry-run", "--games", "Pong", "--configs", "relu", "--seeds", "1 2 3 4",
-                         cwd=tmp_path)
+    (runs / "dqn__PongNoFrameskip-v4__relu__s3" / "events.out.tfevents.1.host").write_bytes(b"x")
+    (runs / "dqn__PongNoFrameskip-v4__relu__s5").mkdir()  # finished by an older version: an empty marker
+    (runs / "dqn__PongNoFrameskip-v4__relu__s5" / "finished").write_text("")
+    cmds, out = launcher("run_atari8.sh", "--dry-run", "--games", "Pong", "--configs", "relu", "--seeds",
+                         "1 2 3 4 5", cwd=tmp_path)
     assert len(cmds) == 3
     assert "skip dqn__PongNoFrameskip-v4__relu__s1 (finished)" in out
+    assert "skip dqn__PongNoFrameskip-v4__relu__s5 (finished)" in out
+    assert "dqn__PongNoFrameskip-v4__relu__s3 stopped before its first checkpoint: starting over" in out
+    # the launcher moves nothing itself (the script does, under its lock), and a dry run touches nothing
+    assert (runs / "dqn__PongNoFrameskip-v4__relu__s3" / "events.out.tfevents.1.host").exists()
+    assert sorted(p.name for p in runs.iterdir()) == [f"dqn__PongNoFrameskip-v4__relu__s{i}" for i in (1, 2, 3, 5)]
 
     def command_of(seed):
         return [c for c in cmds if f"--run-name dqn__PongNoFrameskip-v4__relu__s{seed}" in c][0]
@@ -94,7 +106,7 @@ def test_local_run_spreads_over_gpus_and_skips_on_relaunch(tmp_path, monkeypatch
         "name = sys.argv[sys.argv.index('--run-name') + 1]\n"
         "os.makedirs(f'runs/{name}', exist_ok=True)\n"
         "open(f'runs/{name}/gpu', 'w').write(os.environ.get('CUDA_VISIBLE_DEVICES', ''))\n"
-        "open(f'runs/{name}/finished', 'w').write('')\n")
+        "open(f'runs/{name}/finished', 'w').write('{\"global_step\": 1}')\n")
     runs = [sweep.Run(f"fake__s{i}", str(fake), ["--seed", str(i)]) for i in range(4)]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     runs_dir = str(tmp_path / "runs")
@@ -102,3 +114,58 @@ def test_local_run_spreads_over_gpus_and_skips_on_relaunch(tmp_path, monkeypatch
     gpus = [(tmp_path / "runs" / f"fake__s{i}" / "gpu").read_text() for i in range(4)]
     assert gpus == ["0", "1", "0", "1"]
     assert all(sweep.plan(r, runs_dir) == "skip" for r in runs)
+
+
+TOY = textwrap.dedent("""
+    import dataclasses, sys
+    from typing import Optional
+    sys.path.insert(0, {repo!r})
+    import harness
+
+    @dataclasses.dataclass
+    class Args:
+        exp_name: str = "toy"
+        seed: int = 1
+        torch_deterministic: bool = True
+        cuda: bool = False
+        env_id: str = "Toy-v0"
+        total_timesteps: int = 300
+        run_name: Optional[str] = None
+        resume: bool = False
+        checkpoint_every: int = 0
+        metrics_every: int = 0
+        metrics_batch: int = 2
+
+    args = harness.cli(Args)
+    run = harness.Run(args)
+    for step in range(0, args.total_timesteps, 100):
+        run.log(step, {{"charts/SPS": 1.0}})
+    run.finish(args.total_timesteps)
+""")
+
+
+def test_restart_of_a_partial_run_is_moved_aside_by_the_harness(tmp_path, monkeypatch):
+    """A run killed before its first checkpoint (events, no checkpoint), relaunched by the sweep on a real harness
+    script: the script moves it to runs/NAME.partial-<unix time> and starts fresh; its `finished` JSON then makes the
+    next relaunch skip it."""
+    toy = tmp_path / "toy.py"
+    toy.write_text(TOY.format(repo=REPO))
+    runs_dir = tmp_path / "runs"
+    partial = runs_dir / "toy__s1"
+    partial.mkdir(parents=True)
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(str(partial))
+    w.add_scalar("charts/SPS", 99.0, 0)
+    w.close()
+    run = sweep.Run("toy__s1", str(toy), ["--seed", "1"])
+    assert sweep.plan(run, str(runs_dir)) == "restart"
+    assert "--resume" not in sweep.prepare(run, str(runs_dir))
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+    assert sweep.run_local([run], str(runs_dir), jobs=1, dry_run=False) == 0
+    aside = glob.glob(str(runs_dir / "toy__s1.partial-*"))
+    assert len(aside) == 1 and aside[0].rsplit("-", 1)[1].isdigit()
+    assert glob.glob(os.path.join(aside[0], "events.out.tfevents.*"))  # the old events, kept aside
+    with open(partial / "finished") as f:
+        assert json.load(f)["global_step"] == 300
+    assert sweep.plan(run, str(runs_dir)) == "skip" and sweep.prepare(run, str(runs_dir)) is None
