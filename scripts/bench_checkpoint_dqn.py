@@ -3,14 +3,14 @@
 Builds what the script checkpoints once its buffer is full: a FrameReplayBuffer of --buffer-size slots (default
 1,000,000, the script's default) filled with random frames and episode flags, a default Q-network, its target and Adam
 (after one update, so the moments exist), a 1024-observation probe batch and the RNG states. Then times, with the
-script's own functions:
-- write:  rb.save_chunks + dqn_atari_hr.checkpoint_state + common.atomic_save (temp file, fsync, rename) +
-  rb.prune_chunks, as every --checkpoint-every: first with every chunk to write (the first checkpoint of a full
-  ring), then "incremental" after --changed-slots new slots (the script's default cadence), which rewrites only the
-  chunks they touched;
-- resume: dqn_atari_hr.load_checkpoint + restore_checkpoint into a fresh buffer, network and optimiser, as --resume
-  does; "cold" first (the file evicted from the page cache with posix_fadvise, as a requeued job on another node reads
-  it), then "warm" (file cached). The restored buffer is checked against the original.
+script's own functions and the harness's, in the order harness.Run.save and --resume call them:
+- write:  rb.store.save (the ring's changed chunk files) + dqn_atari_hr.checkpoint_state + harness.atomic_save
+  (temp file, fsync, rename) + harness.ChunkStore.prune, as every --checkpoint-every: first with every chunk to write
+  (the first checkpoint of a full ring), then "incremental" after --changed-slots new slots (the script's default
+  cadence), which rewrites only the chunks they touched;
+- resume: harness.read_checkpoint + rb.store.load + dqn_atari_hr.restore_state into a fresh buffer, network and
+  optimiser, as --resume does; "cold" first (the file evicted from the page cache with posix_fadvise, as a requeued
+  job on another node reads it), then "warm" (file cached). The restored buffer is checked against the original.
 The original buffer is freed before the fresh one is allocated, so the peak is about one buffer (7.1 GB at 1M).
 Prints one markdown table.
 
@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
 import dqn_atari_hr as dqn  # noqa: E402
+import harness  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--buffer-size", type=int, default=dqn.Args().buffer_size, help="replay slots (script default)")
@@ -40,7 +40,7 @@ p.add_argument("--changed-slots", type=int, default=dqn.Args().checkpoint_every,
 a = p.parse_args()
 
 need = dqn.FrameReplayBuffer.bytes_needed(a.buffer_size)
-avail = dqn.mem_available_bytes()
+avail = harness.mem_available_bytes()
 if avail < 1.5 * need + 1e9:  # one buffer, plus room for page cache and the rest
     sys.exit(f"error: --buffer-size {a.buffer_size} needs {need / 1e9:.2f} GB; only {avail / 1e9:.2f} GB is available "
              f"(MemAvailable; want 1.5x + 1 GB): lower --buffer-size or wait")
@@ -70,7 +70,7 @@ rows = []
 torch.manual_seed(0)
 args, q_network, target_network, optimizer, rb = build(seed=1)
 target_network.load_state_dict(q_network.state_dict())
-rng = np.random.default_rng(1)
+rng, probe_rng = np.random.default_rng(1), np.random.default_rng([1, 1])
 
 # fill the ring completely, as after --buffer-size steps: random frames, episodes of --episode-length steps
 t0 = time.perf_counter()
@@ -87,29 +87,33 @@ rb.flags[:] = np.where(pos == 0, rb.FIRST, 0) | np.where(pos == period - 2, rb.T
 rb.ptr, rb.full = 123_457 % a.buffer_size, True
 fill_s = time.perf_counter() - t0
 
-obs, actions, rewards, next_obs, dones = rb.sample(args.batch_size)  # one update: Adam's moments exist
-loss = torch.nn.functional.mse_loss(q_network(obs).gather(1, actions.unsqueeze(1)).squeeze(1), rewards)
+# one update: Adam's moments exist
+batch = dqn.ReplaySampler(rb, args.batch_size, torch.device("cpu")).sample()
+loss = torch.nn.functional.mse_loss(q_network(batch.obs).gather(1, batch.actions.unsqueeze(1)).squeeze(1),
+                                    batch.rewards)
 optimizer.zero_grad()
 loss.backward()
 optimizer.step()
 valid = rb.valid_indices()
-probe_obs = rb.observations(np.sort(rng.choice(valid, size=args.metrics_batch, replace=False)))
+probe_obs = rb.observations(np.sort(probe_rng.choice(valid, size=args.metrics_batch, replace=False)))
 check_idx = valid[:: max(1, valid.size // 2000)]  # to verify the restored buffer
 expected = (rb.observations(check_idx).numpy().copy(), rb.observations((check_idx + 1) % rb.capacity).numpy().copy(),
             rb.flags.copy(), rb.actions.copy(), rb.rewards.copy(), rb.ptr, rb.full)
-checksum = dqn.param_checksum(q_network)
-counters = dict(zip(dqn.COUNTERS, (1.0, 40, 12.0, 3600.0)))
+checksum = harness.param_checksum(q_network)
+counters = {"probe_seconds": 1.0, "n_probes": 40, "wall_seconds": 3600.0, "last_return": 12.0}
 anon_before, _ = rss()
 
 
 
 def write_checkpoint(rb, probe_obs, tag):
-    """What the script does at a checkpoint; returns (seconds, bytes of checkpoint.pt, bytes of replay chunks)."""
+    """What run.save does at a checkpoint; returns (seconds, bytes of checkpoint.pt, bytes of replay chunks)."""
     t0 = time.perf_counter()
-    manifest, replay_bytes = rb.save_chunks(replay_dir, tag)
-    size = common.atomic_save(dqn.checkpoint_state(a.buffer_size, args, q_network, target_network, optimizer,
-                                                   manifest, rng, probe_obs, counters), path)
-    rb.prune_chunks(replay_dir, manifest)
+    manifest, replay_bytes = rb.store.save(replay_dir, tag, rb.filled)
+    state = dqn.checkpoint_state(q_network, target_network, optimizer, rb, probe_obs, rng, probe_rng)
+    size = harness.atomic_save({"format": harness.CHECKPOINT_FORMAT, "global_step": a.buffer_size,
+                                "script": "dqn_atari_hr.py", "args": vars(args), "state": state,
+                                "counters": counters, "replay": manifest}, path)
+    harness.ChunkStore.prune(replay_dir, manifest)
     return time.perf_counter() - t0, size, replay_bytes
 
 
@@ -118,25 +122,28 @@ anon_after_write, _ = rss()
 disk = sum(os.stat(os.path.join(replay_dir, f)).st_blocks * 512 for f in os.listdir(replay_dir))
 # --changed-slots new transitions since then: the chunks they fall in are dirty (contents unchanged: same bytes)
 changed = np.arange(rb.ptr, rb.ptr + a.changed_slots) % rb.capacity
-rb.dirty[np.unique(changed // rb.chunk)] = True
+for slot in changed:
+    rb.store.touch(slot)
 inc_s, _, inc_bytes = write_checkpoint(rb, probe_obs, "incremental")
-n_chunks, n_inc = len(rb.saved), len(np.unique(changed // rb.chunk))
-del rb, probe_obs, obs, next_obs  # free the original buffer before the fresh one exists
+n_chunks, n_inc = len(rb.store.saved), len(np.unique(changed // rb.store.chunk))
+del rb, probe_obs, batch  # free the original buffer before the fresh one exists
 gc.collect()
 
 
 def resume(label):
     fresh_args, q2, target2, opt2, rb2 = build(seed=2)
-    rng2 = np.random.default_rng(2)
+    rng2, probe_rng2 = np.random.default_rng(2), np.random.default_rng([2, 1])
     t0 = time.perf_counter()
-    ckpt = dqn.load_checkpoint(path)
-    step, probe2, _ = dqn.restore_checkpoint(ckpt, q2, target2, opt2, rb2, rng2, "cpu", replay_dir)
+    ckpt = harness.read_checkpoint(path)
+    rb2.store.load(replay_dir, ckpt["replay"])
+    probe2 = dqn.restore_state(ckpt["state"], q2, target2, opt2, rb2, rng2, probe_rng2)
+    step = ckpt["global_step"]
     secs = time.perf_counter() - t0
     anon, file_backed = rss()
     del ckpt
     got = (rb2.observations(check_idx).numpy(), rb2.observations((check_idx + 1) % rb2.capacity).numpy(),
            rb2.flags, rb2.actions, rb2.rewards, rb2.ptr, rb2.full)
-    ok = step == a.buffer_size and dqn.param_checksum(q2) == checksum and all(
+    ok = step == a.buffer_size and harness.param_checksum(q2) == checksum and all(
         np.array_equal(x, y) for x, y in zip(got, expected))
     if not ok:
         sys.exit(f"error: {label} resume did not restore the checkpointed state")

@@ -9,6 +9,8 @@ import torch
 
 import common
 import dqn_atari_hr as dqn
+import harness
+from conftest import kill_after_checkpoint, resume_after_kill, steps_of
 
 SCRIPT = "dqn_atari_hr.py"
 METRIC_KEYS = ("dormant_kde", "dormant_score", "srank", "max_score", "saturated", "zombie")
@@ -30,7 +32,8 @@ SMOKE = {  # id -> (extra flags, probed layers)
     "relu+save": (["--save-model", "--eval-episodes", 1], ["conv1", "conv2", "conv3", "latent"]),
     "tanh-hr": (["--activation", "tanh", "--hr"], ["conv1", "conv2", "conv3", "latent"]),
     "tanh-ln": (["--activation", "tanh", "--layernorm"], ["conv1", "conv2", "conv3", "latent"]),
-    "widen": (["--hidden-dim", 1024], ["conv1", "conv2", "conv3", "latent"]),
+    # a probe batch larger than the replay's transitions at step 150: that probe is skipped, the next one runs
+    "widen": (["--hidden-dim", 1024, "--metrics-batch", 200], ["conv1", "conv2", "conv3", "latent"]),
     "2hr": (["--hr", "--hidden-layers", 2], ["conv1", "conv2", "conv3", "fc1", "latent"]),
     "hadamax": (["--encoder", "hadamax", "--activation", "gelu", "--layernorm"], ["conv1", "conv2", "conv3", "latent"]),
     # the torch.compile fast path (acting step and TD loss) in the real loop, on CPU
@@ -51,7 +54,7 @@ def run_many(jobs, workers=2):
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory):
     jobs = {}
-    for key, (variant, _) in SMOKE.items():
+    for key, (variant, _) in {**SMOKE, "no-probe": (["--metrics-every", 0], [])}.items():
         cwd = tmp_path_factory.mktemp(key.replace("+", "_"))
         jobs[key] = ([*TINY, *variant, "--run-name", "smoke"], cwd)
     return {k: (proc, jobs[k][1]) for k, proc in run_many(jobs).items()}
@@ -67,12 +70,16 @@ def test_smoke_logs_every_tag(key, smoke_runs, read_scalars):
         in proc.stdout
     assert "warning: torch.compile" not in proc.stderr  # compiled for real, no eager fallback
     run_dir = cwd / "runs" / "smoke"
-    assert (run_dir / "finished").exists()  # marker the sweeps and analyze.py rely on
+    probe_steps = [300] if key == "widen" else [150, 300]
+    finished = json.loads((run_dir / "finished").read_text())  # what the sweeps, bench and analyze.py read
+    assert finished["global_step"] == 400 and finished["n_probes"] == len(probe_steps)
+    assert ("probe at step 150 skipped: the replay holds" in proc.stdout) == (key == "widen")
+    assert not (run_dir / "checkpoint.pt").exists() and not (run_dir / "replay").exists()
     scalars = read_scalars(str(run_dir))
     missing = expected_tags(layers) - set(scalars)
     assert not missing, f"missing tags: {sorted(missing)}"
     for layer in layers:  # probes at every --metrics-every step, values in range
-        assert [s for s, _ in scalars[f"representation/{layer}/srank"]] == [150, 300]
+        assert [s for s, _ in scalars[f"representation/{layer}/srank"]] == probe_steps
         for key in ("dormant_kde", "dormant_score", "saturated", "zombie"):
             assert all(0.0 <= v <= 1.0 for _, v in scalars[f"representation/{layer}/{key}"])
         assert all(v >= 1 for _, v in scalars[f"representation/{layer}/srank"])
@@ -94,6 +101,22 @@ def test_smoke_logs_every_tag(key, smoke_runs, read_scalars):
     if "--save-model" in argv:
         assert (run_dir / "dqn_atari_hr.cleanrl_model").exists()
         assert len(scalars["eval/episodic_return"]) == 1
+
+
+def test_probes_do_not_change_what_the_agent_does(smoke_runs, read_scalars):
+    """The same run with probes (steps 150 and 300) and without: every action, hence every episode, replay batch and
+    update, is the same, because a probe draws its batch from its own generator, never from the exploration RNG."""
+    runs = {}
+    for key in ("relu+save", "no-probe"):
+        proc, cwd = smoke_runs[key]
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        runs[key] = read_scalars(str(cwd / "runs" / "smoke"))
+    probed, plain = runs["relu+save"], runs["no-probe"]
+    assert "representation/latent/srank" in probed and not any(t.startswith("representation/") for t in plain)
+    assert max(s for s, _ in probed["charts/episodic_return"]) > 150  # an episode ended after the first probe
+    for tag in ("charts/episodic_return", "charts/episodic_length", "charts/epsilon", "losses/td_loss",
+                "losses/q_values"):
+        assert probed[tag] == plain[tag], tag
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -147,7 +170,9 @@ def test_replay_stacks_match_scripted_episode_stream():
         got = {decode(rb.frames[i]) for i in rb.valid_indices()}
         assert got == expected
         assert rb.num_transitions() == len(expected)
-        obs, actions, rewards, next_obs, dones = rb.sample(64)
+        batch = dqn.ReplaySampler(rb, 64, torch.device("cpu")).sample()
+        assert isinstance(batch, dqn.Batch)
+        obs, actions, rewards, next_obs, dones = batch.obs, batch.actions, batch.rewards, batch.next_obs, batch.dones
         assert obs.dtype == torch.uint8 and obs.shape == (64, 4, 84, 84) and next_obs.shape == obs.shape
         for i in range(64):
             ep_i, t_i = decode(obs[i, -1].numpy())
@@ -168,16 +193,17 @@ def test_replay_bytes_per_transition():
     assert dqn.FrameReplayBuffer.bytes_needed(1, (84, 84)) == 84 * 84 + 1 + 4 + 1  # frame, action, reward, flags
     cap = 2000
     rb = dqn.FrameReplayBuffer(cap, frame_shape=(84, 84))
-    assert rb.nbytes == dqn.FrameReplayBuffer.bytes_needed(cap, (84, 84))
+    nbytes = sum(a.nbytes for a in (rb.frames, rb.actions, rb.rewards, rb.flags))
+    assert nbytes == dqn.FrameReplayBuffer.bytes_needed(cap, (84, 84))
     ep = 0
     while not rb.full or rb.ptr < 500:  # episodes of 100 steps, as a learning agent's lives
         rb.start_episode(encode(ep, 0))
         for t in range(100):
             rb.add(0, 0.0, encode(ep, t + 1), t == 99, False)
         ep += 1
-    per_transition = rb.nbytes / rb.num_transitions()
+    per_transition = nbytes / rb.num_transitions()
     assert per_transition <= 7200, per_transition  # CleanRL's buffer: 2 x 4 x 84 x 84 = 56448 B
-    assert 1e6 * rb.nbytes / cap / 1e9 < 7.1  # the 1M default needs about 7 GB
+    assert 1e6 * nbytes / cap / 1e9 < 7.1  # the 1M default needs about 7 GB
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -245,14 +271,14 @@ def test_conv_preactivation_reduction_keeps_saturation():
 
 
 def reference_sample(rb, batch_size):
-    """FrameReplayBuffer.sample as the training loop used it before the batched sampler: five .to(device) calls."""
+    """A batch the plain way: the stacks, actions, rewards and terminal flags at sampled indices, five copies."""
     idx = rb.sample_indices(batch_size)
     nxt = (idx + 1) % rb.capacity
-    return (rb.observations(idx),
-            torch.from_numpy(rb.actions[idx].astype(np.int64)).to(rb.device),
-            torch.from_numpy(rb.rewards[idx]).to(rb.device),
-            rb.observations(nxt),
-            torch.from_numpy((rb.flags[idx] & rb.TERMINATED) != 0).float().to(rb.device))
+    return dqn.Batch(rb.observations(idx),
+                     torch.from_numpy(rb.actions[idx].astype(np.int64)).to(rb.device),
+                     torch.from_numpy(rb.rewards[idx]).to(rb.device),
+                     rb.observations(nxt),
+                     torch.from_numpy((rb.flags[idx] & rb.TERMINATED) != 0).float().to(rb.device))
 
 
 def reference_update(q_network, target_network, optimizer, batch, gamma):
@@ -275,7 +301,7 @@ def reference_target_update(target_network, q_network, tau):
 
 
 @pytest.mark.parametrize("episodes", [6, 40], ids=["partly-filled", "wrapped-ring"])
-def test_batched_sampler_returns_what_rb_sample_returned(episodes):
+def test_batched_sampler_returns_the_plain_batch(episodes):
     rb = dqn.FrameReplayBuffer(257, frame_shape=(84, 84), seed=3)
     fill_scripted(rb, np.random.default_rng(episodes), episodes)
     assert rb.full == (episodes == 40)
@@ -287,7 +313,7 @@ def test_batched_sampler_returns_what_rb_sample_returned(episodes):
         after = rb.rng.bit_generator.state
         rb.rng.bit_generator.state = state  # the same RNG state for both
         got = sampler.sample()
-        assert rb.rng.bit_generator.state == after  # the same draws
+        assert isinstance(got, dqn.Batch) and rb.rng.bit_generator.state == after  # the same draws
         assert [g.dtype for g in got] == [w.dtype for w in want] == [torch.uint8, torch.int64, torch.float32,
                                                                      torch.uint8, torch.float32]
         for g, w in zip(got, want):
@@ -320,18 +346,18 @@ def scripted_batches(n, batch_size=16, tau=0.6):
     fill_scripted(rb, np.random.default_rng(2), 30)
     batches = []
     for _ in range(n):
-        obs, actions, rewards, next_obs, dones = reference_sample(rb, batch_size)
-        batches.append((obs, actions % 4, rewards, next_obs, dones))
+        batch = reference_sample(rb, batch_size)
+        batches.append(batch._replace(actions=batch.actions % 4))
     return batches
 
 
 def test_train_step_matches_reference_update():
     """make_train_step (+ update_target) performs exactly the Adam steps of the inline update it replaced, and
-    greedy_action picks the inline argmax."""
+    make_act picks the inline argmax."""
     (ref_q, ref_target), (q, target) = twin_nets()
     ref_opt = torch.optim.Adam(ref_q.parameters(), lr=1e-3)
     opt = torch.optim.Adam(q.parameters(), lr=1e-3)
-    common.set_capturable_(opt, False)  # what the CPU run does after the (absent) restore: a no-op
+    harness.set_capturable_(opt, False)  # what the CPU run does after the (absent) restore: a no-op
     step = dqn.make_train_step(q, target, opt, gamma=0.99)
     target_params = [p for p in target.parameters()]
     for i, batch in enumerate(scripted_batches(5)):
@@ -352,7 +378,7 @@ def test_train_step_matches_reference_update():
     for i in range(4):
         with torch.no_grad():
             want = int(q(obs[i:i + 1]).argmax(dim=1).item())
-        got = dqn.make_greedy_action(q)(obs[i:i + 1])
+        got = dqn.make_act(q)(obs[i:i + 1])
         assert got.shape == (1,) and got.item() == want and not got.requires_grad
 
 
@@ -360,7 +386,7 @@ def test_compiled_paths_match_eager(monkeypatch):
     """torch.compile (inductor, on CPU here) of the TD loss and of the greedy acting step gives the eager results.
     strict: a compiler failure fails the test instead of silently falling back to eager."""
     import functools
-    monkeypatch.setattr(common, "compiled", functools.partial(common.compiled, strict=True))
+    monkeypatch.setattr(harness, "compiled", functools.partial(harness.compiled, strict=True))
     torch._dynamo.reset()
     (eager_q, eager_target), (q, target) = twin_nets(activation="tanh", hr=True)
     eager_opt = torch.optim.Adam(eager_q.parameters(), lr=1e-3)
@@ -373,20 +399,20 @@ def test_compiled_paths_match_eager(monkeypatch):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     for p, p_eager in zip(q.parameters(), eager_q.parameters()):
         torch.testing.assert_close(p, p_eager, rtol=1e-4, atol=1e-5)
-    fast_act, eager_act = common.compiled(dqn.make_greedy_action(q), True), dqn.make_greedy_action(q)
+    fast_act, eager_act = harness.compiled(dqn.make_act(q), True), dqn.make_act(q)
     obs = batches[0][0]
     for i in range(3):
         assert torch.equal(fast_act(obs[i:i + 1]), eager_act(obs[i:i + 1]))
 
 
-def test_cudagraphs_on_needs_cuda():
+def test_fast_path_flags_need_no_cuda_except_cudagraphs_on():
+    dqn.validate(dqn.Args(cudagraphs="off", compile="on"))  # these are fine without CUDA
+    assert {"compile", "cudagraphs"} <= set(harness.MAY_DIFFER_ON_RESUME)  # they do not change what is trained
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(SystemExit) as e:
-        dqn.validate(dqn.Args(cudagraphs="on"))
+        harness._generic_checks(dqn.Args(cudagraphs="on"))  # what harness.Run checks first
     assert "--cudagraphs" in str(e.value.code)
-    dqn.validate(dqn.Args(cudagraphs="off", compile="on"))  # these are fine without CUDA
-    assert {"compile", "cudagraphs"} <= set(dqn.MAY_DIFFER_ON_RESUME)  # they do not change what is trained
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -441,82 +467,49 @@ def replay_view(rb):
             "ptr": rb.ptr, "full": rb.full}
 
 
-@pytest.mark.parametrize("episodes", [3, 40], ids=["partly-filled", "wrapped-ring"])
-def test_replay_state_roundtrip_gives_identical_samples(episodes, tmp_path):
-    rng = np.random.default_rng(episodes)
-    rb = dqn.FrameReplayBuffer(257, frame_shape=(84, 84), seed=3)
-    fill_scripted(rb, rng, episodes)
-    assert rb.full == (episodes == 40) and rb.num_transitions() > 20
-    state = rb.state_dict()
-    n = rb.capacity if rb.full else rb.ptr
-    assert state["frames"].shape == (n, 84, 84)  # only the filled part
-    assert np.shares_memory(state["frames"].numpy(), rb.frames)  # a view: torch.save writes the bytes, no copy
-    path = str(tmp_path / "replay.pt")
-    common.atomic_save({"replay": state}, path)
-    before = replay_view(rb)
-    fresh = dqn.FrameReplayBuffer(257, frame_shape=(84, 84), seed=99)
-    fresh.load_state_dict(dqn.load_checkpoint(path)["replay"])
-    after = replay_view(fresh)
-    for key in before:
-        np.testing.assert_array_equal(after[key], before[key], err_msg=key)
-    np.testing.assert_array_equal(fresh.frames, rb.frames)
-    for _ in range(3):  # and the sampling RNG continues where it was
-        for a, b in zip(rb.sample(16), fresh.sample(16)):
-            torch.testing.assert_close(a, b)
-    with pytest.raises(ValueError, match="capacity"):
-        dqn.FrameReplayBuffer(258, frame_shape=(84, 84)).load_state_dict(state)
-
-
 def chunk_files(directory):
     return sorted(os.listdir(directory))
 
 
 def test_replay_chunks_rewrite_only_what_changed_and_restore_exactly(tmp_path):
-    """The incremental checkpoint of the ring: a save writes the chunks changed since the last one (new files), the
-    manifest of every save restores exactly that state, and the previous manifest stays loadable until pruned."""
+    """The ring's incremental checkpoint: every write marks its slot's chunk, so a save writes exactly the chunks
+    changed since the last one (new files), the manifest of every save restores exactly that state, and the previous
+    manifest stays loadable until pruned."""
     rng = np.random.default_rng(1)
     rb = dqn.FrameReplayBuffer(257, frame_shape=(84, 84), seed=3, chunk=64)
     fill_scripted(rb, rng, 3)  # partly filled
     d = str(tmp_path / "replay")
-    first, written = rb.save_chunks(d, "a")
+    first, written = rb.store.save(d, "a", rb.filled)
     n_chunks = -(-rb.ptr // 64)
     assert len(first["files"]) == n_chunks and len(chunk_files(d)) == n_chunks and written > rb.ptr * 84 * 84
     view_a = replay_view(rb)
-    again, written = rb.save_chunks(d, "b")
+    again, written = rb.store.save(d, "b", rb.filled)
     assert written == 0 and again["files"] == first["files"]  # nothing changed: nothing written
-    before = {i: name for i, name in first["files"].items()}
+    before = dict(first["files"])
     for t in range(5):  # a few steps: they touch the chunk holding the pointer (and the one before, at a border)
         rb.add(0, 1.0, np.full((84, 84), t, np.uint8), False, False)
     touched = {((rb.ptr - 1 - k) % rb.capacity) // 64 for k in range(6)}
-    second, written = rb.save_chunks(d, "c")
+    second, written = rb.store.save(d, "c", rb.filled)
     changed = {i for i, name in second["files"].items() if before.get(i) != name}
     assert changed == touched and 0 < written < 3 * 64 * 84 * 84
     # the old manifest's files are still there: a kill before checkpoint.pt is replaced leaves it complete
     fresh = dqn.FrameReplayBuffer(257, frame_shape=(84, 84), seed=99, chunk=64)
-    fresh.load_chunks(d, first)
+    fresh.store.load(d, first)
+    fresh.ptr, fresh.full = view_a["ptr"], view_a["full"]  # the pointer travels in the checkpoint's state
     for key, want in view_a.items():
         np.testing.assert_array_equal(replay_view(fresh)[key], want, err_msg=key)
-    dqn.FrameReplayBuffer.prune_chunks(d, second)
+    harness.ChunkStore.prune(d, second)
     assert chunk_files(d) == sorted(second["files"].values())
-    assert dqn.FrameReplayBuffer.missing_chunks(d, first)  # superseded files are gone
     fill_scripted(rb, rng, 40)  # wrap the ring: every chunk changes
-    third, _ = rb.save_chunks(d, "d")
-    dqn.FrameReplayBuffer.prune_chunks(d, third)
-    restored = dqn.FrameReplayBuffer(257, frame_shape=(84, 84), seed=98, chunk=64)
-    restored.load_chunks(d, third)
-    want = replay_view(rb)
-    for key in want:
-        np.testing.assert_array_equal(replay_view(restored)[key], want[key], err_msg=key)
-    np.testing.assert_array_equal(restored.frames, rb.frames)
-    for _ in range(3):  # the sampling RNG continues where it was
-        for a, b in zip(rb.sample(16), restored.sample(16)):
-            torch.testing.assert_close(a, b)
-    # a restored buffer is clean: its next save writes only what changes after the restore
-    restored.cut_episode()
-    fourth, written = restored.save_chunks(d, "e")
+    third, _ = rb.store.save(d, "d", rb.filled)
+    assert len(third["files"]) == -(-257 // 64)
+    assert all(third["files"][i] != second["files"].get(i) for i in third["files"])
+    # a cut episode (what a resume does) touches at most the two chunks of its last two slots
+    rb.cut_episode()
+    fourth, written = rb.store.save(d, "e", rb.filled)
     assert 0 < written < 3 * 64 * 84 * 84 and sum(fourth["files"][i] != third["files"][i] for i in third["files"]) <= 2
-    with pytest.raises(ValueError, match="chunk"):
-        dqn.FrameReplayBuffer(257, frame_shape=(84, 84), chunk=32).load_chunks(d, third)
+    with pytest.raises(ValueError, match="layout"):
+        dqn.FrameReplayBuffer(257, frame_shape=(84, 84), chunk=32).store.load(d, third)
 
 
 def test_replay_cut_episode_truncates_without_crossing_episodes():
@@ -543,48 +536,60 @@ def test_replay_cut_episode_truncates_without_crossing_episodes():
     assert decode(next_obs[i][-1]) == (ep, t) and not rb.flags[last - 1] & rb.TERMINATED
 
 
-def test_restore_checkpoint_restores_everything_and_releases_the_file(tmp_path):
-    args = dqn.resolve_defaults(dqn.Args(buffer_size=200))
+@pytest.mark.parametrize("episodes", [3, 40], ids=["partly-filled", "wrapped-ring"])
+def test_checkpoint_restores_everything_and_releases_the_file(episodes, tmp_path):
+    """checkpoint_state + the ring's chunks, written as run.save writes them, then read back as --resume reads them
+    into fresh objects: networks, Adam, replay (identical samples: its RNG continues), every RNG, the probe batch."""
+    args = dqn.resolve_defaults(dqn.Args(buffer_size=257, hidden_dim=64))
     torch.manual_seed(0)
 
     def build(seed):
         q, target = dqn.QNetwork(args, 4), dqn.QNetwork(args, 4)
         opt = torch.optim.Adam(q.parameters(), lr=1e-3)
-        return q, target, opt, dqn.FrameReplayBuffer(200, seed=seed, chunk=64), np.random.default_rng(seed)
+        rb = dqn.FrameReplayBuffer(257, seed=seed, chunk=64)
+        return q, target, opt, rb, np.random.default_rng(seed), np.random.default_rng([seed, 1])
 
-    q, target, opt, rb, rng = build(1)
-    fill_scripted(rb, np.random.default_rng(5), 12)
+    q, target, opt, rb, rng, probe_rng = build(1)
+    fill_scripted(rb, np.random.default_rng(episodes), episodes)
+    assert rb.full == (episodes == 40) and rb.num_transitions() > 20
     for _ in range(2):  # Adam state exists
-        obs, actions, *_ = rb.sample(4)
+        batch = reference_sample(rb, 4)
         opt.zero_grad()
-        q(obs).gather(1, actions.unsqueeze(1) % 4).sum().backward()
+        q(batch.obs).gather(1, batch.actions.unsqueeze(1) % 4).sum().backward()
         opt.step()
     rng.random(7)
-    probe = rb.observations(rb.valid_indices()[:5])
-    counters = dict(zip(dqn.COUNTERS, (1.5, 2, 3.0, 4.5)))
-    path = str(tmp_path / "checkpoint.pt")
-    manifest, _ = rb.save_chunks(str(tmp_path / "replay"), "123")
-    common.atomic_save(dqn.checkpoint_state(123, args, q, target, opt, manifest, rng, probe, counters), path)
-    expected_rng = (rng.random(), np.random.get_state()[1][:4].copy(), torch.rand(2))
+    probe = rb.observations(np.sort(probe_rng.choice(rb.valid_indices(), 5, False)))
+    path, replay_dir = str(tmp_path / "checkpoint.pt"), str(tmp_path / "replay")
+    manifest, _ = rb.store.save(replay_dir, "123", rb.filled)
+    harness.atomic_save({"format": harness.CHECKPOINT_FORMAT, "global_step": 123, "replay": manifest,
+                         "state": dqn.checkpoint_state(q, target, opt, rb, probe, rng, probe_rng)}, path)
+    view = replay_view(rb)
+    expected_rng = (rng.random(), probe_rng.random(), np.random.get_state()[1][:4].copy(), torch.rand(2))
+    expected_samples = [reference_sample(rb, 16) for _ in range(3)]
 
-    q2, target2, opt2, rb2, rng2 = build(2)
+    q2, target2, opt2, rb2, rng2, probe_rng2 = build(2)
     np.random.seed(7)
     torch.manual_seed(7)
-    ckpt = dqn.load_checkpoint(path)
-    step, probe2, counters2 = dqn.restore_checkpoint(ckpt, q2, target2, opt2, rb2, rng2, "cpu", str(tmp_path / "replay"))
-    assert step == 123 and counters2 == counters
+    ckpt = harness.read_checkpoint(path)
+    rb2.store.load(replay_dir, ckpt["replay"])
+    probe2 = dqn.restore_state(ckpt["state"], q2, target2, opt2, rb2, rng2, probe_rng2)
     torch.testing.assert_close(probe2, probe)
+    for key, want in view.items():
+        np.testing.assert_array_equal(replay_view(rb2)[key], want, err_msg=key)
     for a, b in [(q, q2), (target, target2)]:
         for (k, v), (k2, v2) in zip(a.state_dict().items(), b.state_dict().items()):
             assert k == k2 and torch.equal(v, v2)
     for p, p2 in zip(q.parameters(), q2.parameters()):
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(opt.state[p][key], opt2.state[p2][key])
-    assert rng2.random() == expected_rng[0]
-    np.testing.assert_array_equal(np.random.get_state()[1][:4], expected_rng[1])
-    torch.testing.assert_close(torch.rand(2), expected_rng[2])
-    assert dqn.param_checksum(q2) == sum(t.double().sum().item() for t in ckpt["q_network"].values()
-                                         if t.is_floating_point())
+    assert (rng2.random(), probe_rng2.random()) == expected_rng[:2]
+    np.testing.assert_array_equal(np.random.get_state()[1][:4], expected_rng[2])
+    torch.testing.assert_close(torch.rand(2), expected_rng[3])
+    for want in expected_samples:  # the replay's sampling RNG continues where it was
+        for a, b in zip(want, reference_sample(rb2, 16)):
+            torch.testing.assert_close(a, b)
+    assert harness.param_checksum(q2) == sum(t.double().sum().item() for t in ckpt["state"]["q_network"].values()
+                                             if t.is_floating_point())
     del ckpt
     import gc
     gc.collect()
@@ -592,92 +597,30 @@ def test_restore_checkpoint_restores_everything_and_releases_the_file(tmp_path):
         assert path not in f.read()
 
 
-def test_last_good_state_copies_in_place():
-    net = torch.nn.Linear(3, 2)
-    opt = torch.optim.Adam(net.parameters(), lr=0.1)
-    snap = dqn.LastGoodState()
-    snap.update(0, {"net": net.state_dict(), "optimizer": opt.state_dict()})
-    assert snap.state["optimizer"]["state"] == {}
-    net(torch.ones(1, 3)).sum().backward()
-    opt.step()
-    snap.update(5, {"net": net.state_dict(), "optimizer": opt.state_dict()})  # Adam's state appeared: re-cloned
-    weight = snap.state["net"]["weight"]
-    expected = net.weight.detach().clone()
-    net(torch.ones(1, 3)).sum().backward()
-    opt.step()
-    with torch.no_grad():
-        net.weight.fill_(float("nan"))
-    assert not dqn.all_finite(net.parameters()).item()
-    assert snap.state["net"]["weight"] is weight and torch.equal(weight, expected)  # still the last good copy
-    snap.update(9, {"net": {"weight": expected, "bias": net.bias}, "optimizer": opt.state_dict()})
-    assert snap.state["net"]["weight"] is weight and snap.global_step == 9  # same storage, refreshed in place
-    assert dqn.all_finite([torch.ones(2)], torch.tensor(1.0)).item()
-    assert not dqn.all_finite([torch.ones(2)], torch.tensor(float("inf"))).item()
-
-
 RESUME = ["--total-timesteps", 2400, "--learning-starts", 250, "--buffer-size", 1000, "--batch-size", 8,
           "--metrics-every", 500, "--metrics-batch", 64, "--exploration-fraction", 1.0,
           "--target-network-frequency", 50, "--checkpoint-every", 1200, "--run-name", "kr"]
 
 
-def test_kill_and_resume_continues_the_run(tmp_path, read_scalars, run_script):
-    import re
-    import shutil
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from conftest import REPO
+def test_kill_and_resume_continues_the_run(tmp_path):
     run_dir = tmp_path / "runs" / "kr"
-    ckpt_path = run_dir / "checkpoint.pt"
-    log = open(tmp_path / "killed.log", "w")
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, SCRIPT), *map(str, RESUME)], cwd=tmp_path,
-                            stdout=log, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
-    try:
-        deadline = time.time() + 240
-        while not ckpt_path.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        # let it log past the checkpoint, so the resumed run has events to purge
-        while proc.poll() is None and time.time() < deadline:
-            steps = [s for s, _ in read_scalars(str(run_dir)).get("charts/SPS", [])]
-            if steps and max(steps) >= 1200:
-                break
-            time.sleep(0.1)
-        assert proc.poll() is None, "the run ended before it could be killed: " + (tmp_path / "killed.log").read_text()
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
-    assert "checkpoint: step 1200" in (tmp_path / "killed.log").read_text()
-    shutil.copy(ckpt_path, tmp_path / "copy.pt")
-    replay_files_at_kill = chunk_files(run_dir / "replay")
-    killed = read_scalars(str(run_dir))
+    out, ckpt, killed = kill_after_checkpoint(SCRIPT, RESUME, tmp_path, "kr", 1200)
+    assert "checkpoint: step 1200" in out
     assert max(s for s, _ in killed["charts/SPS"]) >= 1200  # the killed process logged at or after its checkpoint
-    assert not (run_dir / "finished").exists()
+    state = ckpt["state"]
+    assert ckpt["global_step"] == 1200 and state["probe_obs"] is not None  # probes at 500, 1000 drew the batch
+    assert state["replay"]["full"]  # 1200 steps in a 1000-slot ring: the wrapped buffer went through the files
+    assert chunk_files(run_dir / "replay") == sorted(ckpt["replay"]["files"].values())  # exactly the chunks named
 
-    proc = run_script(SCRIPT, [*RESUME, "--resume"], tmp_path, 300, ENV)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc, checksum, scalars = resume_after_kill(SCRIPT, RESUME, tmp_path, "kr", ckpt)
     assert json.loads((run_dir / "finished").read_text())["global_step"] == 2400
-    m = re.search(r"resumed runs/kr from step (\d+) \(parameter checksum (\S+)\)", proc.stdout)
-    assert m and int(m.group(1)) == 1200, proc.stdout[-3000:]
-    ckpt = torch.load(tmp_path / "copy.pt", map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == 1200 and ckpt["probe_obs"] is not None  # probes at 500, 1000 drew the batch
-    assert ckpt["replay"]["full"]  # 1200 steps in a 1000-slot ring: the wrapped buffer went through the files
-    assert replay_files_at_kill == sorted(ckpt["replay"]["files"].values())  # exactly the chunks it names
     assert not (run_dir / "checkpoint.pt").exists() and not (run_dir / "replay").exists()  # gone once finished
-    checksum = sum(t.double().sum().item() for t in ckpt["q_network"].values() if t.is_floating_point())
     # the live network after restore is the checkpointed one (to the last bits of a float64 sum's order)
-    assert float(m.group(2)) == pytest.approx(checksum, rel=1e-12, abs=1e-9)
-
-    scalars = read_scalars(str(run_dir))
-    sps = [s for s, _ in scalars["charts/SPS"]]
-    assert sps == list(range(0, 2400, 100))  # strictly increasing, constant spacing: no gap, no duplicate
-    assert [s for s, _ in scalars["losses/td_loss"]] == list(range(300, 2400, 100))
-    assert [s for s, _ in scalars["representation/latent/srank"]] == [500, 1000, 1500, 2000]
+    want = sum(t.double().sum().item() for t in state["q_network"].values() if t.is_floating_point())
+    assert checksum == pytest.approx(want, rel=1e-12, abs=1e-9)
+    assert steps_of(scalars, "charts/SPS") == list(range(0, 2400, 100))  # no gap, no duplicate
+    assert steps_of(scalars, "losses/td_loss") == list(range(300, 2400, 100))
+    assert steps_of(scalars, "representation/latent/srank") == [500, 1000, 1500, 2000]
     args = json.loads((run_dir / "args.json").read_text())
     assert args["resume"] is False and args["checkpoint_every"] == 1200  # args.json is the original run's
 
@@ -724,10 +667,10 @@ def test_nonfinite_loss_stops_with_last_good_state(case, tmp_path, run_script):
     good = torch.load(run_dir / "checkpoint_last_good.pt", map_location="cpu", weights_only=False)
     assert good["global_step"] == good_step
     for key in ("q_network", "target_network"):
-        assert all(torch.isfinite(t).all() for t in good[key].values())
-    assert all(torch.isfinite(t).all() for s in good["optimizer"]["state"].values() for t in s.values())
+        assert all(torch.isfinite(t).all() for t in good["state"][key].values())
+    assert all(torch.isfinite(t).all() for s in good["state"]["optimizer"]["state"].values() for t in s.values())
     net = dqn.QNetwork(dqn.Args(**good["args"]), 4)
-    net.load_state_dict(good["q_network"])  # a usable state
+    net.load_state_dict(good["state"]["q_network"])  # a usable state
     if ckpt_step is None:
         assert not (run_dir / "checkpoint.pt").exists()
     else:  # the resume point is untouched by the stop
