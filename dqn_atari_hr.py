@@ -30,7 +30,6 @@ import copy
 import math
 import os
 import sys
-import warnings
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Optional
 
@@ -61,14 +60,8 @@ class Args:
     """the name of this experiment"""
     seed: int = 1
     """seed of the experiment"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = True
-    """if toggled, cuda will be used when available"""
-    compile: Literal["auto", "on", "off"] = "auto"
-    """torch.compile the greedy acting step and the TD loss (auto: on with CUDA; on CPU compiling gains little)"""
-    cudagraphs: Literal["auto", "on", "off"] = "auto"
-    """replay acting and the whole gradient step (TD loss, backward, Adam) as CUDA graphs (auto: on with CUDA)"""
+    run_name: Optional[str] = None
+    """run directory runs/NAME; None means {env_id}__{exp_name}__{seed}__{unix_time}"""
     track: bool = False
     """track with Weights and Biases (wandb is not installed in this project's environment)"""
     wandb_project_name: str = "cleanRL"
@@ -79,16 +72,16 @@ class Args:
     """capture videos of the agent (needs moviepy)"""
     save_model: bool = False
     """save the model to runs/NAME/ at the end, then evaluate it for --eval-episodes episodes"""
-    run_name: Optional[str] = None
-    """run directory runs/NAME; None means {env_id}__{exp_name}__{seed}__{unix_time}"""
-    checkpoint_every: int = 250_000
-    """agent steps between checkpoints (0 = off); each rewrites only the replay chunks that changed (~2 GB)"""
-    resume: bool = False
-    """continue runs/NAME (--run-name) from its checkpoint; training flags must match the ones it was made with"""
+    eval_episodes: int = 10
+    """full games played by the saved model at the end (with --save-model)"""
+    eval_epsilon: float = 0.05
+    """epsilon of the evaluation policy"""
 
-    # Algorithm (the HR papers' Table 3 = CleanRL dqn_atari, final epsilon 0.1)
+    # Environment
     env_id: str = "BreakoutNoFrameskip-v4"
     """the id of the Atari environment (NoFrameskip-v4 ids; ALE/*-v5 ids get frameskip=1 with their sticky actions)"""
+
+    # Algorithm (the HR papers' Table 3 = CleanRL dqn_atari, final epsilon 0.1)
     total_timesteps: int = 10_000_000
     """total agent steps (one step = 4 frames)"""
     learning_rate: float = 1e-4
@@ -113,34 +106,33 @@ class Args:
     """timestep to start learning"""
     train_frequency: int = 4
     """the frequency of training"""
-    eval_episodes: int = 10
-    """full games played by the saved model at the end (with --save-model)"""
-    eval_epsilon: float = 0.05
-    """epsilon of the evaluation policy"""
 
-    # Network variants (CONVENTIONS.md)
+    # Network variant (CONVENTIONS.md; the same flags and meanings in the three Atari scripts)
     activation: Optional[Activation] = None
-    """activation of the target layers (default relu; gelu with --encoder hadamax, as the Hadamax encoder)"""
+    """activation of the target layers (unset: relu; gelu with --encoder hadamax, as the Hadamax encoder)"""
     hr: bool = False
     """Hadamard representation: each target layer becomes act(W1 x + b1) * act(W2 x + b2)"""
     hr_branches: int = 2
-    """number of multiplied branches (3 = the v1 paper's "2HR")"""
+    """number of multiplied branches of an HR layer (3 = the v1 paper's "2HR", a product of three)"""
     hr_layers: Literal["last", "all"] = "last"
-    """target layers: `last` = the dense block after the conv trunk, `all` = also every conv layer"""
+    """target layers: `last` = the dense block after the conv trunk, `all` = also every conv layer (Nature encoder)"""
     hidden_layers: int = 1
-    """dense hidden layers after the conv trunk (`--hr --hidden-layers 2` = the v2 paper's stacked 2HR)"""
+    """dense hidden layers after the conv trunk: fc1..fc{N-1}, then latent (`--hr --hidden-layers 2` = the v2
+    paper's stacked 2HR)"""
     hidden_dim: int = 512
     """width of the dense hidden layer(s) (1024 = the parameter-matched widen baseline of HR)"""
     layernorm: bool = False
-    """LayerNorm on the pre-activations of the target layers (always on with --encoder hadamax, part of its latent)"""
+    """LayerNorm (eps 1e-6) on the pre-activations of the target layers (always on with --encoder hadamax, part of
+    its latent)"""
     combine: Literal["product", "sum"] = "product"
     """how HR branches are combined (`sum` is the v1 ablation)"""
     conv_activation: Activation = "relu"
-    """activation of conv layers that are not targets (Nature encoder)"""
+    """activation of the Nature conv layers that are not targets (--encoder hadamax convs always use GELU)"""
     encoder: Literal["nature", "hadamax"] = "nature"
-    """conv trunk: Nature CNN, or the Hadamax encoder (Hadamard conv blocks with max-pooling)"""
+    """conv trunk: the Nature CNN, or the Hadamax encoder (2-branch LayerNorm -> GELU conv blocks with
+    max-pooling, then a LayerNorm -> GELU latent)"""
 
-    # Representation metrics
+    # Metrics (representation/*)
     metrics_every: int = 25_000
     """agent steps between representation-metric probes (0 = off)"""
     metrics_batch: int = 1024
@@ -152,6 +144,21 @@ class Args:
     kde_noise_std: float = 1e-3
     """std of the Gaussian jitter added before the KDE test (not given in the papers)"""
 
+    # Checkpointing
+    checkpoint_every: int = 250_000
+    """agent steps between checkpoints (0 = off); each rewrites only the replay chunks that changed (~2 GB)"""
+    resume: bool = False
+    """continue runs/NAME (--run-name) from its checkpoint; training flags must match the ones it was made with"""
+
+    # Speed
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile the greedy acting step and the TD loss (auto: on with CUDA; on CPU compiling gains little)"""
+    cudagraphs: Literal["auto", "on", "off"] = "auto"
+    """replay acting and the whole gradient step (TD loss, backward, Adam) as CUDA graphs (auto: on with CUDA)"""
 
 def resolve_defaults(args: Args) -> Args:
     """Fill the defaults that depend on other flags (recorded in args.json, compared on --resume)."""
@@ -180,6 +187,8 @@ def validate(args: Args) -> None:
         harness.fail("--combine sum needs --hr (it is the sum-of-branches ablation of HR)")
     if args.encoder == "hadamax" and args.hr_layers == "all":
         harness.fail("--hr-layers all does not apply to --encoder hadamax (its conv blocks are always Hadamard)")
+    if args.encoder == "hadamax" and args.conv_activation != "relu":
+        harness.fail("--conv-activation applies to the Nature conv trunk; --encoder hadamax convs always use GELU")
     harness.at_least(args, {"hidden_layers": 1, "hidden_dim": 1, "batch_size": 1, "train_frequency": 1,
                             "learning_starts": 0, "target_network_frequency": 1, "eval_episodes": 0,
                             "buffer_size": 64})
@@ -471,124 +480,190 @@ class ReplaySampler:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Network: one factory for every hidden layer (plain, HR, LayerNorm, CReLU, conv or dense)
-
-ACTIVATIONS = {
-    "relu": F.relu,
-    "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid,
-    "gelu": lambda x: F.gelu(x, approximate="tanh"),  # the tanh approximation, as Flax (PQN/Hadamax) uses
-    "selu": F.selu,
-    "crelu": lambda x: torch.cat([F.relu(x), F.relu(-x)], dim=1),  # doubles the width
-}
+# network: the same text in dqn_atari_hr.py, ppo_atari_hr.py and pqn_atari_hr.py (`diff` between the scripts shows
+# only their own classes). Every hidden layer is a HiddenLayer (plain, HR, sum, LayerNorm, CReLU; dense or conv);
+# an Encoder is a conv trunk (Nature or Hadamax) and the dense block fc1..fc{N-1}, latent (CONVENTIONS layer names).
 
 
-class ChannelLayerNorm(nn.LayerNorm):
-    """LayerNorm over channels at each spatial position of an (N, C, H, W) map (the Flax NHWC convention)."""
+def activate(x: torch.Tensor, name: str, dim: int) -> torch.Tensor:
+    """The activation `name` of x; crelu (concat(relu(x), relu(-x))) doubles the width along `dim`."""
+    if name == "crelu":
+        return torch.cat([F.relu(x), F.relu(-x)], dim=dim)
+    if name == "gelu":
+        return F.gelu(x, approximate="tanh")  # Flax's nn.gelu default, as the official Hadamax code
+    return {"relu": F.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "selu": F.selu}[name](x)
 
-    def forward(self, x):
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+def trunc_normal_(w: torch.Tensor, scale: float, fan: float) -> None:
+    """Flax's variance_scaling(scale, fan, "truncated_normal"): he_normal = (2, fan_in), glorot_normal (= Flax's
+    xavier_normal) = (1, fan_avg), lecun_normal = (1, fan_in)."""
+    std = math.sqrt(scale / fan) / 0.87962566103423978  # std of a unit normal truncated to [-2, 2]
+    nn.init.trunc_normal_(w, 0.0, std, -2 * std, 2 * std)
+
+
+def init_(w: torch.Tensor, b, init: str, gain: float = math.sqrt(2), branches: int = 1) -> None:
+    """(Re)initialise a layer as `branches` independent branches, each as a layer of its own would be: weight w
+    (branches * out, in[, kh, kw]), bias b (branches * out,) or None.
+    torch:       PyTorch's nn.Linear/nn.Conv2d default, per branch: kaiming-uniform(a=sqrt 5), then the bias
+                 U(+-1/sqrt fan_in) (CleanRL DQN; the draws of constructing the branches one after the other)
+    orthogonal:  orthogonal with `gain` per branch, zero bias (CleanRL PPO's layer_init)
+    he, glorot, lecun: Flax's truncated normals, zero bias, all branches in one draw (they share their fans):
+                 he_normal: official PQN and the Hadamax dense layer; glorot_normal: the Hadamax convs; lecun_normal:
+                 Flax's Dense default (PQN's Q head)"""
+    if init in ("torch", "orthogonal"):
+        for wk, bk in zip(w.chunk(branches), b.chunk(branches) if b is not None else [None] * branches):
+            fan_in = wk[0].numel()
+            if init == "torch":
+                nn.init.kaiming_uniform_(wk, a=math.sqrt(5))
+                if bk is not None:
+                    nn.init.uniform_(bk, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+            else:
+                nn.init.orthogonal_(wk, gain)
+                if bk is not None:
+                    nn.init.zeros_(bk)
+        return
+    fan_in, fan_out = w[0].numel(), w.shape[0] // branches * w[0, 0].numel()  # per branch; convs count kh * kw
+    scale, fan = {"he": (2.0, fan_in), "glorot": (1.0, (fan_in + fan_out) / 2), "lecun": (1.0, fan_in)}[init]
+    trunc_normal_(w, scale, fan)
+    if b is not None:
+        nn.init.zeros_(b)
 
 
 class HiddenLayer(nn.Module):
-    """K independently parameterised copies of (Linear or Conv2d -> optional LayerNorm -> activation), combined by
-    elementwise product (HR, v2 eq. 1: act(W1 x + b1) * act(W2 x + b2)) or sum; K = 1 is a plain layer. An optional
-    pool follows (Hadamax). With probe=True also returns the branches' pre-activations stacked along dim 1."""
+    """K independently parameterised branches of (Linear or Conv2d -> optional LayerNorm -> activation), combined by
+    elementwise product (HR: act(W1 x + b1) * act(W2 x + b2)) or sum (the v1 ablation); K = 1 is a plain layer. The
+    branches are one fused Linear/Conv2d with K*out outputs (branch-major), so a forward is one matmul/conv; each
+    branch has its own weights, bias and LayerNorm affine, and is initialised as a separate layer would be: PyTorch's
+    default draws for each (the random stream of constructing K layers), then `init` (see init_). LayerNorm
+    (eps 1e-6, Flax's) normalises conv maps over channels at each position (Flax's NHWC convention); padding="same"
+    pads as Flax's SAME (the extra row/column at the end). forward returns (output, pre-activation): the branches'
+    pre-activations (after LayerNorm) stacked along the unit/channel dim, branch-major, as the fused weight's rows."""
 
-    def __init__(self, kind, in_dim, out_dim, activation, layernorm=False, branches=1, combine="product",
-                 kernel=1, stride=1, padding=0, pool=None, ln_eps=1e-5):
+    def __init__(self, kind: str, in_dim: int, out_dim: int, activation: str, layernorm: bool = False,
+                 branches: int = 1, combine: str = "product", kernel: int = 1, stride: int = 1, padding=0,
+                 init: str = "torch"):
         super().__init__()
-        if kind == "linear":
-            make, norm = (lambda: nn.Linear(in_dim, out_dim)), (lambda: nn.LayerNorm(out_dim, eps=ln_eps))
+        self.kind, self.out_dim, self.activation, self.branches = kind, out_dim, activation, branches
+        self.combine, self.init, self.layernorm = combine, init, layernorm
+        self.width = out_dim * (2 if activation == "crelu" else 1)  # output features/channels
+        # "same" (stride 1) as Flax's SAME: (k - 1) // 2 before, k // 2 after (PyTorch's padding="same" pads alike but
+        # warns for even kernels)
+        self.pad = ((kernel - 1) // 2, kernel // 2) * 2 if padding == "same" else None
+        if kind == "conv":
+            self.fused = nn.utils.skip_init(nn.Conv2d, in_dim, branches * out_dim, kernel, stride,
+                                            padding=0 if padding == "same" else padding)
         else:
-            make = lambda: nn.Conv2d(in_dim, out_dim, kernel, stride, padding)  # noqa: E731
-            norm = lambda: ChannelLayerNorm(out_dim, eps=ln_eps)  # noqa: E731
-        self.branches = nn.ModuleList(make() for _ in range(branches))
-        self.norms = nn.ModuleList(norm() for _ in range(branches)) if layernorm else None
-        self.act = ACTIVATIONS[activation]
-        self.combine = combine
-        self.pool = pool if pool is not None else nn.Identity()
-        self.out_dim = out_dim * (2 if activation == "crelu" else 1)
+            self.fused = nn.utils.skip_init(nn.Linear, in_dim, branches * out_dim)
+        with torch.no_grad():  # PyTorch's default draws (constructing K layers), then `init` (re-initialising them)
+            init_(self.fused.weight, self.fused.bias, "torch", branches=branches)
+            if init != "torch":
+                init_(self.fused.weight, self.fused.bias, init, branches=branches)
+        if layernorm:
+            self.ln_weight = nn.Parameter(torch.ones(branches * out_dim))
+            self.ln_bias = nn.Parameter(torch.zeros(branches * out_dim))
 
-    def forward(self, x, probe=False):
-        out, pres = None, []
-        for i, branch in enumerate(self.branches):
-            z = branch(x)
-            if self.norms is not None:
-                z = self.norms[i](z)
-            pres.append(z)
-            a = self.act(z)
-            out = a if out is None else (out * a if self.combine == "product" else out + a)
-        out = self.pool(out)
-        return (out, torch.cat(pres, dim=1)) if probe else out
+    def init_weight_(self, w: torch.Tensor) -> None:
+        """Fresh incoming weights of the fused shape, by `init` (ReDo's re-initialisation)."""
+        init_(w, None, self.init, branches=self.branches)
+
+    def forward(self, x: torch.Tensor):
+        z = self.fused(x if self.pad is None else F.pad(x, self.pad))  # (N, K*out[, H, W]), branch-major
+        pres = z.split(self.out_dim, dim=1)
+        if self.layernorm:  # over each branch's units; for convs over the channels at each position (Flax's NHWC)
+            pres = [F.layer_norm(p.movedim(1, -1), (self.out_dim,), w, b, eps=1e-6).movedim(-1, 1)  # Flax's eps
+                    for p, w, b in zip(pres, self.ln_weight.split(self.out_dim), self.ln_bias.split(self.out_dim))]
+            z = pres[0] if self.branches == 1 else torch.cat(pres, dim=1)
+        out = activate(pres[0], self.activation, dim=1)
+        for p in pres[1:]:
+            a = activate(p, self.activation, dim=1)
+            out = out * a if self.combine == "product" else out + a
+        return out, z
+
+
+def spatial_extremes(pre: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C, 1, 2): each channel's max and min over space. A channel is <= 0 at every position iff
+    its max is, > 0 everywhere iff its min is, so common.saturation_fractions gives the same answer on far less memory
+    (Hadamax conv1 pre-activations are 84x84)."""
+    return torch.stack([pre.amax(dim=(2, 3)), pre.amin(dim=(2, 3))], dim=-1).unsqueeze(2)
+
+
+def nature_trunk(in_ch: int, **conv) -> tuple[dict, dict]:
+    """The Nature CNN (32 8x8/4, 64 4x4/2, 64 3x3/1, VALID) as HiddenLayers conv1..conv3 with the HiddenLayer keyword
+    arguments `conv` (activation, layernorm, branches, combine, init); no pools."""
+    convs = {}
+    for i, (out, k, s) in enumerate([(32, 8, 4), (64, 4, 2), (64, 3, 1)], start=1):
+        convs[f"conv{i}"] = layer = HiddenLayer("conv", in_ch, out, kernel=k, stride=s, **conv)
+        in_ch = layer.width
+    return convs, {}
+
+
+def hadamax_trunk(in_ch: int) -> tuple[dict, dict]:
+    """The Hadamax encoder's conv blocks (Kooi et al. 2025, as the official Flax code): per block two stride-1 SAME
+    conv branches, each LayerNorm -> tanh-GELU, multiplied, then max-pooled: 84 -> 21 (4/4), 21 -> 11 (2/2, ceil =
+    Flax SAME), 11 -> 11 (3/1, pad 1 = Flax SAME). Kernels Flax's xavier_normal (truncated Glorot-normal), zero
+    biases. Returns ({conv1..conv3: HiddenLayer}, {conv1..conv3: pool})."""
+    convs, pools = {}, {}
+    blocks = [(32, 8, nn.MaxPool2d(4, 4)), (64, 4, nn.MaxPool2d(2, 2, ceil_mode=True)),
+              (64, 3, nn.MaxPool2d(3, 1, padding=1))]
+    for i, (out, k, pool) in enumerate(blocks, start=1):
+        convs[f"conv{i}"] = HiddenLayer("conv", in_ch, out, "gelu", True, 2, "product", k, 1, "same", init="glorot")
+        pools[f"conv{i}"], in_ch = pool, out
+    return convs, pools
+
+
+class Encoder(nn.Module):
+    """uint8 frame stacks -> the latent fed to the head(s): the conv trunk (conv1..conv3; `conv` are the HiddenLayer
+    keyword arguments of the Nature convs, unused by Hadamax) then the dense block fc1..fc{N-1}, latent (`dense`).
+    With --encoder hadamax the dense layers get the official Hadamax init (Flax's he_normal), whatever dense["init"].
+    forward(obs, record): with a dict `record`, also stores per layer (output, pre-activation): the output after the
+    Hadamax max-pool (what the next layer sees), conv pre-activations reduced by spatial_extremes."""
+
+    def __init__(self, encoder: str, obs_shape, conv: dict, dense: dict, hidden_layers: int, hidden_dim: int):
+        super().__init__()
+        convs, pools = hadamax_trunk(obs_shape[0]) if encoder == "hadamax" else nature_trunk(obs_shape[0], **conv)
+        self.hidden, self.pools = nn.ModuleDict(convs), nn.ModuleDict(pools)
+        with torch.no_grad():  # only the convs exist yet: the trunk's output map
+            x = self(torch.zeros(1, *obs_shape))
+        self.conv_out_hw, width = x.shape[2] * x.shape[3], x[0].numel()  # H*W: ReDo's outgoing group of the trunk
+        dense = dict(dense, init="he") if encoder == "hadamax" else dense
+        for name in [f"fc{i}" for i in range(1, hidden_layers)] + ["latent"]:
+            self.hidden[name] = layer = HiddenLayer("linear", width, hidden_dim, **dense)
+            width = layer.width
+        self.width = width
+
+    def forward(self, obs: torch.Tensor, record=None) -> torch.Tensor:
+        x = obs.float() / 255.0
+        for name, layer in self.hidden.items():
+            if layer.kind == "linear" and x.dim() == 4:
+                x = x.flatten(1)
+            x, pre = layer(x)
+            if name in self.pools:
+                x = self.pools[name](x)
+            if record is not None:
+                record[name] = (x, spatial_extremes(pre) if pre.dim() == 4 else pre)
+        return x
 
 
 class QNetwork(nn.Module):
-    """Conv trunk (conv1..conv3) -> dense block (fc1..fc{N-1}, latent) -> linear Q head."""
+    """Encoder (conv1..conv3, fc1..fc{N-1}, latent) -> linear Q head; PyTorch's default init (CleanRL DQN)."""
 
-    def __init__(self, args: Args, n_actions: int):
+    def __init__(self, args: Args, n_actions: int, obs_shape=(FRAME_STACK, *FRAME_SHAPE)):
         super().__init__()
-        hr_branches = args.hr_branches if args.hr else 1
         # --encoder hadamax is the whole official encoder: its dense latent is Dense -> LayerNorm -> GELU by default
-        activation = args.activation or ("gelu" if args.encoder == "hadamax" else "relu")
-        target = dict(activation=activation, layernorm=args.layernorm or args.encoder == "hadamax",
-                      branches=hr_branches, combine=args.combine)
-        plain_conv = dict(activation=args.conv_activation, layernorm=False, branches=1)
-        convs, c = [], FRAME_STACK
-        if args.encoder == "nature":
-            for out, k, s in [(32, 8, 4), (64, 4, 2), (64, 3, 1)]:
-                kw = target if args.hr_layers == "all" else plain_conv
-                convs.append(HiddenLayer("conv", c, out, kernel=k, stride=s, **kw))
-                c = convs[-1].out_dim
-        else:  # Hadamax: stride-1 SAME convs, 2 branches x (LayerNorm -> GELU), product, max-pool downsampling
-            for out, k, pool in [(32, 8, nn.MaxPool2d(4, 4)), (64, 4, nn.MaxPool2d(2, 2, ceil_mode=True)),
-                                 (64, 3, nn.MaxPool2d(3, 1, padding=1))]:
-                convs.append(HiddenLayer("conv", c, out, "gelu", layernorm=True, branches=2, kernel=k,
-                                         padding="same", pool=pool, ln_eps=1e-6))
-                c = out
-            for m in self.modules_of(convs, nn.Conv2d):
-                nn.init.xavier_normal_(m.weight)
-                nn.init.zeros_(m.bias)
-        self.convs = nn.ModuleList(convs)
-        with torch.no_grad():
-            width = self.trunk(torch.zeros(1, FRAME_STACK, *FRAME_SHAPE)).shape[1]
-        dense = []
-        for _ in range(args.hidden_layers):
-            dense.append(HiddenLayer("linear", width, args.hidden_dim, **target))
-            width = dense[-1].out_dim
-        if args.encoder == "hadamax":  # He-normal dense layer, as the Hadamax code
-            for m in self.modules_of(dense, nn.Linear):
-                nn.init.kaiming_normal_(m.weight)
-                nn.init.zeros_(m.bias)
-        self.dense = nn.ModuleList(dense)
-        self.head = nn.Linear(width, n_actions)
-        self.layer_names = [f"conv{i + 1}" for i in range(len(convs))] + \
-            [f"fc{i + 1}" for i in range(len(dense) - 1)] + ["latent"]
+        target = dict(activation=args.activation or ("gelu" if args.encoder == "hadamax" else "relu"),
+                      layernorm=args.layernorm or args.encoder == "hadamax",
+                      branches=args.hr_branches if args.hr else 1, combine=args.combine, init="torch")
+        conv = target if args.hr_layers == "all" else dict(activation=args.conv_activation, init="torch")
+        self.encoder = Encoder(args.encoder, obs_shape, conv, target, args.hidden_layers, args.hidden_dim)
+        self.head = nn.Linear(self.encoder.width, n_actions)
+        self.layer_names = list(self.encoder.hidden)
 
-    @staticmethod
-    def modules_of(layers, cls):
-        return [m for layer in layers for m in layer.modules() if isinstance(m, cls)]
-
-    def trunk(self, x):
-        for conv in self.convs:
-            x = conv(x)
-        return x.flatten(1)
-
-    def forward(self, x, probe=False):
-        """Q-values of uint8 stacks (n, 4, 84, 84). probe=True also returns {layer: (output, pre-activation)}."""
-        x = x.float() / 255.0
-        if not probe:
-            x = self.trunk(x)
-            for layer in self.dense:
-                x = layer(x)
-            return self.head(x)
-        layers = {}
-        for i, layer in enumerate([*self.convs, *self.dense]):
-            if i == len(self.convs):
-                x = x.flatten(1)
-            x, pre = layer(x, probe=True)
-            layers[self.layer_names[i]] = (x, pre)
-        return self.head(x), layers
+    def forward(self, x: torch.Tensor, probe: bool = False):
+        """Q-values of uint8 stacks (n, 4, 84, 84). probe=True also returns {layer: (output, pre-activation)}, conv
+        pre-activations reduced by spatial_extremes."""
+        layers = {} if probe else None
+        q = self.head(self.encoder(x, layers))
+        return (q, layers) if probe else q
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -597,14 +672,11 @@ class QNetwork(nn.Module):
 
 @torch.no_grad()
 def probe_metrics(q_network: QNetwork, probe_obs: torch.Tensor, args: Args, chunk: int = 256) -> dict:
-    """All representation/* scalars on the fixed probe batch: one extra forward, in chunks to bound memory. Conv
-    pre-activations are reduced to their spatial max and min per channel, which leaves saturation_fractions (channel
-    <= 0 / > 0 at every sample and position) unchanged."""
+    """All representation/* scalars on the fixed probe batch: one extra forward, in chunks to bound memory (conv
+    pre-activations come reduced by spatial_extremes)."""
     posts, pres = collections.defaultdict(list), collections.defaultdict(list)
     for obs in probe_obs.split(chunk):
         for name, (post, pre) in q_network(obs, probe=True)[1].items():
-            if pre.dim() == 4:
-                pre = torch.stack([pre.amax(dim=(2, 3)), pre.amin(dim=(2, 3))], dim=-1).unsqueeze(2)
             posts[name].append(post)
             pres[name].append(pre)
     layers = {name: (torch.cat(posts[name]), torch.cat(pres[name])) for name in q_network.layer_names}
@@ -716,7 +788,6 @@ if __name__ == "__main__":
     validate(args)
     run = harness.Run(args, resolve=resolve_defaults,
                       memory={f"--buffer-size {args.buffer_size}": FrameReplayBuffer.bytes_needed(args.buffer_size)})
-    warnings.filterwarnings("ignore", message="Using padding='same' with even kernel")  # Hadamax 8x8/4x4 convs
     device = run.device
     env_seed = args.seed + run.start_step  # a resumed run starts fresh episodes, seeded by where it resumes
     env = make_env(args.env_id, env_seed, args.capture_video, args.run_name)

@@ -19,6 +19,7 @@ whole minibatch update with a capturable Adam), pinned uploads; each update sync
     python ppo_atari_hr.py --env-id Breakout-v5 --run-name my-run --resume        # continue an interrupted run
 """
 import difflib
+import math
 import os
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Optional
@@ -100,27 +101,30 @@ class Args:
     target_kl: Optional[float] = None
     """the target KL divergence threshold (off by default, as in CleanRL; when set, one host sync per epoch)"""
 
-    # Network variant (identical semantics across the Atari scripts)
+    # Network variant (CONVENTIONS.md; the same flags and meanings in the three Atari scripts)
     activation: Optional[Activation] = None
-    """activation of the target layers (default relu; gelu with --encoder hadamax, as the Hadamax encoder)"""
+    """activation of the target layers (unset: relu; gelu with --encoder hadamax, as the Hadamax encoder)"""
     hr: bool = False
     """Hadamard representation: each target layer becomes act(W1 x + b1) * act(W2 x + b2)"""
     hr_branches: int = 2
-    """number of multiplied branches of an HR layer (3 = the v1 paper's product of three)"""
+    """number of multiplied branches of an HR layer (3 = the v1 paper's "2HR", a product of three)"""
     hr_layers: Literal["last", "all"] = "last"
-    """target layers: `last` = the dense hidden block after the convs, `all` = also every conv layer"""
+    """target layers: `last` = the dense block after the conv trunk, `all` = also every conv layer (Nature encoder)"""
     hidden_layers: int = 1
-    """dense hidden layers after the conv trunk (fc1..fc{N-1}, then latent)"""
+    """dense hidden layers after the conv trunk: fc1..fc{N-1}, then latent (`--hr --hidden-layers 2` = the v2
+    paper's stacked 2HR)"""
     hidden_dim: int = 512
-    """width of the dense hidden layer(s)"""
+    """width of the dense hidden layer(s) (1024 = the parameter-matched widen baseline of HR)"""
     layernorm: bool = False
-    """LayerNorm on the pre-activations of the target layers (always on with --encoder hadamax, part of its latent)"""
+    """LayerNorm (eps 1e-6) on the pre-activations of the target layers (always on with --encoder hadamax, part of
+    its latent)"""
     combine: Literal["product", "sum"] = "product"
     """how HR branches are combined (`sum` is the v1 ablation)"""
     conv_activation: Activation = "relu"
-    """activation of conv layers that are not targets (nature encoder only)"""
+    """activation of the Nature conv layers that are not targets (--encoder hadamax convs always use GELU)"""
     encoder: Literal["nature", "hadamax"] = "nature"
-    """conv trunk: Nature CNN, or the Hadamax encoder (fixed 2-branch LayerNorm+GELU conv blocks with max-pooling)"""
+    """conv trunk: the Nature CNN, or the Hadamax encoder (2-branch LayerNorm -> GELU conv blocks with
+    max-pooling, then a LayerNorm -> GELU latent)"""
 
     # Metrics
     metrics_every: int = 102_400
@@ -247,142 +251,191 @@ class Batch(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# network
+# network: the same text in dqn_atari_hr.py, ppo_atari_hr.py and pqn_atari_hr.py (`diff` between the scripts shows
+# only their own classes). Every hidden layer is a HiddenLayer (plain, HR, sum, LayerNorm, CReLU; dense or conv);
+# an Encoder is a conv trunk (Nature or Hadamax) and the dense block fc1..fc{N-1}, latent (CONVENTIONS layer names).
 
 
-class CReLU(nn.Module):
-    """concat(relu(x), relu(-x)) along the feature/channel dim: doubles the width."""
-
-    def forward(self, x):
-        return torch.cat([F.relu(x), F.relu(-x)], dim=1)
-
-
-def make_activation(name: str) -> nn.Module:
-    # GELU uses the tanh approximation, as Flax's default in the official Hadamax/PQN code.
-    return {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "selu": nn.SELU, "crelu": CReLU,
-            "gelu": lambda: nn.GELU(approximate="tanh")}[name]()
+def activate(x: torch.Tensor, name: str, dim: int) -> torch.Tensor:
+    """The activation `name` of x; crelu (concat(relu(x), relu(-x))) doubles the width along `dim`."""
+    if name == "crelu":
+        return torch.cat([F.relu(x), F.relu(-x)], dim=dim)
+    if name == "gelu":
+        return F.gelu(x, approximate="tanh")  # Flax's nn.gelu default, as the official Hadamax code
+    return {"relu": F.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "selu": F.selu}[name](x)
 
 
-class ChannelLayerNorm(nn.LayerNorm):
-    """LayerNorm of a (N, C, H, W) map over channels at each position (the Flax NHWC convention of PQN/Hadamax)."""
-
-    def forward(self, x):
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
-def orthogonal_init_(layer: nn.Module, gain: float = np.sqrt(2)) -> None:
-    nn.init.orthogonal_(layer.weight, gain)
-    nn.init.zeros_(layer.bias)
+def trunc_normal_(w: torch.Tensor, scale: float, fan: float) -> None:
+    """Flax's variance_scaling(scale, fan, "truncated_normal"): he_normal = (2, fan_in), glorot_normal (= Flax's
+    xavier_normal) = (1, fan_avg), lecun_normal = (1, fan_in)."""
+    std = math.sqrt(scale / fan) / 0.87962566103423978  # std of a unit normal truncated to [-2, 2]
+    nn.init.trunc_normal_(w, 0.0, std, -2 * std, 2 * std)
 
 
-def glorot_normal_init_(layer: nn.Module) -> None:
-    """jax.nn.initializers.glorot_normal: truncated normal (+-2 std), variance 2 / (fan_in + fan_out)."""
-    fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(layer.weight)
-    std = np.sqrt(2.0 / (fan_in + fan_out)) / 0.87962566103423978  # std correction for truncation at +-2
-    nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
-    nn.init.zeros_(layer.bias)
+def init_(w: torch.Tensor, b, init: str, gain: float = math.sqrt(2), branches: int = 1) -> None:
+    """(Re)initialise a layer as `branches` independent branches, each as a layer of its own would be: weight w
+    (branches * out, in[, kh, kw]), bias b (branches * out,) or None.
+    torch:       PyTorch's nn.Linear/nn.Conv2d default, per branch: kaiming-uniform(a=sqrt 5), then the bias
+                 U(+-1/sqrt fan_in) (CleanRL DQN; the draws of constructing the branches one after the other)
+    orthogonal:  orthogonal with `gain` per branch, zero bias (CleanRL PPO's layer_init)
+    he, glorot, lecun: Flax's truncated normals, zero bias, all branches in one draw (they share their fans):
+                 he_normal: official PQN and the Hadamax dense layer; glorot_normal: the Hadamax convs; lecun_normal:
+                 Flax's Dense default (PQN's Q head)"""
+    if init in ("torch", "orthogonal"):
+        for wk, bk in zip(w.chunk(branches), b.chunk(branches) if b is not None else [None] * branches):
+            fan_in = wk[0].numel()
+            if init == "torch":
+                nn.init.kaiming_uniform_(wk, a=math.sqrt(5))
+                if bk is not None:
+                    nn.init.uniform_(bk, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+            else:
+                nn.init.orthogonal_(wk, gain)
+                if bk is not None:
+                    nn.init.zeros_(bk)
+        return
+    fan_in, fan_out = w[0].numel(), w.shape[0] // branches * w[0, 0].numel()  # per branch; convs count kh * kw
+    scale, fan = {"he": (2.0, fan_in), "glorot": (1.0, (fan_in + fan_out) / 2), "lecun": (1.0, fan_in)}[init]
+    trunc_normal_(w, scale, fan)
+    if b is not None:
+        nn.init.zeros_(b)
 
 
 class HiddenLayer(nn.Module):
-    """K independently parameterised copies of (Linear|Conv2d -> optional LayerNorm -> activation), combined by
-    elementwise product (HR, papers' eq. for the Hadamard representation) or sum (v1 ablation); K=1 is a plain layer."""
+    """K independently parameterised branches of (Linear or Conv2d -> optional LayerNorm -> activation), combined by
+    elementwise product (HR: act(W1 x + b1) * act(W2 x + b2)) or sum (the v1 ablation); K = 1 is a plain layer. The
+    branches are one fused Linear/Conv2d with K*out outputs (branch-major), so a forward is one matmul/conv; each
+    branch has its own weights, bias and LayerNorm affine, and is initialised as a separate layer would be: PyTorch's
+    default draws for each (the random stream of constructing K layers), then `init` (see init_). LayerNorm
+    (eps 1e-6, Flax's) normalises conv maps over channels at each position (Flax's NHWC convention); padding="same"
+    pads as Flax's SAME (the extra row/column at the end). forward returns (output, pre-activation): the branches'
+    pre-activations (after LayerNorm) stacked along the unit/channel dim, branch-major, as the fused weight's rows."""
 
-    def __init__(self, kind, in_dim, out_dim, activation, layernorm=False, branches=1, combine="product",
-                 kernel_size=1, stride=1, padding=0, init=orthogonal_init_):
+    def __init__(self, kind: str, in_dim: int, out_dim: int, activation: str, layernorm: bool = False,
+                 branches: int = 1, combine: str = "product", kernel: int = 1, stride: int = 1, padding=0,
+                 init: str = "torch"):
         super().__init__()
-        # "same" (stride 1): pad once for all branches, extra row/column at the end as Flax's SAME does
-        self.pad = (0, 0, 0, 0) if padding != "same" else ((kernel_size - 1) // 2, kernel_size // 2) * 2
-        if kind == "linear":
-            def make():
-                return nn.Linear(in_dim, out_dim)
+        self.kind, self.out_dim, self.activation, self.branches = kind, out_dim, activation, branches
+        self.combine, self.init, self.layernorm = combine, init, layernorm
+        self.width = out_dim * (2 if activation == "crelu" else 1)  # output features/channels
+        # "same" (stride 1) as Flax's SAME: (k - 1) // 2 before, k // 2 after (PyTorch's padding="same" pads alike but
+        # warns for even kernels)
+        self.pad = ((kernel - 1) // 2, kernel // 2) * 2 if padding == "same" else None
+        if kind == "conv":
+            self.fused = nn.utils.skip_init(nn.Conv2d, in_dim, branches * out_dim, kernel, stride,
+                                            padding=0 if padding == "same" else padding)
         else:
-            def make():
-                return nn.Conv2d(in_dim, out_dim, kernel_size, stride, 0 if padding == "same" else padding)
-        self.branches = nn.ModuleList(make() for _ in range(branches))
-        for branch in self.branches:
-            init(branch)
-        norm = nn.LayerNorm if kind == "linear" else ChannelLayerNorm
-        # eps 1e-6 is Flax's default, used by the official PQN/Hadamax code
-        self.norms = nn.ModuleList(norm(out_dim, eps=1e-6) for _ in range(branches)) if layernorm else None
-        self.act = make_activation(activation)
-        self.combine = combine
-        self.kind = kind
-        self.out_dim = out_dim * (2 if activation == "crelu" else 1)
+            self.fused = nn.utils.skip_init(nn.Linear, in_dim, branches * out_dim)
+        with torch.no_grad():  # PyTorch's default draws (constructing K layers), then `init` (re-initialising them)
+            init_(self.fused.weight, self.fused.bias, "torch", branches=branches)
+            if init != "torch":
+                init_(self.fused.weight, self.fused.bias, init, branches=branches)
+        if layernorm:
+            self.ln_weight = nn.Parameter(torch.ones(branches * out_dim))
+            self.ln_bias = nn.Parameter(torch.zeros(branches * out_dim))
 
-    def forward(self, x, with_preacts=False):
-        """The combined output; with_preacts: also the branches' pre-activations stacked along the neuron dim."""
-        if any(self.pad):
-            x = F.pad(x, self.pad)
-        pre = [branch(x) for branch in self.branches]
-        if self.norms is not None:
-            pre = [norm(p) for norm, p in zip(self.norms, pre)]
-        out = self.act(pre[0])
-        for p in pre[1:]:
-            out = out * self.act(p) if self.combine == "product" else out + self.act(p)
-        if not with_preacts:
-            return out
-        return out, (pre[0] if len(pre) == 1 else torch.cat(pre, dim=1))
+    def init_weight_(self, w: torch.Tensor) -> None:
+        """Fresh incoming weights of the fused shape, by `init` (ReDo's re-initialisation)."""
+        init_(w, None, self.init, branches=self.branches)
+
+    def forward(self, x: torch.Tensor):
+        z = self.fused(x if self.pad is None else F.pad(x, self.pad))  # (N, K*out[, H, W]), branch-major
+        pres = z.split(self.out_dim, dim=1)
+        if self.layernorm:  # over each branch's units; for convs over the channels at each position (Flax's NHWC)
+            pres = [F.layer_norm(p.movedim(1, -1), (self.out_dim,), w, b, eps=1e-6).movedim(-1, 1)  # Flax's eps
+                    for p, w, b in zip(pres, self.ln_weight.split(self.out_dim), self.ln_bias.split(self.out_dim))]
+            z = pres[0] if self.branches == 1 else torch.cat(pres, dim=1)
+        out = activate(pres[0], self.activation, dim=1)
+        for p in pres[1:]:
+            a = activate(p, self.activation, dim=1)
+            out = out * a if self.combine == "product" else out + a
+        return out, z
 
 
-def spatial_extremes(pre):
+def spatial_extremes(pre: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) -> (N, C, 1, 2): each channel's max and min over space. A channel is <= 0 at every position iff
     its max is, > 0 everywhere iff its min is, so common.saturation_fractions gives the same answer on far less memory
     (Hadamax conv1 pre-activations are 84x84)."""
     return torch.stack([pre.amax(dim=(2, 3)), pre.amin(dim=(2, 3))], dim=-1).unsqueeze(2)
 
 
-class Agent(nn.Module):
-    """Conv trunk -> dense hidden block (fc1..fc{N-1}, latent) -> actor and critic heads on `latent`."""
+def nature_trunk(in_ch: int, **conv) -> tuple[dict, dict]:
+    """The Nature CNN (32 8x8/4, 64 4x4/2, 64 3x3/1, VALID) as HiddenLayers conv1..conv3 with the HiddenLayer keyword
+    arguments `conv` (activation, layernorm, branches, combine, init); no pools."""
+    convs = {}
+    for i, (out, k, s) in enumerate([(32, 8, 4), (64, 4, 2), (64, 3, 1)], start=1):
+        convs[f"conv{i}"] = layer = HiddenLayer("conv", in_ch, out, kernel=k, stride=s, **conv)
+        in_ch = layer.width
+    return convs, {}
 
-    def __init__(self, args: Args, num_actions: int, obs_shape=(4, 84, 84)):
+
+def hadamax_trunk(in_ch: int) -> tuple[dict, dict]:
+    """The Hadamax encoder's conv blocks (Kooi et al. 2025, as the official Flax code): per block two stride-1 SAME
+    conv branches, each LayerNorm -> tanh-GELU, multiplied, then max-pooled: 84 -> 21 (4/4), 21 -> 11 (2/2, ceil =
+    Flax SAME), 11 -> 11 (3/1, pad 1 = Flax SAME). Kernels Flax's xavier_normal (truncated Glorot-normal), zero
+    biases. Returns ({conv1..conv3: HiddenLayer}, {conv1..conv3: pool})."""
+    convs, pools = {}, {}
+    blocks = [(32, 8, nn.MaxPool2d(4, 4)), (64, 4, nn.MaxPool2d(2, 2, ceil_mode=True)),
+              (64, 3, nn.MaxPool2d(3, 1, padding=1))]
+    for i, (out, k, pool) in enumerate(blocks, start=1):
+        convs[f"conv{i}"] = HiddenLayer("conv", in_ch, out, "gelu", True, 2, "product", k, 1, "same", init="glorot")
+        pools[f"conv{i}"], in_ch = pool, out
+    return convs, pools
+
+
+class Encoder(nn.Module):
+    """uint8 frame stacks -> the latent fed to the head(s): the conv trunk (conv1..conv3; `conv` are the HiddenLayer
+    keyword arguments of the Nature convs, unused by Hadamax) then the dense block fc1..fc{N-1}, latent (`dense`).
+    With --encoder hadamax the dense layers get the official Hadamax init (Flax's he_normal), whatever dense["init"].
+    forward(obs, record): with a dict `record`, also stores per layer (output, pre-activation): the output after the
+    Hadamax max-pool (what the next layer sees), conv pre-activations reduced by spatial_extremes."""
+
+    def __init__(self, encoder: str, obs_shape, conv: dict, dense: dict, hidden_layers: int, hidden_dim: int):
         super().__init__()
-        hr_branches = args.hr_branches if args.hr else 1
-        # --encoder hadamax is the whole official encoder: its dense latent is Dense -> LayerNorm -> GELU by default
-        activation = args.activation or ("gelu" if args.encoder == "hadamax" else "relu")
-        target = dict(activation=activation, layernorm=args.layernorm or args.encoder == "hadamax",
-                      branches=hr_branches, combine=args.combine)
-        self.hidden = nn.ModuleDict()
-        self.pools = nn.ModuleDict()
-        channels = obs_shape[0]
-        if args.encoder == "nature":
-            conv = target if args.hr_layers == "all" else dict(activation=args.conv_activation)
-            for i, (out, k, s) in enumerate([(32, 8, 4), (64, 4, 2), (64, 3, 1)], start=1):
-                layer = HiddenLayer("conv", channels, out, kernel_size=k, stride=s, **conv)
-                self.hidden[f"conv{i}"], channels = layer, layer.out_dim
-        else:  # Hadamax: stride-1 SAME convs, 2 LayerNorm+GELU branches multiplied, then max-pool
-            blocks = [(32, 8, nn.MaxPool2d(4, 4)), (64, 4, nn.MaxPool2d(2, 2, ceil_mode=True)),
-                      (64, 3, nn.MaxPool2d(3, 1, padding=1))]
-            for i, (out, k, pool) in enumerate(blocks, start=1):
-                layer = HiddenLayer("conv", channels, out, "gelu", layernorm=True, branches=2, kernel_size=k,
-                                    padding="same", init=glorot_normal_init_)
-                self.hidden[f"conv{i}"], self.pools[f"conv{i}"], channels = layer, pool, layer.out_dim
-        with torch.no_grad():  # only the convs exist yet: this is the flattened conv output width
-            width = self.latent(torch.zeros(1, *obs_shape)).flatten(1).shape[1]
-        names = [f"fc{i}" for i in range(1, args.hidden_layers)] + ["latent"]
-        for name in names:
-            layer = HiddenLayer("linear", width, args.hidden_dim, **target)
-            self.hidden[name], width = layer, layer.out_dim
-        self.actor = nn.Linear(width, num_actions)
-        self.critic = nn.Linear(width, 1)
-        orthogonal_init_(self.actor, 0.01)
-        orthogonal_init_(self.critic, 1.0)
+        convs, pools = hadamax_trunk(obs_shape[0]) if encoder == "hadamax" else nature_trunk(obs_shape[0], **conv)
+        self.hidden, self.pools = nn.ModuleDict(convs), nn.ModuleDict(pools)
+        with torch.no_grad():  # only the convs exist yet: the trunk's output map
+            x = self(torch.zeros(1, *obs_shape))
+        self.conv_out_hw, width = x.shape[2] * x.shape[3], x[0].numel()  # H*W: ReDo's outgoing group of the trunk
+        dense = dict(dense, init="he") if encoder == "hadamax" else dense
+        for name in [f"fc{i}" for i in range(1, hidden_layers)] + ["latent"]:
+            self.hidden[name] = layer = HiddenLayer("linear", width, hidden_dim, **dense)
+            width = layer.width
+        self.width = width
 
-    def latent(self, obs, record=None):
-        """The representation fed to both heads. With a dict `record`, also store per layer (output, pre-activation):
-        the output after the Hadamax max-pool (what the next layer sees), conv pre-activations as spatial_extremes."""
+    def forward(self, obs: torch.Tensor, record=None) -> torch.Tensor:
         x = obs.float() / 255.0
         for name, layer in self.hidden.items():
             if layer.kind == "linear" and x.dim() == 4:
                 x = x.flatten(1)
-            if record is None:
-                x = layer(x)
-            else:
-                x, pre = layer(x, with_preacts=True)
+            x, pre = layer(x)
             if name in self.pools:
                 x = self.pools[name](x)
             if record is not None:
                 record[name] = (x, spatial_extremes(pre) if pre.dim() == 4 else pre)
         return x
+
+
+class Agent(nn.Module):
+    """Encoder (conv trunk, fc1..fc{N-1}, latent) -> actor and critic heads on `latent`; orthogonal init with zero
+    biases (CleanRL PPO: sqrt 2 for hidden layers, every HR branch alike; 0.01 actor, 1 critic)."""
+
+    def __init__(self, args: Args, num_actions: int, obs_shape=(4, 84, 84)):
+        super().__init__()
+        # --encoder hadamax is the whole official encoder: its dense latent is Dense -> LayerNorm -> GELU by default
+        target = dict(activation=args.activation or ("gelu" if args.encoder == "hadamax" else "relu"),
+                      layernorm=args.layernorm or args.encoder == "hadamax",
+                      branches=args.hr_branches if args.hr else 1, combine=args.combine, init="orthogonal")
+        conv = target if args.hr_layers == "all" else dict(activation=args.conv_activation, init="orthogonal")
+        self.encoder = Encoder(args.encoder, obs_shape, conv, target, args.hidden_layers, args.hidden_dim)
+        self.actor = nn.Linear(self.encoder.width, num_actions)
+        self.critic = nn.Linear(self.encoder.width, 1)
+        init_(self.actor.weight, self.actor.bias, "orthogonal", 0.01)
+        init_(self.critic.weight, self.critic.bias, "orthogonal", 1.0)
+
+    def latent(self, obs, record=None):
+        """The representation fed to both heads. With a dict `record`, also store per layer (output, pre-activation):
+        the output after the Hadamax max-pool (what the next layer sees), conv pre-activations as spatial_extremes."""
+        return self.encoder(obs, record)
 
     def head_weight(self):
         """Actor and critic head weights stacked (outputs, latent), so the hidden-bias metric counts both heads."""

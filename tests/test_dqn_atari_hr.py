@@ -230,31 +230,69 @@ def test_hr_layer_is_product_of_branches_and_conv_layernorm_is_per_position():
     torch.manual_seed(0)
     layer = dqn.HiddenLayer("linear", 6, 5, "tanh", branches=2)
     x = torch.randn(3, 6)
-    b1, b2 = layer.branches
-    out, pre = layer(x, probe=True)
-    torch.testing.assert_close(out, torch.tanh(b1(x)) * torch.tanh(b2(x)))
-    torch.testing.assert_close(pre, torch.cat([b1(x), b2(x)], dim=1))
+    (w1, w2), (b1, b2) = layer.fused.weight.split(5), layer.fused.bias.split(5)
+    out, pre = layer(x)
+    torch.testing.assert_close(out, torch.tanh(x @ w1.T + b1) * torch.tanh(x @ w2.T + b2))
+    torch.testing.assert_close(pre, torch.cat([x @ w1.T + b1, x @ w2.T + b2], dim=1))
+    assert not torch.equal(w1, w2)  # independently initialised
     summed = dqn.HiddenLayer("linear", 6, 5, "relu", branches=3, combine="sum")
-    torch.testing.assert_close(summed(x), sum(torch.relu(b(x)) for b in summed.branches))
+    w, b = summed.fused.weight.split(5), summed.fused.bias.split(5)
+    torch.testing.assert_close(summed(x)[0], sum(torch.relu(x @ wk.T + bk) for wk, bk in zip(w, b)))
     conv = dqn.HiddenLayer("conv", 3, 4, "relu", layernorm=True, kernel=3)
     xc = torch.randn(2, 3, 7, 7)
-    z = conv.branches[0](xc)
+    z = torch.nn.functional.conv2d(xc, conv.fused.weight, conv.fused.bias)
     mu, var = z.mean(dim=1, keepdim=True), z.var(dim=1, unbiased=False, keepdim=True)
-    torch.testing.assert_close(conv(xc), torch.relu((z - mu) / torch.sqrt(var + 1e-5)))
+    torch.testing.assert_close(conv(xc)[0], torch.relu((z - mu) / torch.sqrt(var + 1e-6)))
     crelu = dqn.HiddenLayer("linear", 6, 5, "crelu")
-    assert crelu(x).shape == (3, 10) and crelu.out_dim == 10
+    assert crelu(x)[0].shape == (3, 10) and crelu.width == 10
+
+
+def test_default_network_is_cleanrl_qnetwork():
+    """The default network draws CleanRL dqn_atari's parameters (PyTorch's default init, in construction order),
+    leaves the global RNG where CleanRL's leaves it, and computes the same Q-values, bit for bit."""
+    nn = torch.nn
+    torch.manual_seed(5)
+    ref = nn.Sequential(nn.Conv2d(4, 32, 8, stride=4), nn.ReLU(), nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
+                        nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(), nn.Flatten(), nn.Linear(3136, 512), nn.ReLU(),
+                        nn.Linear(512, 6))
+    ref_rng = torch.get_rng_state()
+    torch.manual_seed(5)
+    net = dqn.QNetwork(dqn.Args(), 6)
+    assert torch.equal(torch.get_rng_state(), ref_rng)
+    ours, theirs = list(net.parameters()), list(ref.parameters())
+    assert len(ours) == len(theirs) and all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    obs = torch.randint(0, 256, (3, 4, 84, 84), dtype=torch.uint8)
+    assert torch.equal(net(obs), ref(obs / 255.0))
 
 
 def test_hadamax_encoder_shapes():
-    net = dqn.QNetwork(dqn.Args(encoder="hadamax", activation="gelu", layernorm=True), 4)
-    obs = torch.randint(0, 255, (2, 4, 84, 84), dtype=torch.uint8)
-    q, layers = net(obs, probe=True)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # SAME padding of even kernels without PyTorch's padding="same" warning
+        net = dqn.QNetwork(dqn.Args(encoder="hadamax", activation="gelu", layernorm=True), 4)
+        obs = torch.randint(0, 255, (2, 4, 84, 84), dtype=torch.uint8)
+        q, layers = net(obs, probe=True)
     assert q.shape == (2, 4)
     assert [tuple(layers[f"conv{i}"][0].shape) for i in (1, 2, 3)] == [(2, 32, 21, 21), (2, 64, 11, 11),
                                                                        (2, 64, 11, 11)]
-    assert net.dense[0].branches[0].in_features == 7744
-    assert all(len(c.branches) == 2 and c.norms is not None for c in net.convs)
+    assert net.encoder.hidden["latent"].fused.in_features == 7744
+    convs = [net.encoder.hidden[f"conv{i}"] for i in (1, 2, 3)]
+    assert all(c.branches == 2 and c.layernorm for c in convs)
     torch.testing.assert_close(net(obs), q)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(encoder="hadamax", conv_activation="tanh"),
+     "--conv-activation applies to the Nature conv trunk; --encoder hadamax convs always use GELU"),
+    (dict(encoder="hadamax", hr_layers="all"), "--hr-layers all does not apply to --encoder hadamax"),
+    (dict(combine="sum"), "--combine sum needs --hr"),
+])
+def test_validate_rejects_network_flags_that_do_not_apply(bad, message):
+    with pytest.raises(SystemExit) as exc:
+        dqn.validate(dqn.Args(**bad))
+    text = str(exc.value.code)
+    assert text.startswith("error: ") and message in text and "\n" not in text, text
+    dqn.validate(dqn.Args(encoder="hadamax"))  # the default --conv-activation relu is fine
 
 
 def test_conv_preactivation_reduction_keeps_saturation():
@@ -262,7 +300,8 @@ def test_conv_preactivation_reduction_keeps_saturation():
     pre = torch.randn(16, 8, 5, 5)
     pre[:, 0] = -pre[:, 0].abs()  # saturated channel
     pre[:, 1] = pre[:, 1].abs() + 0.1  # zombie channel
-    reduced = torch.stack([pre.amax(dim=(2, 3)), pre.amin(dim=(2, 3))], dim=-1).unsqueeze(2)
+    reduced = dqn.spatial_extremes(pre)
+    assert reduced.shape == (16, 8, 1, 2)
     assert common.saturation_fractions(reduced) == common.saturation_fractions(pre) == (1 / 8, 1 / 8)
 
 

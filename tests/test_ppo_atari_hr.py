@@ -93,19 +93,20 @@ def test_gae_known_answer():
 def test_hr_layer_is_product_of_branches_and_probe_stacks_preacts():
     args = ppo.Args(activation="tanh", hr=True, hr_branches=3)
     agent = ppo.Agent(args, num_actions=4)
-    layer = agent.hidden["latent"]
-    assert len(layer.branches) == 3 and len(agent.hidden["conv1"].branches) == 1
-    x = torch.randn(7, layer.branches[0].in_features)
-    out, pre = layer(x, with_preacts=True)
-    torch.testing.assert_close(layer(x), out)
+    layer = agent.encoder.hidden["latent"]
+    assert layer.branches == 3 and agent.encoder.hidden["conv1"].branches == 1
+    x = torch.randn(7, layer.fused.in_features)
+    out, pre = layer(x)
+    torch.testing.assert_close(layer(x)[0], out)
     expected = torch.ones(7, 512)
-    for branch in layer.branches:
-        expected = expected * torch.tanh(branch(x))
+    branches = list(zip(layer.fused.weight.split(512), layer.fused.bias.split(512)))
+    for w, b in branches:
+        expected = expected * torch.tanh(torch.nn.functional.linear(x, w, b))
     torch.testing.assert_close(out, expected)
     assert pre.shape == (7, 3 * 512)
     # orthogonal init, sqrt(2) gain on every branch: rows of W are orthogonal with norm sqrt(2)
-    for branch in layer.branches:
-        w = branch.weight.detach()
+    for w, _ in branches:
+        w = w.detach()
         torch.testing.assert_close(w @ w.T, 2.0 * torch.eye(512), atol=1e-4, rtol=0)
 
 
@@ -115,7 +116,7 @@ def test_hadamax_encoder_shapes_and_variants():
     obs = torch.randint(0, 256, (2, 4, 84, 84), dtype=torch.uint8)
     latent = agent.latent(obs, record)
     assert latent.shape == (2, 512)
-    assert agent.hidden["latent"].branches[0].in_features == 7744  # 64 x 11 x 11
+    assert agent.encoder.hidden["latent"].fused.in_features == 7744  # 64 x 11 x 11
     # outputs after max-pooling; conv pre-activations as (max, min) over space of both branches' channels
     assert record["conv1"][0].shape == (2, 32, 21, 21) and record["conv1"][1].shape == (2, 64, 1, 2)
     assert record["conv2"][0].shape == (2, 64, 11, 11) and record["conv3"][0].shape == (2, 64, 11, 11)
@@ -123,9 +124,10 @@ def test_hadamax_encoder_shapes_and_variants():
     # crelu doubles widths; stacked 2HR gives fc1 and latent
     args = ppo.Args(activation="crelu", hr=True, hidden_layers=2, hr_layers="all", hidden_dim=64)
     agent = ppo.Agent(args, 4)
-    assert agent.hidden["conv2"].branches[0].in_channels == 64 and len(agent.hidden["conv2"].branches) == 2
-    assert agent.hidden["fc1"].branches[0].in_features == 2 * 64 * 7 * 7
-    assert agent.actor.in_features == 128 and list(agent.hidden) == ["conv1", "conv2", "conv3", "fc1", "latent"]
+    assert agent.encoder.hidden["conv2"].fused.in_channels == 64 and agent.encoder.hidden["conv2"].branches == 2
+    assert agent.encoder.hidden["fc1"].fused.in_features == 2 * 64 * 7 * 7
+    assert agent.actor.in_features == 128
+    assert list(agent.encoder.hidden) == ["conv1", "conv2", "conv3", "fc1", "latent"]
 
 
 def test_spatial_extremes_keep_saturation_fractions():
@@ -147,8 +149,8 @@ def test_probe_counts_both_heads_repeats_and_leaves_the_rngs_alone():
     torch.manual_seed(0)
     agent = ppo.Agent(args, num_actions=4)
     with torch.no_grad():  # neurons 0..9 of the latent output the constant relu(0.5): dormant by the KDE test
-        agent.hidden["latent"].branches[0].weight[:10] = 0.0
-        agent.hidden["latent"].branches[0].bias[:10] = 0.5
+        agent.encoder.hidden["latent"].fused.weight[:10] = 0.0
+        agent.encoder.hidden["latent"].fused.bias[:10] = 0.5
     obs = torch.randint(0, 256, (48, 4, 84, 84), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     rng = torch.get_rng_state()
     got = ppo.probe_metrics(agent, obs, args, chunk=16)
