@@ -31,6 +31,8 @@ import torch.nn.functional as F
 import common
 import harness
 
+Activation = Literal["relu", "tanh", "sigmoid", "gelu", "selu", "crelu"]
+
 
 @dataclass
 class Args:
@@ -52,7 +54,7 @@ class Args:
     save_model: bool = False
     """save the final Q-network to runs/NAME/"""
 
-    # Environment and algorithm (the official PQN Atari config = the HR papers' Table 5)
+    # Environment
     env_id: str = "Breakout-v5"
     """the envpool Atari id"""
     total_timesteps: int = 10_000_000
@@ -63,6 +65,8 @@ class Args:
     """extra environments acting greedily (epsilon 0), never trained on; logged as eval/*"""
     max_episode_steps: int = 27_000
     """agent steps after which a game is truncated (27k = 108k frames, envpool's and official PQN's default)"""
+
+    # Algorithm (the official PQN Atari config = the HR papers' Table 5)
     num_steps: int = 32
     """steps per environment per update"""
     update_epochs: int = 2
@@ -86,27 +90,29 @@ class Args:
     exploration_fraction: float = 0.1
     """fraction of the updates over which epsilon decays linearly"""
 
-    # Network variant (CONVENTIONS.md; ReDo: Sokar et al. 2023)
-    encoder: Literal["nature", "hadamax"] = "nature"
-    """conv trunk: Nature CNN or the Hadamax encoder"""
-    activation: Optional[Literal["relu", "tanh", "sigmoid", "gelu", "selu", "crelu"]] = None
-    """activation of the target hidden layers (unset: relu; gelu with --encoder hadamax, as Hadamax)"""
-    conv_activation: Literal["relu", "tanh", "sigmoid", "gelu", "selu", "crelu"] = "relu"
-    """activation of conv layers that are not targets (only with --hr-layers last)"""
+    # Network variant (CONVENTIONS.md; the same flags and meanings in the three Atari scripts; ReDo: Sokar et al. 2023)
+    activation: Optional[Activation] = None
+    """activation of the target layers (unset: relu; gelu with --encoder hadamax, as the Hadamax encoder)"""
     hr: bool = False
-    """Hadamard representation on the target layers"""
+    """Hadamard representation: each target layer becomes act(W1 x + b1) * act(W2 x + b2)"""
     hr_branches: int = 2
-    """number of multiplied branches of an HR layer"""
+    """number of multiplied branches of an HR layer (3 = the v1 paper's "2HR", a product of three)"""
     hr_layers: Literal["last", "all"] = "all"
-    """target layers: the dense block only (last) or also every conv layer (all)"""
+    """target layers: `last` = the dense block after the conv trunk, `all` = also every conv layer (Nature encoder)"""
     hidden_layers: int = 1
-    """dense hidden layers after the conv trunk"""
+    """dense hidden layers after the conv trunk: fc1..fc{N-1}, then latent (`--hr --hidden-layers 2` = the v2
+    paper's stacked 2HR)"""
     hidden_dim: int = 512
-    """width of the dense hidden layers"""
+    """width of the dense hidden layer(s) (1024 = the parameter-matched widen baseline of HR)"""
     layernorm: bool = True
-    """LayerNorm on the pre-activations of every hidden layer (official PQN)"""
+    """LayerNorm (eps 1e-6) on the pre-activations of every hidden layer, convs included (official PQN)"""
     combine: Literal["product", "sum"] = "product"
-    """how HR branches are combined (sum: v1 ablation)"""
+    """how HR branches are combined (`sum` is the v1 ablation)"""
+    conv_activation: Activation = "relu"
+    """activation of the Nature conv layers that are not targets (--encoder hadamax convs always use GELU)"""
+    encoder: Literal["nature", "hadamax"] = "nature"
+    """conv trunk: the Nature CNN, or the Hadamax encoder (2-branch LayerNorm -> GELU conv blocks with
+    max-pooling, then a LayerNorm -> GELU latent)"""
     redo: bool = False
     """recycle dormant neurons of every hidden layer (ReDo)"""
     redo_tau: float = 0.1
@@ -165,6 +171,8 @@ def validate(args: Args) -> None:
         harness.fail(f"--hr-branches must be >= 2 with --hr, got {args.hr_branches}")
     if args.combine != "product" and not args.hr:
         harness.fail("--combine sum only makes sense with --hr")
+    if args.encoder == "hadamax" and args.conv_activation != "relu":
+        harness.fail("--conv-activation applies to the Nature conv trunk; --encoder hadamax convs always use GELU")
     harness.at_least(args, {"num_envs": 1, "num_steps": 1, "num_minibatches": 1, "update_epochs": 1,
                             "num_test_envs": 0, "hidden_layers": 1, "hidden_dim": 1, "redo_interval": 1,
                             "envpool_threads": 0, "max_episode_steps": 1, "torch_threads": 0})
@@ -227,145 +235,195 @@ class Rollout(NamedTuple):
     targets: torch.Tensor
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# network
-
-
-def _trunc_normal_(w: torch.Tensor, scale: float, fan: float) -> None:
-    """Flax's variance_scaling(scale, fan, "truncated_normal"): he_normal = (2, fan_in), glorot = (1, fan_avg),
-    lecun = (1, fan_in)."""
-    std = math.sqrt(scale / fan) / 0.87962566103423978  # std of a unit normal truncated to [-2, 2]
-    nn.init.trunc_normal_(w, 0.0, std, -2 * std, 2 * std)
+# ---------------------------------------------------------------------------------------------------------------
+# network: the same text in dqn_atari_hr.py, ppo_atari_hr.py and pqn_atari_hr.py (`diff` between the scripts shows
+# only their own classes). Every hidden layer is a HiddenLayer (plain, HR, sum, LayerNorm, CReLU; dense or conv);
+# an Encoder is a conv trunk (Nature or Hadamax) and the dense block fc1..fc{N-1}, latent (CONVENTIONS layer names).
 
 
 def activate(x: torch.Tensor, name: str, dim: int) -> torch.Tensor:
-    if name == "crelu":  # concatenated ReLU doubles the width along `dim`
+    """The activation `name` of x; crelu (concat(relu(x), relu(-x))) doubles the width along `dim`."""
+    if name == "crelu":
         return torch.cat([F.relu(x), F.relu(-x)], dim=dim)
     if name == "gelu":
         return F.gelu(x, approximate="tanh")  # Flax's nn.gelu default, as the official Hadamax code
     return {"relu": F.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "selu": F.selu}[name](x)
 
 
-class HiddenLayer(nn.Module):
-    """K independently parameterised branches of (Linear or Conv2d -> optional LayerNorm -> activation), combined
-    by elementwise product (HR) or sum; K=1 is a plain layer. The K branches are stored as one fused Linear/Conv2d
-    with K*out outputs (branch-major) so a forward is one matmul/conv; each branch has its own weights, bias and
-    LayerNorm affine. LayerNorm on conv maps normalises over channels at each position (Flax NHWC convention)."""
+def trunc_normal_(w: torch.Tensor, scale: float, fan: float) -> None:
+    """Flax's variance_scaling(scale, fan, "truncated_normal"): he_normal = (2, fan_in), glorot_normal (= Flax's
+    xavier_normal) = (1, fan_avg), lecun_normal = (1, fan_in)."""
+    std = math.sqrt(scale / fan) / 0.87962566103423978  # std of a unit normal truncated to [-2, 2]
+    nn.init.trunc_normal_(w, 0.0, std, -2 * std, 2 * std)
 
-    def __init__(self, kind: str, in_dim: int, out_dim: int, activation: str, layernorm: bool, branches: int = 1,
-                 combine: str = "product", kernel: int = 1, stride: int = 1, padding="valid", init: str = "he"):
+
+def init_(w: torch.Tensor, b, init: str, gain: float = math.sqrt(2), branches: int = 1) -> None:
+    """(Re)initialise a layer as `branches` independent branches, each as a layer of its own would be: weight w
+    (branches * out, in[, kh, kw]), bias b (branches * out,) or None.
+    torch:       PyTorch's nn.Linear/nn.Conv2d default, per branch: kaiming-uniform(a=sqrt 5), then the bias
+                 U(+-1/sqrt fan_in) (CleanRL DQN; the draws of constructing the branches one after the other)
+    orthogonal:  orthogonal with `gain` per branch, zero bias (CleanRL PPO's layer_init)
+    he, glorot, lecun: Flax's truncated normals, zero bias, all branches in one draw (they share their fans):
+                 he_normal: official PQN and the Hadamax dense layer; glorot_normal: the Hadamax convs; lecun_normal:
+                 Flax's Dense default (PQN's Q head)"""
+    if init in ("torch", "orthogonal"):
+        for wk, bk in zip(w.chunk(branches), b.chunk(branches) if b is not None else [None] * branches):
+            fan_in = wk[0].numel()
+            if init == "torch":
+                nn.init.kaiming_uniform_(wk, a=math.sqrt(5))
+                if bk is not None:
+                    nn.init.uniform_(bk, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+            else:
+                nn.init.orthogonal_(wk, gain)
+                if bk is not None:
+                    nn.init.zeros_(bk)
+        return
+    fan_in, fan_out = w[0].numel(), w.shape[0] // branches * w[0, 0].numel()  # per branch; convs count kh * kw
+    scale, fan = {"he": (2.0, fan_in), "glorot": (1.0, (fan_in + fan_out) / 2), "lecun": (1.0, fan_in)}[init]
+    trunc_normal_(w, scale, fan)
+    if b is not None:
+        nn.init.zeros_(b)
+
+
+class HiddenLayer(nn.Module):
+    """K independently parameterised branches of (Linear or Conv2d -> optional LayerNorm -> activation), combined by
+    elementwise product (HR: act(W1 x + b1) * act(W2 x + b2)) or sum (the v1 ablation); K = 1 is a plain layer. The
+    branches are one fused Linear/Conv2d with K*out outputs (branch-major), so a forward is one matmul/conv; each
+    branch has its own weights, bias and LayerNorm affine, and is initialised as a separate layer would be: PyTorch's
+    default draws for each (the random stream of constructing K layers), then `init` (see init_). LayerNorm
+    (eps 1e-6, Flax's) normalises conv maps over channels at each position (Flax's NHWC convention); padding="same"
+    pads as Flax's SAME (the extra row/column at the end). forward returns (output, pre-activation): the branches'
+    pre-activations (after LayerNorm) stacked along the unit/channel dim, branch-major, as the fused weight's rows."""
+
+    def __init__(self, kind: str, in_dim: int, out_dim: int, activation: str, layernorm: bool = False,
+                 branches: int = 1, combine: str = "product", kernel: int = 1, stride: int = 1, padding=0,
+                 init: str = "torch"):
         super().__init__()
-        self.kind, self.out_dim, self.activation, self.branches, self.combine = kind, out_dim, activation, branches, combine
+        self.kind, self.out_dim, self.activation, self.branches = kind, out_dim, activation, branches
+        self.combine, self.init, self.layernorm = combine, init, layernorm
         self.width = out_dim * (2 if activation == "crelu" else 1)  # output features/channels
+        # "same" (stride 1) as Flax's SAME: (k - 1) // 2 before, k // 2 after (PyTorch's padding="same" pads alike but
+        # warns for even kernels)
+        self.pad = ((kernel - 1) // 2, kernel // 2) * 2 if padding == "same" else None
         if kind == "conv":
-            self.fused = nn.Conv2d(in_dim, branches * out_dim, kernel, stride, padding=padding)
-            fan_in, fan_out = in_dim * kernel * kernel, out_dim * kernel * kernel
+            self.fused = nn.utils.skip_init(nn.Conv2d, in_dim, branches * out_dim, kernel, stride,
+                                            padding=0 if padding == "same" else padding)
         else:
-            self.fused = nn.Linear(in_dim, branches * out_dim)
-            fan_in, fan_out = in_dim, out_dim
-        self.init_scale, self.init_fan = (1.0, (fan_in + fan_out) / 2) if init == "glorot" else (2.0, fan_in)
-        self.init_weight_(self.fused.weight)
-        nn.init.zeros_(self.fused.bias)
-        self.layernorm = layernorm
+            self.fused = nn.utils.skip_init(nn.Linear, in_dim, branches * out_dim)
+        with torch.no_grad():  # PyTorch's default draws (constructing K layers), then `init` (re-initialising them)
+            init_(self.fused.weight, self.fused.bias, "torch", branches=branches)
+            if init != "torch":
+                init_(self.fused.weight, self.fused.bias, init, branches=branches)
         if layernorm:
             self.ln_weight = nn.Parameter(torch.ones(branches * out_dim))
             self.ln_bias = nn.Parameter(torch.zeros(branches * out_dim))
 
     def init_weight_(self, w: torch.Tensor) -> None:
-        """Fresh incoming weights (also ReDo's re-initialisation): truncated He-normal (official PQN) or
-        Glorot-normal (Hadamax convs), computed per branch fan."""
-        _trunc_normal_(w, self.init_scale, self.init_fan)
+        """Fresh incoming weights of the fused shape, by `init` (ReDo's re-initialisation)."""
+        init_(w, None, self.init, branches=self.branches)
 
     def forward(self, x: torch.Tensor):
-        """Returns (output, pre-activation); pre-activation has the branches stacked along the neuron dim."""
-        z = self.fused(x)
-        if self.kind == "conv":
-            z = z.permute(0, 2, 3, 1)  # NHWC: LayerNorm over channels at each position, as Flax
-        z = z.reshape(*z.shape[:-1], self.branches, self.out_dim)
-        if self.layernorm:
-            z = F.layer_norm(z, (self.out_dim,), eps=1e-6)  # Flax's LayerNorm epsilon
-            z = torch.addcmul(self.ln_bias.view(self.branches, -1), z, self.ln_weight.view(self.branches, -1))
-        a = activate(z, self.activation, dim=-1)
-        if self.branches == 1:
-            out = a.squeeze(-2)
-        elif self.combine == "product":
-            out = a.prod(dim=-2)
-        else:
-            out = a.sum(dim=-2)
-        pre = z.flatten(-2)
-        if self.kind == "conv":
-            out, pre = out.permute(0, 3, 1, 2), pre.permute(0, 3, 1, 2)
-        return out, pre
+        z = self.fused(x if self.pad is None else F.pad(x, self.pad))  # (N, K*out[, H, W]), branch-major
+        pres = z.split(self.out_dim, dim=1)
+        if self.layernorm:  # over each branch's units; for convs over the channels at each position (Flax's NHWC)
+            pres = [F.layer_norm(p.movedim(1, -1), (self.out_dim,), w, b, eps=1e-6).movedim(-1, 1)  # Flax's eps
+                    for p, w, b in zip(pres, self.ln_weight.split(self.out_dim), self.ln_bias.split(self.out_dim))]
+            z = pres[0] if self.branches == 1 else torch.cat(pres, dim=1)
+        out = activate(pres[0], self.activation, dim=1)
+        for p in pres[1:]:
+            a = activate(p, self.activation, dim=1)
+            out = out * a if self.combine == "product" else out + a
+        return out, z
+
+
+def spatial_extremes(pre: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C, 1, 2): each channel's max and min over space. A channel is <= 0 at every position iff
+    its max is, > 0 everywhere iff its min is, so common.saturation_fractions gives the same answer on far less memory
+    (Hadamax conv1 pre-activations are 84x84)."""
+    return torch.stack([pre.amax(dim=(2, 3)), pre.amin(dim=(2, 3))], dim=-1).unsqueeze(2)
+
+
+def nature_trunk(in_ch: int, **conv) -> tuple[dict, dict]:
+    """The Nature CNN (32 8x8/4, 64 4x4/2, 64 3x3/1, VALID) as HiddenLayers conv1..conv3 with the HiddenLayer keyword
+    arguments `conv` (activation, layernorm, branches, combine, init); no pools."""
+    convs = {}
+    for i, (out, k, s) in enumerate([(32, 8, 4), (64, 4, 2), (64, 3, 1)], start=1):
+        convs[f"conv{i}"] = layer = HiddenLayer("conv", in_ch, out, kernel=k, stride=s, **conv)
+        in_ch = layer.width
+    return convs, {}
+
+
+def hadamax_trunk(in_ch: int) -> tuple[dict, dict]:
+    """The Hadamax encoder's conv blocks (Kooi et al. 2025, as the official Flax code): per block two stride-1 SAME
+    conv branches, each LayerNorm -> tanh-GELU, multiplied, then max-pooled: 84 -> 21 (4/4), 21 -> 11 (2/2, ceil =
+    Flax SAME), 11 -> 11 (3/1, pad 1 = Flax SAME). Kernels Flax's xavier_normal (truncated Glorot-normal), zero
+    biases. Returns ({conv1..conv3: HiddenLayer}, {conv1..conv3: pool})."""
+    convs, pools = {}, {}
+    blocks = [(32, 8, nn.MaxPool2d(4, 4)), (64, 4, nn.MaxPool2d(2, 2, ceil_mode=True)),
+              (64, 3, nn.MaxPool2d(3, 1, padding=1))]
+    for i, (out, k, pool) in enumerate(blocks, start=1):
+        convs[f"conv{i}"] = HiddenLayer("conv", in_ch, out, "gelu", True, 2, "product", k, 1, "same", init="glorot")
+        pools[f"conv{i}"], in_ch = pool, out
+    return convs, pools
+
+
+class Encoder(nn.Module):
+    """uint8 frame stacks -> the latent fed to the head(s): the conv trunk (conv1..conv3; `conv` are the HiddenLayer
+    keyword arguments of the Nature convs, unused by Hadamax) then the dense block fc1..fc{N-1}, latent (`dense`).
+    With --encoder hadamax the dense layers get the official Hadamax init (Flax's he_normal), whatever dense["init"].
+    forward(obs, record): with a dict `record`, also stores per layer (output, pre-activation): the output after the
+    Hadamax max-pool (what the next layer sees), conv pre-activations reduced by spatial_extremes."""
+
+    def __init__(self, encoder: str, obs_shape, conv: dict, dense: dict, hidden_layers: int, hidden_dim: int):
+        super().__init__()
+        convs, pools = hadamax_trunk(obs_shape[0]) if encoder == "hadamax" else nature_trunk(obs_shape[0], **conv)
+        self.hidden, self.pools = nn.ModuleDict(convs), nn.ModuleDict(pools)
+        with torch.no_grad():  # only the convs exist yet: the trunk's output map
+            x = self(torch.zeros(1, *obs_shape))
+        self.conv_out_hw, width = x.shape[2] * x.shape[3], x[0].numel()  # H*W: ReDo's outgoing group of the trunk
+        dense = dict(dense, init="he") if encoder == "hadamax" else dense
+        for name in [f"fc{i}" for i in range(1, hidden_layers)] + ["latent"]:
+            self.hidden[name] = layer = HiddenLayer("linear", width, hidden_dim, **dense)
+            width = layer.width
+        self.width = width
+
+    def forward(self, obs: torch.Tensor, record=None) -> torch.Tensor:
+        x = obs.float() / 255.0
+        for name, layer in self.hidden.items():
+            if layer.kind == "linear" and x.dim() == 4:
+                x = x.flatten(1)
+            x, pre = layer(x)
+            if name in self.pools:
+                x = self.pools[name](x)
+            if record is not None:
+                record[name] = (x, spatial_extremes(pre) if pre.dim() == 4 else pre)
+        return x
 
 
 class QNetwork(nn.Module):
-    """Conv trunk (conv1..conv3) -> dense hidden layers (fc1..fc{N-1}, latent) -> linear Q head.
-    forward(x, probe=True) also returns {layer: (post-activation output, pre-activation)} for the metrics;
-    conv pre-activations are reduced to per-(sample, channel) [max, min] over space, which keeps
-    saturated/zombie counts exact (a unit is always <= 0 iff its max is) at a fraction of the memory."""
+    """Encoder (conv1..conv3, fc1..fc{N-1}, latent) -> linear Q head. Official PQN (Flax's defaults): LayerNorm on
+    every hidden layer, convs included, truncated He-normal hidden layers, a LeCun-normal head, zero biases."""
 
     def __init__(self, args: Args, n_actions: int, obs_shape=(4, 84, 84)):
         super().__init__()
-        act = args.activation or ("gelu" if args.encoder == "hadamax" else "relu")
-        self.pools = nn.ModuleDict()
-        layers = {}
-        if args.encoder == "nature":
-            conv_target = args.hr_layers == "all"
-            conv_act = act if conv_target else args.conv_activation
-            k = args.hr_branches if (args.hr and conv_target) else 1
-            in_ch = obs_shape[0]
-            for i, (ch, ks, st) in enumerate([(32, 8, 4), (64, 4, 2), (64, 3, 1)], 1):
-                layers[f"conv{i}"] = HiddenLayer("conv", in_ch, ch, conv_act, args.layernorm, k, args.combine, ks, st)
-                in_ch = layers[f"conv{i}"].width
-        else:  # Hadamax: fixed, as the official code (2 branches, LN, tanh-GELU, product, max-pool)
-            in_ch = obs_shape[0]
-            for i, (ch, ks, pool) in enumerate([(32, 8, nn.MaxPool2d(4, 4)), (64, 4, nn.MaxPool2d(2, 2, ceil_mode=True)),
-                                                (64, 3, nn.MaxPool2d(3, 1, padding=1))], 1):
-                layers[f"conv{i}"] = HiddenLayer("conv", in_ch, ch, "gelu", True, 2, "product", ks, 1, "same", "glorot")
-                self.pools[f"conv{i}"] = pool  # 84 -> 21 (4/4), 21 -> 11 (2/2 SAME), 11 -> 11 (3/1 SAME)
-                in_ch = ch
-        self.conv_names = list(layers)
-        self.convs = nn.ModuleList(layers.values())
-        with torch.no_grad():
-            x = torch.zeros(1, *obs_shape)
-            for name, layer in zip(self.conv_names, self.convs):
-                x = self._pool(name, layer(x)[0])
-        self.conv_out_hw = x.shape[2] * x.shape[3]  # for ReDo's outgoing_group of the first dense layer
-        in_dim = x.numel()
-        k = args.hr_branches if args.hr else 1
-        dense_names = [f"fc{i}" for i in range(1, args.hidden_layers)] + ["latent"]
-        dense = []
-        for name in dense_names:
-            dense.append(HiddenLayer("linear", in_dim, args.hidden_dim, act, args.layernorm, k, args.combine))
-            in_dim = dense[-1].width
-        self.dense_names = dense_names
-        self.dense = nn.ModuleList(dense)
-        self.head = nn.Linear(in_dim, n_actions)
-        _trunc_normal_(self.head.weight, 1.0, in_dim)  # Flax Dense default (lecun_normal), zero bias
-        nn.init.zeros_(self.head.bias)
-
-    def _pool(self, name, x):
-        return self.pools[name](x) if name in self.pools else x
+        target = dict(activation=args.activation or ("gelu" if args.encoder == "hadamax" else "relu"),
+                      layernorm=args.layernorm, branches=args.hr_branches if args.hr else 1, combine=args.combine,
+                      init="he")  # --hr-layers last: plain convs with --conv-activation (LayerNorm all the same)
+        conv = target if args.hr_layers == "all" else dict(target, activation=args.conv_activation, branches=1)
+        self.encoder = Encoder(args.encoder, obs_shape, conv, target, args.hidden_layers, args.hidden_dim)
+        self.head = nn.Linear(self.encoder.width, n_actions)
+        init_(self.head.weight, self.head.bias, "lecun")  # Flax's Dense default
 
     def hidden_layers(self):
         """[(name, layer)] in forward order: every layer metrics and ReDo act on."""
-        return list(zip(self.conv_names, self.convs)) + list(zip(self.dense_names, self.dense))
+        return list(self.encoder.hidden.items())
 
     def forward(self, x: torch.Tensor, probe: bool = False):
-        x = x.float() / 255.0
-        acts = {}
-        for name, layer in zip(self.conv_names, self.convs):
-            out, pre = layer(x)
-            x = self._pool(name, out)
-            if probe:
-                acts[name] = (x, torch.stack([pre.amax(dim=(2, 3)), pre.amin(dim=(2, 3))], -1).unsqueeze(2))
-        x = torch.flatten(x, 1)
-        for name, layer in zip(self.dense_names, self.dense):
-            x, pre = layer(x)
-            if probe:
-                acts[name] = (x, pre)
-        q = self.head(x)
-        return (q, acts) if probe else q
+        """Q-values of uint8 stacks (n, 4, 84, 84). probe=True also returns {layer: (output, pre-activation)}, conv
+        pre-activations reduced by spatial_extremes."""
+        layers = {} if probe else None
+        q = self.head(self.encoder(x, layers))
+        return (q, layers) if probe else q
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -392,21 +450,17 @@ def redo_step(net: QNetwork, optimizer, obs: torch.Tensor, args: Args) -> dict:
     fresh incoming weights in every branch (LayerNorm affine back to 1/0), zero outgoing weights, zeroed moments."""
     acts = probe_acts(net, obs)
     layers = net.hidden_layers()
-    total, out = 0, {}
+    total, out, opt = 0, {}, optimizer if args.redo_reset_optimizer else None
     for i, (name, layer) in enumerate(layers):
         dormant = common.activation_scores(acts[name][0]) <= args.redo_tau
-        if layer.activation == "crelu":  # a unit is recycled when both of its halves are dormant
-            unit = dormant[: layer.out_dim] & dormant[layer.out_dim:]
-            out_mask = torch.cat([unit, unit])
-        else:
-            unit = out_mask = dormant
-        opt = optimizer if args.redo_reset_optimizer else None
+        # crelu: a unit is recycled when both of its halves are dormant; its two output halves go with it
+        unit = dormant[: layer.out_dim] & dormant[layer.out_dim:] if layer.activation == "crelu" else dormant
+        out_mask = unit.repeat(layer.width // layer.out_dim)
         incoming = [(layer.fused.weight, layer.fused.bias)]
-        if layer.layernorm:
-            incoming.append((layer.ln_weight, layer.ln_bias))
+        incoming += [(layer.ln_weight, layer.ln_bias)] if layer.layernorm else []  # LayerNorm affine back to 1/0
         common.redo_recycle_(unit.repeat(layer.branches), incoming, [], opt, init_fn=layer.init_weight_)
         nxt = layers[i + 1][1].fused.weight if i + 1 < len(layers) else net.head.weight
-        group = net.conv_out_hw if name == net.conv_names[-1] and layer.kind == "conv" else 1
+        group = net.encoder.conv_out_hw if layer.kind == "conv" and layers[i + 1][1].kind == "linear" else 1
         common.redo_recycle_(out_mask, [], [nxt], opt, outgoing_group=group)
         n = int(unit.sum().item())
         out[f"redo/{name}/recycled_fraction"] = n / layer.out_dim

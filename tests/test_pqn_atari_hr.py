@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -80,9 +81,10 @@ def test_hadamax_shapes_and_parameter_count():
     shapes = {name: tuple(post.shape) for name, (post, _) in acts.items()}
     assert shapes == {"conv1": (3, 32, 21, 21), "conv2": (3, 64, 11, 11), "conv3": (3, 64, 11, 11),
                       "latent": (3, 512)}
-    assert net.dense[0].fused.in_features == 7744
-    assert [layer.branches for layer in net.convs] == [2, 2, 2] and net.dense[0].branches == 1
-    assert net.dense[0].activation == "gelu" and all(layer.activation == "gelu" for layer in net.convs)
+    latent, convs = net.encoder.hidden["latent"], [net.encoder.hidden[f"conv{i}"] for i in (1, 2, 3)]
+    assert latent.fused.in_features == 7744
+    assert [layer.branches for layer in convs] == [2, 2, 2] and latent.branches == 1
+    assert latent.activation == "gelu" and all(layer.activation == "gelu" for layer in convs)
     trunk = sum(p.numel() for n, p in net.named_parameters() if not n.startswith("head"))
     convs = 2 * (4 * 64 * 32 + 32) + 2 * (32 * 16 * 64 + 64) + 2 * (64 * 9 * 64 + 64)
     ln = 2 * 2 * (32 + 64 + 64) + 2 * 512
@@ -90,17 +92,25 @@ def test_hadamax_shapes_and_parameter_count():
     assert 4.0e6 < trunk < 4.2e6  # "about 4.1M" (Hadamax paper)
 
 
+def test_hadamax_network_raises_no_warning():
+    """SAME padding is an explicit F.pad: no PyTorch "padding='same' with even kernel lengths" UserWarning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        net = pqn.QNetwork(make_args(encoder="hadamax"), 4)
+        net(torch.zeros(2, 4, 84, 84, dtype=torch.uint8)).sum().backward()
+
+
 def test_hadamax_block_matches_explicit_computation():
     """Block 1 by hand: two SAME convs (pad 3 before, 4 after for k=8), LayerNorm over channels per position
     (eps 1e-6), tanh-GELU, product, 4x4 max-pool."""
     torch.manual_seed(0)
     net = pqn.QNetwork(make_args(encoder="hadamax"), 4)
-    layer = net.convs[0]
+    layer = net.encoder.hidden["conv1"]
     with torch.no_grad():
         layer.ln_weight.uniform_(0.5, 1.5)
         layer.ln_bias.uniform_(-0.5, 0.5)
     x = torch.rand(2, 4, 84, 84)
-    out = net.pools["conv1"](layer(x)[0])
+    out = net.encoder.pools["conv1"](layer(x)[0])
     w, b = layer.fused.weight, layer.fused.bias
     xp = F.pad(x, (3, 4, 3, 4))
     branches = []
@@ -154,13 +164,13 @@ def test_redo_step_recycles_dormant_units_only():
     x = torch.randint(0, 256, (16, 4, 84, 84), dtype=torch.uint8)
     net(x).pow(2).mean().backward()
     opt.step()
-    latent = net.dense[0]
+    latent = net.encoder.hidden["latent"]
     dead = torch.tensor([3, 100, 511])
     with torch.no_grad():  # make three latent units dead in both branches: zero weights, very negative bias
         for k in range(2):
             latent.fused.weight[k * 512 + dead] = 0.0
             latent.fused.bias[k * 512 + dead] = -40.0
-        conv3 = net.convs[2]  # and conv3 channel 5: its outgoing weights are 49 flattened columns of the latent
+        conv3 = net.encoder.hidden["conv3"]  # and conv3 channel 5: its outgoing weights are 49 latent columns
         for k in range(2):
             conv3.fused.weight[k * 64 + 5] = 0.0
             conv3.fused.bias[k * 64 + 5] = -40.0
@@ -184,12 +194,31 @@ def test_redo_step_recycles_dormant_units_only():
     # zero outgoing weights and moments (the latent's own recycled rows got fresh full rows)
     assert (w[keep][:, cols] == 0).all() and (opt.state[latent.fused.weight]["exp_avg"][:, cols] == 0).all()
     # everything else of the latent layer is untouched
-    torch.testing.assert_close(w[keep][:, ~cols], before["dense.0.fused.weight"][keep][:, ~cols])
+    torch.testing.assert_close(w[keep][:, ~cols], before["encoder.hidden.latent.fused.weight"][keep][:, ~cols])
     torch.testing.assert_close(opt.state[latent.fused.weight]["exp_avg"][keep][:, ~cols], moments[keep][:, ~cols])
     assert out["redo/recycled_fraction"] == pytest.approx(4 / (32 + 64 + 64 + 512))
     live = torch.ones(512, dtype=torch.bool)
     live[dead] = False
     torch.testing.assert_close(net.head.weight.detach()[:, live], before["head.weight"][:, live])
+
+
+def test_redo_step_crelu_recycles_a_unit_only_when_both_halves_are_dormant():
+    """CReLU: unit u feeds columns u and out_dim + u of the next layer; it is recycled only when relu(x) and relu(-x)
+    are both dormant (pre-activation 0 everywhere), not when one half is dead (a very negative bias)."""
+    torch.manual_seed(0)
+    args = make_args(activation="crelu", layernorm=False, hidden_dim=32, redo_tau=1e-6)
+    net = pqn.QNetwork(args, 4)
+    latent = net.encoder.hidden["latent"]
+    with torch.no_grad():
+        latent.fused.weight[[3, 9]] = 0.0
+        latent.fused.bias[3], latent.fused.bias[9] = 0.0, -40.0  # unit 3: both halves 0; unit 9: relu(-x) = 40
+    head_before = net.head.weight.detach().clone()
+    out = pqn.redo_step(net, None, torch.randint(0, 256, (8, 4, 84, 84), dtype=torch.uint8), args)
+    assert out["redo/latent/recycled_fraction"] == pytest.approx(1 / 32)
+    assert latent.fused.weight.detach()[3].abs().sum() > 0 and latent.fused.weight.detach()[9].abs().sum() == 0
+    zeroed = (net.head.weight.detach() == 0).all(dim=0)
+    assert zeroed[[3, 35]].all() and not zeroed[[9, 41]].any()
+    torch.testing.assert_close(net.head.weight.detach()[:, ~zeroed], head_before[:, ~zeroed])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -414,6 +443,8 @@ def test_smoke_run_logs_every_tag(variant, tmp_path, run_script, read_scalars):
     (dict(q_lambda=-0.1), "--q-lambda"),
     (dict(exploration_fraction=0.0), "--exploration-fraction"),
     (dict(capture_video=True), "--capture-video"),
+    (dict(encoder="hadamax", conv_activation="tanh"),
+     "--conv-activation applies to the Nature conv trunk; --encoder hadamax convs always use GELU"),
 ])
 def test_validate_rejects_bad_input(bad, flag):
     with pytest.raises(SystemExit) as e:
