@@ -21,11 +21,8 @@ The run's plumbing (checkpoints, RNG state, fast paths) lives in harness.py; its
 from __future__ import annotations
 
 import math
-import os
-import random
 import re
-import sys
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch

@@ -29,7 +29,6 @@ import collections
 import copy
 import math
 import os
-import sys
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Optional
 
@@ -201,9 +200,6 @@ def validate(args: Args) -> None:
         harness.fail(f"--exploration-fraction must be in (0, 1], got {args.exploration_fraction}")
     harness.finite(args, ["learning_rate", "kde_threshold"])
     harness.finite(args, ["redo_tau", "kde_noise_std"], positive=False)
-    if 1 <= args.total_timesteps <= args.learning_starts:
-        print(f"warning: --learning-starts {args.learning_starts} is not before --total-timesteps "
-              f"{args.total_timesteps}: no update will run", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------------

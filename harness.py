@@ -58,6 +58,10 @@ def fail(msg: str):
     sys.exit(f"error: {msg}")
 
 
+def warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -187,6 +191,12 @@ def _generic_checks(args) -> None:
                                       "metrics_batch": 2}.items() if k in fields})
     if not 0 <= args.seed < 2**32:
         fail(f"--seed must be in [0, 2**32), got {args.seed}")
+    # combinations a run would silently ignore: said once, the run goes on
+    if isinstance(getattr(args, "learning_starts", None), int) and args.learning_starts >= args.total_timesteps:
+        warn(f"--learning-starts {args.learning_starts} is not before --total-timesteps {args.total_timesteps}: no "
+             f"update will run")
+    if getattr(args, "save_model", True) and getattr(args, "eval_episodes", 1) == 0:
+        warn("--eval-episodes 0: no evaluation episode will be played")
     if getattr(args, "track", False):
         try:
             import wandb  # noqa: F401
