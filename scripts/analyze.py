@@ -15,6 +15,18 @@ configuration, environment and seed, and writes to --out:
 - representation_<algo>.png   score, dormant fraction and srank of `latent` over training (the papers' Fig. 2 layout).
 - dominance_<algo>.png        largest activation score against return, srank and dormant share, one point per
                               configuration averaged over seeds and tasks (dominance paper's Fig. 9).
+- tasks_<algo>.png            per-task eval/episodic_return curves, mean and standard error over seeds (SimbaV2).
+
+SimbaV2 is scored as the HR v2 paper scores it (App. D.3): the mean evaluation return over the final 5% of training,
+task-normalised (dm_control: return / 1000; MuJoCo: (return - random) / (TD3 - random)), IQM over (task, seed) with a
+95% stratified-bootstrap CI; tables.md adds its Table 2 column (baseline, + HR, + widen, beside the paper's) and the
+per-task returns beside SimbaV2's published ones.
+
+MR.Q (DMC-Visual) is scored the same way on its evaluation returns; its normalised score is baseline-normalised as the
+HR v2 paper's Table 2 reads (baseline = 1.00): per task, the return over the baseline configuration's mean (over
+seeds) final eval return. tables.md adds its Table 2 column on the 7 hard tasks (seeds averaged per task, then IQM and
+mean across tasks with 95% stratified-bootstrap CIs, beside the paper's 1.00 / 1.17 / 0.97) and the per-task returns
+beside MR.Q's published ones (all 28 tasks).
 
 Only finished runs (runs/NAME/finished, the JSON summary the scripts write on a clean exit) enter the numbers; runs
 still going or stopped, and runs/NAME.partial-<time> directories (a run stopped before its first checkpoint, moved
@@ -45,9 +57,36 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 
-SCRIPT_ALGO = {"dqn_atari_hr": "dqn", "ppo_atari_hr": "ppo", "pqn_atari_hr": "pqn", "drq_dmc_dominance": "drq"}
+SCRIPT_ALGO = {"dqn_atari_hr": "dqn", "ppo_atari_hr": "ppo", "pqn_atari_hr": "pqn", "drq_dmc_dominance": "drq",
+               "simbav2_dmc_hr": "simbav2", "mrq_dmc_hr": "mrq"}
 KNOWN_CONFIGS = {"relu", "tanh", "tanh_ln", "hr_tanh", "hr_relu", "widen_relu", "widen_tanh", "2hr_tanh", "hadamax",
-                 "crelu", "redo", "none", "ln", "lnwd", "hlgauss", "reset", "prune"}
+                 "crelu", "redo", "none", "ln", "lnwd", "hlgauss", "reset", "prune",
+                 "baseline", "hr", "widen", "hr_critic", "widen_critic", "hr_shared"}
+# Algorithms scored on their evaluation episodes, as their papers do (the mean eval return over the final 5% of
+# training, HR v2 App. D.3), with per-task curves of eval/episodic_return; the others on training episodes.
+EVAL_SCORED = {"simbav2", "mrq"}
+# SimbaV2's published returns at 1M frames (mean of 10 seeds; the official repo's results): the dm_control stand-ins
+# for HumanoidBench, which is not installable. A GPU sweep's baseline is checked against these.
+SIMBAV2_PUBLISHED = {"humanoid-stand": 916, "humanoid-walk": 652, "humanoid-run": 195, "dog-stand": 981,
+                     "dog-walk": 936, "dog-trot": 862, "dog-run": 563, "Humanoid-v4": 10546}
+# MuJoCo (random, TD3) returns the SimbaV2 code normalises by; dm_control tasks: (0, 1000), their return range.
+MUJOCO_RANDOM_TD3 = {"HalfCheetah-v4": (-289.415, 10574), "Hopper-v4": (18.791, 3226), "Walker2d-v4": (2.791, 3946),
+                     "Ant-v4": (-70.288, 3942), "Humanoid-v4": (120.423, 5165)}
+# HR v2 paper, Table 2 (IQM of success-normalised scores on 14 HumanoidBench tasks): baseline, + HR, + widen
+PAPER_TABLE2 = {"simbav2": (0.71, 0.84, 0.76)}
+# MR.Q's published DMC-Visual returns at 1M frames (500k agent steps; mean of 10 seeds, facebookresearch/MRQ
+# results/dmc-visual_results.txt), and the HR v2 paper's Table 2 MR.Q column (7 hard tasks, baseline-normalised).
+MRQ_PUBLISHED = {"acrobot-swingup": 287.1, "ball_in_cup-catch": 977.3, "cartpole-balance": 999.1,
+                 "cartpole-balance_sparse": 1000.0, "cartpole-swingup": 868.3, "cartpole-swingup_sparse": 797.2,
+                 "cheetah-run": 775.6, "dog-run": 60.2, "dog-stand": 216.2, "dog-trot": 65.3, "dog-walk": 77.0,
+                 "finger-spin": 965.3, "finger-turn_easy": 953.7, "finger-turn_hard": 932.9, "fish-swim": 79.7,
+                 "hopper-hop": 270.3, "hopper-stand": 852.8, "humanoid-run": 1.4, "humanoid-stand": 7.9,
+                 "humanoid-walk": 2.4, "pendulum-swingup": 829.3, "quadruped-run": 498.4, "quadruped-walk": 833.9,
+                 "reacher-easy": 979.8, "reacher-hard": 965.7, "walker-run": 615.9, "walker-stand": 980.6,
+                 "walker-walk": 970.3}
+DMCV_HARD = ("dog-run", "dog-stand", "dog-trot", "dog-walk", "humanoid-run", "humanoid-stand", "humanoid-walk")
+MRQ_PAPER_TABLE2 = (1.00, 1.17, 0.97)
+PUBLISHED = {"simbav2": ("SimbaV2", SIMBAV2_PUBLISHED), "mrq": ("MR.Q", MRQ_PUBLISHED)}
 RUNNING_WINDOW_S = 15 * 60  # an unfinished run whose event file changed this recently counts as still running
 PARTIAL = re.compile(r"\.partial-\d+$")  # runs/NAME.partial-<unix time>: moved aside by a fresh start (harness.py)
 
@@ -121,6 +160,15 @@ def config_label(args: dict, algo: str) -> str:
         return name
     if algo == "drq":
         return ("hr_" if args.get("hr") else "") + str(args.get("mitigation", "none"))
+    if algo == "mrq":
+        label = "hr" if args.get("hr") else "widen" if args.get("widen") else "baseline"
+        layers = str(args.get("hr_layers", "zs"))
+        return label if label == "baseline" or layers == "zs" else f"{label}_{layers.replace(',', '_')}"
+    if algo == "simbav2":
+        label = "hr" if args.get("hr") else "widen" if args.get("widen") else "baseline"
+        if label != "baseline" and args.get("hr_networks") == "critic":
+            label += "_critic"
+        return label + ("_shared" if args.get("hr") and args.get("hr_scaler") == "shared" else "")
     if args.get("encoder") == "hadamax":
         return "hadamax"
     if args.get("redo"):
@@ -138,7 +186,8 @@ def config_label(args: dict, algo: str) -> str:
 
 
 # an argument only that script has, so a run's algorithm is known from its args.json alone
-SIGNATURE_ARGS = (("mitigation", "drq"), ("q_lambda", "pqn"), ("clip_coef", "ppo"), ("target_network_frequency", "dqn"))
+SIGNATURE_ARGS = (("enc_horizon", "mrq"), ("c_shift", "simbav2"), ("mitigation", "drq"), ("q_lambda", "pqn"),
+                  ("clip_coef", "ppo"), ("target_network_frequency", "dqn"))
 
 
 def algorithm_of(args: dict, run_name: str) -> str:
@@ -180,7 +229,7 @@ def last_fraction_mean(values: np.ndarray, fraction: float = 0.05) -> float:
 
 
 def game_of(run: RunData) -> str:
-    if run.algo == "drq":
+    if run.algo in ("drq", "simbav2", "mrq"):
         return run.env_id
     try:
         return common.atari_game_name(run.env_id)
@@ -204,7 +253,19 @@ def curve(run: RunData, grid: np.ndarray, tag: str = "charts/episodic_return") -
 
 
 def normaliser(algo: str, runs: list[RunData], grid_of) -> tuple[str, dict]:
-    """(kind, {game: (lo, hi)}): baseline-normalised for DQN/PPO (ReLU curves' min/max), human for PQN, raw for DMC."""
+    """(kind, {game: (lo, hi)}): baseline-normalised for DQN/PPO (ReLU curves' min/max), human for PQN, raw for DMC;
+    SimbaV2: task-normalised, (return - lo) / (hi - lo) with dm_control's (0, 1000) and MuJoCo's (random, TD3) (the
+    analogue of HumanoidBench's (random, success threshold), App. D.3)."""
+    if algo == "mrq":  # HR v2 Table 2: per task, over the baseline configuration's mean final eval return
+        base = defaultdict(list)
+        for r in runs:
+            if r.config == "baseline" and not math.isnan(v := final_eval(r)):
+                base[game_of(r)].append(v)
+        return "baseline_normalized", {g: (0.0, float(np.mean(v))) for g, v in base.items() if np.mean(v) > 0}
+    if algo == "simbav2":
+        bounds = {g: MUJOCO_RANDOM_TD3.get(g, (0.0, 1000.0)) for g in {game_of(r) for r in runs}
+                  if g in MUJOCO_RANDOM_TD3 or re.fullmatch(r"[a-z_]+-[a-z_]+", g)}
+        return "task_normalized", bounds
     if algo in ("dqn", "ppo"):
         bounds = {}
         for game in sorted({game_of(r) for r in runs}):
@@ -290,8 +351,7 @@ def main(argv=None) -> int:
                "probe_share": number(r.summary.get("probe_share")),
                "episodes": len(r.scalars["charts/episodic_return"][1]),
                "final_score": last_fraction_mean(r.scalars["charts/episodic_return"][1]),
-               "final_eval": float(np.mean(r.scalars["eval/episodic_return"][1][-10:]))
-               if "eval/episodic_return" in r.scalars else math.nan}
+               "final_eval": final_eval(r)}
         for tag in metric_tags:
             row[tag] = last_fraction_mean(r.scalars[tag][1]) if tag in r.scalars else math.nan
         rows.append(row)
@@ -313,7 +373,8 @@ def main(argv=None) -> int:
         human_bounds = normaliser("pqn", rs, None)[1]
         for row in rows:
             if row["algo"] == algo:
-                row[kind] = normalise(row["final_score"], row["game"], kind, bounds)
+                score = row["final_eval"] if algo in EVAL_SCORED else row["final_score"]
+                row[kind] = normalise(score, row["game"], kind, bounds)
                 if "human_normalized" in kinds:
                     row["human_normalized"] = normalise(row["final_score"], row["game"], "human_normalized",
                                                         human_bounds)
@@ -337,8 +398,11 @@ def main(argv=None) -> int:
                               f"{fmt_ci(res['median'])} | {fmt_ci(res['iqm'])} |")
         tables.append("")
         tables += wall_time_lines(rs)
-        tables += table1(rows, algo, a.layer) + table2(rows, algo, kind)
+        tables += table1(rows, algo, a.layer) + table2(rows, algo, kind) + table2_column(agg_rows, algo, kind)
+        tables += published_table(rows, algo) + mrq_table2(rows, algo, a.reps, a.seed)
         plot_curves(rs, grids[algo], kind, bounds, algo, a)
+        if algo in EVAL_SCORED:
+            plot_task_curves(rs, grids[algo], algo, a)
         plot_representation(rs, grids[algo], kind, bounds, algo, a)
         plot_dominance(rows, algo, a)
 
@@ -350,6 +414,89 @@ def main(argv=None) -> int:
         f.write("\n".join(tables) + "\n")
     print(f"wrote {a.out}/results.csv, aggregates.csv, tables.md and figures")
     return 0
+
+
+def final_eval(r: RunData) -> float:
+    """Final evaluation return: for EVAL_SCORED algorithms the mean over the final 5% of training (at least the last
+    evaluation; HR v2 App. D.3), else the mean of the last 10 evaluations."""
+    if "eval/episodic_return" not in r.scalars:
+        return math.nan
+    steps, values = r.scalars["eval/episodic_return"]
+    if r.algo in EVAL_SCORED:
+        last = values[steps >= 0.95 * r.global_step]
+        return float(np.mean(last)) if len(last) else float(values[-1])
+    return float(np.mean(values[-10:]))
+
+
+def table2_column(agg_rows, algo, kind):
+    """HR v2 Table 2's column for an algorithm with configurations baseline / hr / widen: IQM over (task, seed) of the
+    normalised score with its 95% CI, beside the paper's (on its own benchmark)."""
+    iqm = {r["config"]: r for r in agg_rows if r["algo"] == algo and r["score"] == kind and r["statistic"] == "iqm"}
+    if algo not in PAPER_TABLE2 or not any(c in iqm for c in ("baseline", "hr", "widen")):
+        return []
+    lines = [f"### Table 2 ({algo.upper()}): IQM `{kind}` score, parameter-matched widen", "",
+             "| variant | ours: IQM [95% CI] | tasks | runs | paper |", "|---|---|---|---|---|"]
+    for config, label, paper in zip(("baseline", "hr", "widen"), ("Baseline", "+ HR", "+ Widen"), PAPER_TABLE2[algo]):
+        r = iqm.get(config)
+        ours = (f"{r['value']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['tasks']} | {r['runs']}" if r
+                else "— | — | —")
+        lines.append(f"| {label} | {ours} | {paper:.2f} |")
+    return lines + ["", "The paper's numbers are on 14 HumanoidBench tasks (success-normalised); ours on the tasks "
+                        "above (dm_control: return / 1000).", ""]
+
+
+def published_table(rows, algo):
+    """Per task: mean final eval return of each configuration (seeds) next to the published return (SimbaV2, MR.Q)."""
+    if algo not in PUBLISHED:
+        return []
+    name, published = PUBLISHED[algo]
+    mine = [r for r in rows if r["algo"] == algo and not math.isnan(r["final_eval"])]
+    configs = sorted({r["config"] for r in mine}, key=lambda c: (c != "baseline", c))
+    if not mine:
+        return []
+    lines = [f"### {name} per task: mean final eval return (seeds) and the published {name} return at 1M frames", "",
+             "| task | published | " + " | ".join(configs) + " |", "|---" * (len(configs) + 2) + "|"]
+    for task in sorted({r["game"] for r in mine}):
+        cells = []
+        for c in configs:
+            v = [r["final_eval"] for r in mine if r["game"] == task and r["config"] == c]
+            cells.append(f"{np.mean(v):.1f} (n={len(v)})" if v else "—")
+        pub = published.get(task)
+        lines.append(f"| {task} | {pub if pub is not None else '—'} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def mrq_table2(rows, algo, reps, seed):
+    """HR v2 Table 2's MR.Q column: on the 7 hard DMC-Visual tasks, each run's final eval return over its task's
+    baseline mean, averaged over seeds per task, then IQM and mean across tasks (95% stratified-bootstrap CIs)."""
+    if algo != "mrq":
+        return []
+    mine = [r for r in rows if r["algo"] == "mrq" and r["game"] in DMCV_HARD
+            and not math.isnan(r.get("baseline_normalized", math.nan))]
+    if not mine:
+        return []
+    lines = ["### Table 2 (MR.Q): baseline-normalised final eval return on the 7 hard DMC-Visual tasks", "",
+             "| variant | ours: IQM [95% CI] | ours: mean [95% CI] | tasks | runs | paper |",
+             "|---|---|---|---|---|---|"]
+
+    def of_task_means(stat):
+        return lambda tasks: stat([float(np.mean(t)) for t in tasks])
+
+    for config, label, paper in zip(("baseline", "hr", "widen"), ("Baseline", "+ HR", "+ Widen"), MRQ_PAPER_TABLE2):
+        per_task = defaultdict(list)
+        for r in mine:
+            if r["config"] == config:
+                per_task[r["game"]].append(r["baseline_normalized"])
+        if not per_task:
+            lines.append(f"| {label} | — | — | — | — | {paper:.2f} |")
+            continue
+        tasks = task_means(per_task)
+        cells = [fmt_ci(common.bootstrap_ci(tasks, of_task_means(stat), reps=reps, seed=seed))
+                 for stat in (common.iqm, np.mean)]
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} | {len(tasks)} | {sum(len(t) for t in tasks)} | "
+                     f"{paper:.2f} |")
+    return lines + ["", "Normalised per task by the baseline's mean final eval return, so the baseline's per-task "
+                        "means are 1 by construction; its CI shows the seed spread.", ""]
 
 
 def wall_time_lines(rs: list[RunData]) -> list[str]:
@@ -460,6 +607,36 @@ def plot_curves(rs, grid, kind, bounds, algo, a):
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(a.out, f"curves_{algo}.png"), dpi=120)
+    plt.close(fig)
+
+
+def plot_task_curves(rs, grid, algo, a, tag="eval/episodic_return"):
+    """One panel per task: `tag` of each configuration, mean over seeds with a standard-error band."""
+    plt = _plt()
+    tasks = sorted({game_of(r) for r in rs})
+    configs = sorted({r.config for r in rs})
+    cols = min(4, len(tasks))
+    fig, axes = plt.subplots(-(-len(tasks) // cols), cols, figsize=(4 * cols, 3 * -(-len(tasks) // cols)),
+                             squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        for config in configs:
+            cs = np.array([curve(r, grid, tag) for r in rs if game_of(r) == task and r.config == config and
+                           tag in r.scalars])
+            if not len(cs):
+                continue
+            n = np.maximum((~np.isnan(cs)).sum(0), 1)  # seeds with a value at each point (NaN: not evaluated yet)
+            mean = np.nansum(cs, 0) / n
+            mean[np.isnan(cs).all(0)] = np.nan
+            se = np.sqrt(np.nansum((cs - mean) ** 2, 0) / n / n)
+            ax.plot(grid, mean, label=config, color=_color(config, configs))
+            ax.fill_between(grid, mean - se, mean + se, alpha=0.2, color=_color(config, configs))
+        ax.set(title=task, xlabel="environment steps", ylabel=tag.split("/")[-1])
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"{algo.upper()}: {tag}, mean over seeds with standard error")
+    fig.tight_layout()
+    fig.savefig(os.path.join(a.out, f"tasks_{algo}.png"), dpi=120)
     plt.close(fig)
 
 

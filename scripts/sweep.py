@@ -52,6 +52,23 @@ DMC_TASKS = ["cartpole-swingup_sparse", "cartpole-balance_sparse_narrow", "finge
              "walker-run", "ball_in_cup-catch"]
 DMC_MITIGATIONS = ["none", "ln", "lnwd", "hlgauss", "reset", "redo", "prune"]
 
+# SimbaV2: the 7 hard dm_control state tasks stand in for HumanoidBench (not installable; see README); configurations:
+# the paper's Table 2 (baseline, +HR, +widen) first, then the open choices of where HR goes.
+SIMBAV2_TASKS = ["humanoid-stand", "humanoid-walk", "humanoid-run", "dog-stand", "dog-walk", "dog-trot", "dog-run"]
+SIMBAV2_CONFIGS = {"baseline": "", "hr": "--hr", "widen": "--widen", "hr_critic": "--hr --hr-networks critic",
+                   "widen_critic": "--widen --hr-networks critic", "hr_shared": "--hr --hr-scaler shared"}
+
+# MR.Q on DMC-Visual: the paper's 7 hard tasks (Table 2) by default, the full 28 (App. D.4) as the game set `all`;
+# configurations: Table 2 (baseline, +HR on the zs projection, +widen) first, then HR at the other encoder sites.
+DMCV_HARD = ["dog-run", "dog-stand", "dog-trot", "dog-walk", "humanoid-run", "humanoid-stand", "humanoid-walk"]
+DMCV_TASKS = ["acrobot-swingup", "ball_in_cup-catch", "cartpole-balance", "cartpole-balance_sparse", "cartpole-swingup",
+              "cartpole-swingup_sparse", "cheetah-run", "finger-spin", "finger-turn_easy", "finger-turn_hard",
+              "fish-swim", "hopper-hop", "hopper-stand", "pendulum-swingup", "quadruped-run", "quadruped-walk",
+              "reacher-easy", "reacher-hard", "walker-run", "walker-stand", "walker-walk", *DMCV_HARD]
+MRQ_CONFIGS = {"baseline": "", "hr": "--hr", "widen": "--widen", "hr_convs": "--hr --hr-layers convs",
+               "hr_zsa": "--hr --hr-layers zsa", "hr_all": "--hr --hr-layers all",
+               "widen_all": "--widen --hr-layers all"}
+
 
 def _pqn_games():
     import common
@@ -69,6 +86,12 @@ SWEEPS = {
                   configs=["relu", "tanh", "hr_tanh", "hadamax"], seeds=[1, 2, 3, 4, 5], default_algo="pqn"),
     "dmc": dict(algos={"drq": "drq_dmc_dominance.py"}, env={"drq": "{game}"}, games=lambda: DMC_TASKS,
                 configs=DMC_MITIGATIONS, seeds=[1, 2, 3, 4, 5, 6], default_algo="drq"),
+    "simbav2": dict(algos={"simbav2": "simbav2_dmc_hr.py"}, env={"simbav2": "{game}"}, games=lambda: SIMBAV2_TASKS,
+                    configs=["baseline", "hr", "widen"], seeds=[1, 2, 3, 4, 5], default_algo="simbav2"),
+    # game_sets: names that stand for a list of games (--games all)
+    "mrq": dict(algos={"mrq": "mrq_dmc_hr.py"}, env={"mrq": "{game}"}, games=lambda: DMCV_HARD,
+                configs=["baseline", "hr", "widen"], seeds=[1, 2, 3, 4, 5], default_algo="mrq",
+                game_sets={"hard": DMCV_HARD, "all": DMCV_TASKS}),
 }
 
 
@@ -84,6 +107,14 @@ class Run:
 
 
 def config_flags(sweep: str, config: str) -> str:
+    if sweep == "mrq":
+        if config not in MRQ_CONFIGS:
+            raise SystemExit(f"error: unknown MR.Q configuration {config!r}; choose from {list(MRQ_CONFIGS)}")
+        return MRQ_CONFIGS[config]
+    if sweep == "simbav2":
+        if config not in SIMBAV2_CONFIGS:
+            raise SystemExit(f"error: unknown SimbaV2 configuration {config!r}; choose from {list(SIMBAV2_CONFIGS)}")
+        return SIMBAV2_CONFIGS[config]
     if sweep == "dmc":
         if config not in DMC_MITIGATIONS and not config.startswith("hr_"):
             raise SystemExit(f"error: unknown DMC configuration {config!r}; choose from {DMC_MITIGATIONS} "
@@ -212,6 +243,7 @@ def main(argv=None) -> int:
     env = os.environ
     algo = a.algo or env.get("ALGO") or spec["default_algo"]
     games = (a.games or env.get("GAMES") or env.get("TASKS") or "").split() or spec["games"]()
+    games = [g for name in games for g in spec.get("game_sets", {}).get(name, [name])]  # e.g. mrq: --games all
     configs = (a.configs or env.get("CONFIGS") or "").split() or spec["configs"]
     seeds = [int(s) for s in (a.seeds or env.get("SEEDS") or "").split()] or spec["seeds"]
     extra = a.extra if a.extra is not None else env.get("EXTRA", "")

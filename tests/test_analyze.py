@@ -220,3 +220,149 @@ def test_algorithm_from_args():
 def test_bad_runs_dir(tmp_path):
     with pytest.raises(SystemExit, match="not a directory"):
         analyze.main([str(tmp_path / "missing")])
+
+
+SIMBA_BASE = {"baseline": {"humanoid-run": 100, "dog-run": 400}, "hr": {"humanoid-run": 150, "dog-run": 500},
+              "widen": {"humanoid-run": 120, "dog-run": 420}}
+
+
+def simba_final(config, task, seed):
+    return SIMBA_BASE[config][task] + 10 * seed + 10  # the mean of the evaluations at 960k and 1M frames
+
+
+@pytest.fixture(scope="module")
+def simba_analysed(tmp_path_factory):
+    """SimbaV2 runs: 2 tasks x {baseline, hr, widen} x 2 seeds, 1M frames; evaluations at 500k (outside the final
+    5%: must not count), 960k and 1M frames."""
+    base = tmp_path_factory.mktemp("simba")
+    runs = base / "runs"
+    for config in SIMBA_BASE:
+        for task in ("humanoid-run", "dog-run"):
+            for seed in (1, 2):
+                v = SIMBA_BASE[config][task] + 10 * seed
+                args = {"c_shift": 3.0, "exp_name": config, "env_id": task, "seed": seed, "hr": config == "hr",
+                        "widen": config == "widen", "total_timesteps": 1_000_000}
+                write_run(runs, f"simbav2__{task}__{config}__s{seed}", args, [(s * 10, 1.0) for s in STEPS],
+                          {"representation/latent/srank": [(1_000_000, 300.0)]},
+                          finished=summary(seed, global_step=1_000_000),
+                          evals=[(500_000, 0.0), (960_000, v), (1_000_000, v + 20)])
+    out = base / "results"
+    assert analyze.main([str(runs), "--out", str(out), "--reps", "200", "--curve-reps", "10",
+                         "--curve-points", "5"]) == 0
+    with open(out / "results.csv") as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    return out, rows
+
+
+def test_simbav2_scores_are_final_5pct_evals_normalised_by_the_dmc_range(simba_analysed):
+    _, rows = simba_analysed
+    assert len(rows) == 12
+    r = rows["simbav2__dog-run__hr__s2"]
+    assert (r["algo"], r["config"], r["game"]) == ("simbav2", "hr", "dog-run")
+    assert float(r["final_eval"]) == pytest.approx(simba_final("hr", "dog-run", 2))
+    assert float(r["task_normalized"]) == pytest.approx(simba_final("hr", "dog-run", 2) / 1000)
+
+
+def test_simbav2_iqm_and_table2_column(simba_analysed):
+    out, _ = simba_analysed
+    with open(out / "aggregates.csv") as f:
+        agg = {(r["algo"], r["config"], r["statistic"]): r for r in csv.DictReader(f)}
+    text = (out / "tables.md").read_text()
+    assert "### Table 2 (SIMBAV2): IQM `task_normalized` score, parameter-matched widen" in text
+    for config, label, paper in (("baseline", "Baseline", "0.71"), ("hr", "+ HR", "0.84"), ("widen", "+ Widen", "0.76")):
+        scores = [simba_final(config, t, s) / 1000 for t in ("humanoid-run", "dog-run") for s in (1, 2)]
+        iqm = agg[("simbav2", config, "iqm")]
+        assert float(iqm["value"]) == pytest.approx(trim_mean(scores, 0.25))  # IQM over (task, seed)
+        assert float(iqm["ci_low"]) <= float(iqm["value"]) <= float(iqm["ci_high"])
+        assert (f"| {label} | {float(iqm['value']):.3f} [{float(iqm['ci_low']):.3f}, {float(iqm['ci_high']):.3f}] "
+                f"| 2 | 4 | {paper} |") in text
+    assert "| task | published | baseline | hr | widen |" in text
+    assert "| humanoid-run | 195 | 125.0 (n=2) | 175.0 (n=2) | 145.0 (n=2) |" in text
+    assert "| dog-run | 563 | 425.0 (n=2) | 525.0 (n=2) | 445.0 (n=2) |" in text
+    path = out / "tasks_simbav2.png"
+    assert path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_simbav2_labels_and_algorithm():
+    assert analyze.algorithm_of({"c_shift": 3.0, "hr": True}, "x") == "simbav2"
+    assert analyze.algorithm_of({"exp_name": "simbav2_dmc_hr"}, "x") == "simbav2"
+    label = analyze.config_label
+    assert label({"exp_name": "simbav2_dmc_hr", "hr": True, "hr_networks": "both"}, "simbav2") == "hr"
+    assert label({"widen": True, "hr_networks": "critic"}, "simbav2") == "widen_critic"
+    assert label({"hr": True, "hr_networks": "critic", "hr_scaler": "shared"}, "simbav2") == "hr_critic_shared"
+    assert label({"hr": False, "widen": False}, "simbav2") == "baseline"
+
+
+MRQ_BASE = {"baseline": {"dog-run": 50.0, "humanoid-walk": 2.0, "walker-walk": 900.0},
+            "hr": {"dog-run": 80.0, "humanoid-walk": 3.0, "walker-walk": 950.0},
+            "widen": {"dog-run": 45.0, "humanoid-walk": 2.5, "walker-walk": 910.0}}
+
+
+def mrq_final(config, task, seed):
+    return MRQ_BASE[config][task] * (0.95 if seed == 1 else 1.05)  # seeds average to MRQ_BASE
+
+
+@pytest.fixture(scope="module")
+def mrq_analysed(tmp_path_factory):
+    """MR.Q runs: 2 hard tasks + walker-walk x {baseline, hr, widen} x 2 seeds, 1M frames; evaluations at 500k
+    (outside the final 5%: must not count), 960k and 1M frames."""
+    base = tmp_path_factory.mktemp("mrq")
+    runs = base / "runs"
+    for config in MRQ_BASE:
+        for task in MRQ_BASE[config]:
+            for seed in (1, 2):
+                v = mrq_final(config, task, seed)
+                args = {"enc_horizon": 5, "exp_name": config, "env_id": task, "seed": seed, "hr": config == "hr",
+                        "widen": config == "widen", "hr_layers": "zs", "total_timesteps": 1_000_000}
+                write_run(runs, f"mrq__{task}__{config}__s{seed}", args, [(s * 10, 1.0) for s in STEPS],
+                          {"representation/zs/srank": [(1_000_000, 300.0)]},
+                          finished=summary(seed, global_step=1_000_000),
+                          evals=[(500_000, 0.0), (960_000, v - 1), (1_000_000, v + 1)])
+    out = base / "results"
+    assert analyze.main([str(runs), "--out", str(out), "--reps", "200", "--curve-reps", "10",
+                         "--curve-points", "5"]) == 0
+    with open(out / "results.csv") as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    return out, rows
+
+
+def test_mrq_scores_are_final_evals_over_the_baseline_mean(mrq_analysed):
+    _, rows = mrq_analysed
+    assert len(rows) == 18
+    r = rows["mrq__dog-run__hr__s2"]
+    assert (r["algo"], r["config"], r["game"]) == ("mrq", "hr", "dog-run")
+    assert float(r["final_eval"]) == pytest.approx(mrq_final("hr", "dog-run", 2))
+    assert float(r["baseline_normalized"]) == pytest.approx(80 * 1.05 / 50)
+    assert float(rows["mrq__walker-walk__baseline__s1"]["baseline_normalized"]) == pytest.approx(0.95)
+
+
+def test_mrq_table2_column_on_the_hard_tasks_and_published_returns(mrq_analysed):
+    out, _ = mrq_analysed
+    text = (out / "tables.md").read_text()
+    assert "### Table 2 (MR.Q): baseline-normalised final eval return on the 7 hard DMC-Visual tasks" in text
+    # seeds averaged per task (dog-run, humanoid-walk; walker-walk is not a hard task), then across the 2 tasks
+    for label, task_means, paper in (("Baseline", (1.0, 1.0), "1.00"), ("+ HR", (80 / 50, 3 / 2), "1.17"),
+                                     ("+ Widen", (45 / 50, 2.5 / 2), "0.97")):
+        line = [ln for ln in text.splitlines() if ln.startswith(f"| {label} | ") and ln.endswith(f"| {paper} |")]
+        assert len(line) == 1, label
+        cells = [c.strip() for c in line[0].strip("|").split("|")]
+        assert float(cells[1].split()[0]) == pytest.approx(np.mean(task_means), abs=1e-3)  # IQM of 2 = their mean
+        assert float(cells[2].split()[0]) == pytest.approx(np.mean(task_means), abs=1e-3)
+        lo, hi = (float(x) for x in cells[2].split("[")[1].rstrip("]").split(","))
+        assert lo <= np.mean(task_means) + 1e-3 and hi >= np.mean(task_means) - 1e-3
+        assert cells[3:5] == ["2", "4"]
+    assert "### MR.Q per task: mean final eval return (seeds) and the published MR.Q return at 1M frames" in text
+    assert "| dog-run | 60.2 | 50.0 (n=2) | 80.0 (n=2) | 45.0 (n=2) |" in text
+    assert "| walker-walk | 970.3 | 900.0 (n=2) | 950.0 (n=2) | 910.0 (n=2) |" in text
+    assert (out / "tasks_mrq.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(analyze.MRQ_PUBLISHED) == 28 and set(analyze.DMCV_HARD) <= set(analyze.MRQ_PUBLISHED)
+
+
+def test_mrq_labels_and_algorithm():
+    assert analyze.algorithm_of({"enc_horizon": 5, "hr": True}, "x") == "mrq"
+    assert analyze.algorithm_of({"exp_name": "mrq_dmc_hr"}, "x") == "mrq"
+    label = analyze.config_label
+    assert label({"exp_name": "mrq_dmc_hr", "hr": True, "hr_layers": "zs"}, "mrq") == "hr"
+    assert label({"widen": True, "hr_layers": "zsa,convs"}, "mrq") == "widen_zsa_convs"
+    assert label({"hr": True, "hr_layers": "all"}, "mrq") == "hr_all"
+    assert label({"hr": False, "widen": False, "hr_layers": "all"}, "mrq") == "baseline"

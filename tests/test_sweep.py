@@ -82,6 +82,48 @@ def test_pqn51_and_dmc_grids(tmp_path):
     assert any("--env-id reacher-easy_masked" in c and "--mitigation lnwd" in c for c in cmds)
 
 
+def test_simbav2_grid_and_its_slurm_array(tmp_path):
+    cmds, _ = launcher("run_simbav2.sh", "--dry-run", cwd=tmp_path)
+    assert len(cmds) == 7 * 3 * 5  # the hard dm_control tasks x {baseline, hr, widen} x 5 seeds
+    assert {c.split("--env-id ")[1].split()[0] for c in cmds} == set(sweep.SIMBAV2_TASKS)
+    one = [c for c in cmds if c.endswith("--run-name simbav2__dog-run__widen__s4")]
+    assert len(one) == 1 and "simbav2_dmc_hr.py --env-id dog-run --seed 4 --exp-name widen --widen " in one[0]
+    assert sum("--hr " in c for c in cmds) == 7 * 5  # the baseline has no variant flag:
+    assert sum("--exp-name baseline --run-name" in c for c in cmds) == 7 * 5
+    cmds, _ = launcher("run_simbav2.sh", "--dry-run", cwd=tmp_path, env={"TASKS": "humanoid-run", "SEEDS": "1",
+                                                                          "CONFIGS": "hr_critic hr_shared"})
+    assert [c.split("--exp-name ")[1].split(" --run-name")[0] for c in cmds] == [
+        "hr_critic --hr --hr-networks critic", "hr_shared --hr --hr-scaler shared"]
+    _, out = launcher("run_simbav2.sh", "--slurm", "--dry-run", "--seeds", "1 2", cwd=tmp_path)
+    assert "#SBATCH --array=0-41%64" in out and "sweep.py simbav2 --algo simbav2" in out
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "sweep.py"), "simbav2", "--dry-run",
+                           "--configs", "hr_actor"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode != 0 and "unknown SimbaV2 configuration 'hr_actor'" in proc.stderr
+
+
+def test_mrq_grid_all_28_tasks_and_its_slurm_array(tmp_path):
+    cmds, _ = launcher("run_mrq_dmcv.sh", "--dry-run", cwd=tmp_path)
+    assert len(cmds) == 7 * 3 * 5  # the paper's 7 hard DMC-Visual tasks x {baseline, hr, widen} x 5 seeds
+    assert {c.split("--env-id ")[1].split()[0] for c in cmds} == {f"{d}-{t}" for d in ("dog",) for t in (
+        "run", "stand", "trot", "walk")} | {"humanoid-run", "humanoid-stand", "humanoid-walk"}
+    one = [c for c in cmds if c.endswith("--run-name mrq__humanoid-walk__widen__s2")]
+    assert len(one) == 1 and "mrq_dmc_hr.py --env-id humanoid-walk --seed 2 --exp-name widen --widen " in one[0]
+    assert sum("--exp-name hr --hr --run-name" in c for c in cmds) == 7 * 5
+    cmds, _ = launcher("run_mrq_dmcv.sh", "--all", "--dry-run", "--configs", "baseline", "--seeds", "1", cwd=tmp_path)
+    tasks = [c.split("--env-id ")[1].split()[0] for c in cmds]
+    assert len(tasks) == len(set(tasks)) == 28 and set(sweep.DMCV_HARD) < set(tasks)
+    assert {"walker-walk", "cartpole-swingup_sparse", "quadruped-run", "finger-turn_hard"} < set(tasks)
+    cmds, _ = launcher("run_mrq_dmcv.sh", "--dry-run", cwd=tmp_path, env={"GAMES": "dog-run", "SEEDS": "3",
+                                                                          "CONFIGS": "hr_all widen_all"})
+    assert [c.split("--exp-name ")[1].split(" --run-name")[0] for c in cmds] == [
+        "hr_all --hr --hr-layers all", "widen_all --widen --hr-layers all"]
+    _, out = launcher("run_mrq_dmcv.sh", "--all", "--slurm", "--dry-run", "--seeds", "1 2", cwd=tmp_path)
+    assert "#SBATCH --array=0-167%64" in out and "sweep.py mrq --algo mrq" in out  # 28 x 3 x 2 runs
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "sweep.py"), "mrq", "--dry-run",
+                           "--configs", "hr_heads"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode != 0 and "unknown MR.Q configuration 'hr_heads'" in proc.stderr
+
+
 def test_slurm_dry_run(tmp_path):
     _, out = launcher("run_atari8.sh", "--slurm", "--dry-run", "--games", "Pong", "--seeds", "1 2", cwd=tmp_path)
     assert "#SBATCH --array=0-9%64" in out
