@@ -1,0 +1,326 @@
+"""Tests for scripts/gpu_check.py, the prepared GPU check: its judgements on synthetic results with known answers
+(flags, losses, parameters against a reference, checkpoint matching, fallback lines, targets, the probe), the
+configuration table against the scripts' real flags, the device commands against their limits, and one end-to-end
+--dry-run on the CPU (pqn: equivalence, speed with the envpool ceiling and Hadamax, the probe, the report)."""
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+import bench  # noqa: E402
+import gpu_check as gc  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# flags and the configuration table
+
+
+def test_flags_optional_dropped_and_overrides_replace():
+    assert gc.split_flags("--a 1 ?--b 2 3 --c") == [("--a", ["1"], False), ("--b", ["2", "3"], True),
+                                                     ("--c", [], False)]
+    assert gc.resolve_flags("--a 1 ?--b 2 --c", {"--a", "--c"}) == ["--a", "1", "--c"]
+    assert gc.resolve_flags("--a 1 ?--b 2", None) == ["--a", "1", "--b", "2"]  # None: keep every optional flag
+    # an override replaces the earlier occurrence (tyro would otherwise see the flag twice)
+    assert gc.resolve_flags("--total-timesteps 2600 --seed 3", None, "--total-timesteps 1") == \
+        ["--seed", "3", "--total-timesteps", "1"]
+    with pytest.raises(ValueError):
+        gc.split_flags("1 --a")
+
+
+def test_script_flags_read_from_the_args_dataclass(tmp_path):
+    (tmp_path / "toy_hr.py").write_text("from dataclasses import dataclass\n\n@dataclass\nclass Args:\n"
+                                        "    total_timesteps: int = 1_000\n    save_model: bool = False\n"
+                                        "    metrics_every: int = 50\n")
+    flags = gc.script_flags("toy_hr.py", repo=str(tmp_path))
+    assert flags == {"--total-timesteps": 1000, "--save-model": False, "--no-save-model": None,
+                     "--metrics-every": 50}
+
+
+def test_discovery_classifies_configured_unconfigured_and_absent(tmp_path):
+    for name in ("dqn_atari_hr.py", "drq_dmc_dominance.py", "new_thing_hr.py", "helper.py"):
+        (tmp_path / name).write_text("")
+    plan = gc.plan_scripts("all", None, repo=str(tmp_path))
+    assert plan["check"] == ["dqn_atari_hr.py", "drq_dmc_dominance.py"]
+    assert plan["unconfigured"] == ["new_thing_hr.py"]
+    assert set(plan["absent"]) == set(gc.SCRIPTS) - {"dqn_atari_hr.py", "drq_dmc_dominance.py"}
+    assert gc.plan_scripts("atari", None, repo=str(tmp_path))["check"] == ["dqn_atari_hr.py"]
+    assert gc.plan_scripts("dmc", ["drq"], repo=str(tmp_path))["check"] == ["drq_dmc_dominance.py"]
+
+
+def test_every_training_script_in_the_repository_has_a_config_line():
+    assert gc.plan_scripts("all", None)["unconfigured"] == [], "add a line to SCRIPTS in scripts/gpu_check.py"
+
+
+@pytest.mark.parametrize("file", sorted(gc.SCRIPTS))
+def test_config_lines_use_flags_the_scripts_have(file):
+    """Every flag of the table (optional `?` flags aside) and every flag the check adds exists in the script's Args."""
+    if not os.path.exists(os.path.join(REPO, file)):
+        pytest.skip(f"{file} is not in this checkout")
+    cfg = gc.SCRIPTS[file]
+    have = set(gc.script_flags(file))
+    added = "--seed --save-model --run-name --compile --cudagraphs --total-timesteps --metrics-every --no-cuda"
+    texts = [cfg.equiv, cfg.dry, cfg.dry_sps.split(maxsplit=2)[2], cfg.sps, added, gc.FAST, gc.PLAIN]
+    if cfg.ref.startswith("init:"):
+        texts.append(cfg.ref[len("init:"):])
+    for text in texts:
+        for name, _, optional in gc.split_flags(text):
+            assert optional or name in have, f"{file}: {name} is not one of its flags"
+    assert cfg.part in ("atari", "dmc") and (cfg.ref == "checkpoint" or cfg.ref.startswith("init:"))
+    warm, window = cfg.dry_sps.split()[:2]
+    assert int(warm) >= 1 and int(window) >= 1
+
+
+def test_plan_lists_every_run_of_the_gpu_check(capsys):
+    assert gc.main(["--plan", "--part", "all"]) == 0
+    out = capsys.readouterr().out
+    for file in gc.plan_scripts("all", None)["check"]:
+        cfg = gc.SCRIPTS[file]
+        assert re.search(rf"^equiv fast .*{re.escape(file)} .*--compile auto --cudagraphs auto$", out, re.M)
+        assert re.search(rf"^equiv plain .*{re.escape(file)} .*--compile off --cudagraphs off$", out, re.M)
+        assert (re.search(rf"^equiv ref .*{re.escape(file)} ", out, re.M) is not None) == cfg.ref.startswith("init")
+        assert re.search(rf"^speed on/off python {re.escape(file)} ", out, re.M)
+    assert "--learning-rate 1e-30" in out  # PPO's and PQN's reference runs
+    assert re.search(r"^probe .*pqn_atari_hr.py --env-id Breakout-v5 ", out, re.M)
+    assert "speed off    python pqn_atari_hr.py --encoder hadamax" in out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# item 1: the comparisons
+
+
+def test_compare_params_as_a_share_of_the_movement():
+    rng = np.random.default_rng(0)
+    ref = {"w": rng.normal(size=(4, 3)), "b": rng.normal(size=3)}
+    step = {k: 0.1 * rng.normal(size=v.shape) for k, v in ref.items()}
+    plain = {k: ref[k] + step[k] for k in ref}
+    movement = np.sqrt(sum((s ** 2).sum() for s in step.values()))
+    same = gc.compare_params(plain, plain, ref)
+    assert same["ratio"] == 0 and same["finite"] and same["movement"] == pytest.approx(movement)
+    noise = {k: v + 1e-4 for k, v in plain.items()}
+    near = gc.compare_params(noise, plain, ref)
+    assert near["ratio"] == pytest.approx(1e-4 * np.sqrt(15) / movement)
+    assert near["worst"] == "w" and near["max_abs"] == pytest.approx(1e-4)
+    stuck = gc.compare_params(ref, plain, ref)  # a fast run whose updates never happened
+    assert stuck["ratio"] == pytest.approx(1.0)
+    bad = gc.compare_params({"w": plain["w"] * np.nan, "b": plain["b"]}, plain, ref)
+    assert not bad["finite"]
+    assert gc.compare_params({"w": plain["w"]}, plain, ref)["missing"] == ["b"]
+
+
+def _scalars(values, tag="losses/td_loss", step0=100, every=100):
+    return {tag: [(0.0, step0 + i * every, v) for i, v in enumerate(values)]}
+
+
+def test_compare_losses_relative_to_the_typical_size():
+    plain = _scalars([2.0, 1.0, 1.0, 0.5])
+    res = gc.compare_losses(_scalars([2.0, 1.01, 1.0, 0.5]), plain)
+    tag = res["tags"]["losses/td_loss"]
+    assert tag["scale"] == pytest.approx(1.0) and tag["first"] == 0.0 and tag["points"] == 4
+    assert res["max"] == pytest.approx(0.01) and res["median"] == pytest.approx(0.0)
+    # near-zero losses are judged against their typical magnitude, not against zero
+    res = gc.compare_losses(_scalars([1e-3, -1e-3, 2e-3]), _scalars([1e-3, -1e-3, 2.1e-3]))
+    assert res["max"] == pytest.approx(0.1e-3 / 1e-3)
+    assert gc.compare_losses(_scalars([1.0]), _scalars([1.0], tag="losses/other"), ["losses/td_loss"])["missing"] \
+        == ["losses/td_loss"]
+
+
+def test_match_in_checkpoint_finds_the_online_network():
+    model = {"fc.weight": np.ones((2, 2)), "fc.bias": np.zeros(2)}
+    ckpt = {"target_network.fc.weight": np.full((2, 2), 7.0), "target_network.fc.bias": np.zeros(2),
+            "q_network.fc.weight": np.full((2, 2), 3.0), "q_network.fc.bias": np.ones(2),
+            "optimizer.state.0.exp_avg": np.zeros((2, 2))}
+    got = gc.match_in_checkpoint(model, ckpt)
+    assert got["fc.weight"][0, 0] == 3.0 and got["fc.bias"][0] == 1.0
+    assert gc.match_in_checkpoint(model, {"agent.fc.weight": np.ones((3, 2))}) is None
+
+
+def _run(rc=0, text="done\n", summary=None):
+    return {"rc": rc, "text": text, "timed_out": False, "wall": 1.0, "summary": summary}
+
+
+def test_judge_equivalence():
+    cfg = gc.SCRIPTS["pqn_atari_hr.py"]
+    losses = gc.compare_losses(_scalars([1.0, 1.0, 1.0]), _scalars([1.0, 1.0, 1.0]))
+    params = {"ratio": 0.01, "missing": [], "shape_mismatch": [], "finite": True}
+    fast = {"compile": True, "cudagraphs": True, "device": "cuda"}
+    assert gc.judge_equivalence(cfg, {"fast": _run(summary=fast), "plain": _run()}, losses, params, "cuda") == []
+    warned = _run(text="warning: CUDA-graph capture of train_step failed (RuntimeError: x); running it eagerly\n",
+                  summary=fast)
+    assert "CUDA-graph capture" in gc.judge_equivalence(cfg, {"fast": warned, "plain": _run()}, losses, params,
+                                                        "cuda")[0]
+    eager = {"compile": True, "cudagraphs": False}
+    assert "did not use the fast paths" in gc.judge_equivalence(cfg, {"fast": _run(summary=eager), "plain": _run()},
+                                                                losses, params, "cuda")[0]
+    compile_only = gc.Check("dmc", "", "init:", "", "1 1", graphs=False)  # a script without CUDA graphs
+    assert gc.judge_equivalence(compile_only, {"fast": _run(summary=eager), "plain": _run()}, losses, params,
+                                "cuda") == []
+    assert gc.judge_equivalence(cfg, {"fast": _run(summary=fast), "plain": _run()}, losses, dict(params, ratio=0.5),
+                                "cuda")[0].startswith("parameters differ by 5.00e-01")
+    off = gc.compare_losses(_scalars([1.01, 1.0, 1.0]), _scalars([1.0, 1.0, 1.0]))
+    assert gc.judge_equivalence(cfg, {"fast": _run(summary=fast), "plain": _run()}, off, params,
+                                "cuda")[0].startswith("first logged loss differs")
+    crashed = gc.judge_equivalence(cfg, {"fast": _run(rc=1, text="error: boom\n"), "plain": _run()}, None, None,
+                                   "cuda")
+    assert crashed == ["fast run exit 1: error: boom"]
+
+
+def test_fallback_lines_fail_other_warnings_do_not():
+    text = ("step 1\nwarning: torch.compile of td_loss failed (BackendCompilerFailed: x); running it eagerly\n"
+            "warning: --eval-episodes 0: no evaluation episode will be played\n  warning: indented is not a line\n")
+    assert gc.warnings_in(text) == ["warning: torch.compile of td_loss failed (BackendCompilerFailed: x); running it "
+                                    "eagerly"]
+    assert gc.other_warnings_in(text) == ["warning: --eval-episodes 0: no evaluation episode will be played"]
+    log = ("W1129 08:46:00.486000 14304 site-packages/torch/_dynamo/exc.py:713] [0/0] Backend compiler exception\n"
+           "W1129 08:46:00.486000 14304 site-packages/torch/_dynamo/exc.py:713] [0/0]   Explanation: x\n")
+    assert gc.compile_notes_in(log) == ["Backend compiler exception"] and gc.warnings_in(log) == []  # counted only
+
+
+def test_compare_models_with_both_references(tmp_path):
+    check = gc.GpuCheck(gc.parse_args(["--dry-run", "--out-dir", str(tmp_path / "out"),
+                                       "--workdir", str(tmp_path / "work")]))
+    net = {"fc.weight": torch.zeros(2, 2), "fc.bias": torch.zeros(2)}
+    moved = {k: v + 1.0 for k, v in net.items()}
+    dirs = {t: tmp_path / t for t in ("fast", "plain", "ref")}
+    for d in dirs.values():
+        d.mkdir()
+    torch.save(moved, dirs["plain"] / "x.cleanrl_model")
+    torch.save({k: v + 0.01 for k, v in moved.items()}, dirs["fast"] / "x.cleanrl_model")
+    torch.save(net, dirs["ref"] / "x.cleanrl_model")
+    init = gc.SCRIPTS["dqn_atari_hr.py"]
+    out = check.compare_models(init, {k: str(v) for k, v in dirs.items()})
+    assert out["ratio"] == pytest.approx(0.01) and out["movement"] == pytest.approx(np.sqrt(6))
+    halfway = {k: v + 0.5 for k, v in net.items()}  # checkpoint.pt of the run, network under state["agent"]
+    for t in ("fast", "plain"):
+        torch.save({"format": 3, "state": {"agent": halfway, "optimizer": {"state": {}}}}, dirs[t] / "checkpoint.pt")
+    at_checkpoint = gc.Check("atari", "", "checkpoint", "", "1 1")
+    out = check.compare_models(at_checkpoint, {k: str(v) for k, v in dirs.items()})
+    assert out["ratio"] == pytest.approx(0.01 / 0.5) and out["mid_ratio"] == 0.0
+    os.remove(dirs["fast"] / "x.cleanrl_model")
+    assert "no saved model" in check.compare_models(init, {k: str(v) for k, v in dirs.items()})["error"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# items 2 and 3: targets, the probe, the verdict
+
+
+def _row(**kw):
+    row = {"sps_on": None, "sps_off": None, "scaled": False, "projected": None, "pct_ceiling": None, "errors": []}
+    row.update(kw)
+    return row
+
+
+def test_targets_use_the_default_cadence_and_time_ratios():
+    rows = {"pqn": _row(sps_on=30_000, sps_off=31_000, pct_ceiling=0.85),
+            "pqn/hadamax": _row(sps_off=12_400),  # 31,000 / 12,400 = 2.5x PQN's time per step
+            "ppo": _row(sps_on=4_000, sps_off=6_000, scaled=True, projected=0.9),  # 5,400 at the default cadence
+            "dqn": _row(sps_on=900, sps_off=1_000)}
+    got = {t["target"].split()[0]: t for t in gc.evaluate_targets(rows, False, list(gc.SCRIPTS))}
+    assert got["PQN"]["status"] == "PASS" and got["PQN"]["ratio"] == pytest.approx(0.85 / 0.8)
+    assert got["Hadamax"]["value"] == pytest.approx(2.5) and got["Hadamax"]["status"] == "FAIL"
+    assert got["Hadamax"]["ratio"] == pytest.approx(0.8)
+    assert got["PPO"]["value"] == pytest.approx(5400) and got["PPO"]["status"] == "PASS"
+    assert got["DQN"]["value"] == 900 and got["DQN"]["status"] == "FAIL"
+    assert all(t["status"] == "n/a" for t in gc.evaluate_targets(rows, True, list(gc.SCRIPTS)))
+    assert [t["target"][:3] for t in gc.evaluate_targets({}, False, ["dqn_atari_hr.py"])] == ["DQN"]
+    assert gc.evaluate_targets({}, False, ["dqn_atari_hr.py"])[0]["status"] == "FAIL"  # not measured
+
+
+def test_probe_curve_and_judgement():
+    rising = [(s, 1.5 + s / 100_000) for s in range(10_000, 1_000_001, 10_000)]
+    curve = gc.probe_curve(rising, [(500_000, 4.0)])
+    assert len(curve) == 10 and curve[0]["train"] < curve[-1]["train"] and curve[4]["eval"] == 4.0
+    assert gc.judge_probe(curve)[0] == "PASS"
+    flat = gc.probe_curve([(s, 1.5) for s in range(10_000, 1_000_001, 10_000)], [])
+    assert gc.judge_probe(flat)[0] == "FAIL"
+    assert gc.judge_probe([])[0] == "FAIL" and gc.probe_curve([], []) == []
+
+
+def test_overall_and_report_render():
+    res = {"part": "atari", "dry_run": False, "equivalence": {}, "speed": {"rows": {}}, "targets": [],
+           "probe": None, "warnings": [], "other_warnings": ["warning: x"], "runs": [], "skipped": [], "notes": [],
+           "scripts": {"check": [], "unconfigured": ["new_hr.py"], "absent": ["mrq_dmc_hr.py"]},
+           "preflight": {"cuda": True}}
+    assert gc.overall(res) == "FAIL: no SCRIPTS line for new_hr.py"
+    res["scripts"]["unconfigured"] = []
+    assert gc.overall(res) == "PASS"
+    res["warnings"] = [{"run": "eq_pqn_fast", "line": "warning: torch.compile of act failed; running it eagerly"}]
+    assert gc.overall(res) == "FAIL: 1 fallback warning(s)"
+    header = {"date": "d", "argv": "--part atari", "gpu": "NVIDIA H200", "cpus": 16, "python": "3.12",
+              "torch": "2.11", "torch_cuda": "13.0", "versions": {}, "render": None, "device": "cuda"}
+    text = gc.render_report(res, header)
+    assert "**Overall: FAIL: 1 fallback warning(s)**" in text and "### Fallback warnings" in text
+    assert "| 1. equivalence `mrq_dmc_hr.py` | absent |" in text and "Other `warning:` lines" in text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the device commands and the wheels
+
+
+def test_device_commands_fit_the_machine():
+    for part, call in gc.DEVICE_CALLS.items():
+        assert len(call["command"]) < 2000 and 0 < call["timeout_s"] <= 600
+        assert call["timeout_s"] >= gc.PARTS[part]["deadline"] + 20  # the check reports before the call is cut
+        assert f"--part {part} --out-dir $OUT" in call["command"] and f".whl/{part}/*.whl" in call["command"]
+        assert len(call["carry"]) <= 8 and call["command"] in gc.device_calls_text()
+    with open(os.path.join(REPO, ".gitignore")) as f:
+        ignored = f.read().split()
+    assert "/.whl/" in ignored and "/.gl/" in ignored  # wheels and debs are never committed
+    with open(os.path.join(REPO, "scripts", "gpu_wheels.sh")) as f:
+        wheels = f.read()
+    for folder in ("atari", "dmc"):
+        assert f".whl/{folder}" in wheels
+    assert subprocess.run(["bash", "-n", os.path.join(REPO, "scripts", "gpu_wheels.sh")]).returncode == 0
+
+
+def test_readme_section_matches_the_device_commands():
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    if "## Checking a GPU" not in readme:
+        pytest.skip("README has no 'Checking a GPU' section yet")
+    section = readme.split("## Checking a GPU", 1)[1].split("\n## ", 1)[0]
+    for call in gc.DEVICE_CALLS.values():
+        assert call["command"] in section
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# end to end, on the CPU
+
+
+def test_dry_run_end_to_end(tmp_path):
+    """The rehearsal of the atari part on pqn: two equivalence runs and the probe side by side, the envpool ceiling,
+    metrics on/off and Hadamax, the report, the JSON and the log archive."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "gpu_check.py"), "--dry-run", "--part",
+                           "atari", "--scripts", "pqn", "--out-dir", str(out), "--deadline", "240",
+                           "--probe-seconds", "12"],  # the probe is stopped by SIGTERM
+                          capture_output=True, text=True, timeout=400,
+                          env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    report = (out / "GPU_RESULTS_atari_dry.md").read_text()
+    res = json.loads((out / "gpu_check_atari_dry.json").read_text())
+    eq = res["equivalence"]["pqn_atari_hr.py"]
+    assert eq["status"] == "PASS" and eq["params"]["ratio"] == 0.0 and eq["params"]["movement"] > 0
+    assert eq["losses"]["points"] >= 2 and eq["losses"]["max"] == 0.0  # eager both: bit for bit on the CPU
+    assert eq["walls"].keys() == {"fast", "plain", "ref"}
+    rows = res["speed"]["rows"]
+    assert set(rows) == {"pqn", "pqn/hadamax"} and rows["pqn"]["sps_on"] and rows["pqn"]["sps_off"]
+    assert rows["pqn/hadamax"]["sps_off"] and res["speed"]["ceilings"]["pqn"]["sps"]
+    assert [t["status"] for t in res["targets"]] == ["n/a", "n/a"] and not res["skipped"]
+    assert res["probe"]["status"] == "n/a" and res["probe"]["stopped"] and res["warnings"] == []
+    for heading in ("**Overall: PASS**", "### 1. Equivalence", "### 2. Speed", "### 3. Learning probe"):
+        assert heading in report
+    assert report in proc.stdout and "gpu_check part atari: PASS" in proc.stdout
+    with tarfile.open(out / "logs_atari_dry.tar.gz") as tar:
+        names = tar.getnames()
+    assert "eq_pqn_fast.log" in names and "runs/eq_pqn_plain/finished" in names and "eq_pqn_ref.log" in names
+    assert sorted(os.listdir(out)) == ["GPU_RESULTS_atari_dry.md", "gpu_check_atari_dry.json", "logs_atari_dry.tar.gz"]
+    assert bench.read_finished is not None  # the check reads runs through bench.py's helpers
