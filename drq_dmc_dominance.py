@@ -348,14 +348,6 @@ def critic_reward_scale(env_id: str, global_step: int, total_timesteps: int) -> 
     return 1.0
 
 
-def env_seeds(seed: int, start_step: int) -> tuple:
-    """(training env, evaluation env) seeds. A resumed run starts fresh episodes from seeds of its own, so it does
-    not replay the initial states the run began with."""
-    if start_step == 0:
-        return seed, seed + 10_000
-    train, evaluation = np.random.SeedSequence([seed, start_step]).generate_state(2)
-    return int(train), int(evaluation)
-
 
 def evaluate(env: DMCPixels, policy, episodes: int) -> float:
     """Mean return of `episodes` episodes of policy(obs) -> action (the deterministic policy)."""
@@ -904,7 +896,7 @@ if __name__ == "__main__":
     device = run.device
     rng = np.random.default_rng(args.seed)  # random actions before learning starts, replay sampling, ReDo's batch
     probe_rng = np.random.default_rng([args.seed, 1])  # the probe batch's draw: never an RNG that drives the agent
-    train_seed, eval_seed = env_seeds(args.seed, run.start_step)
+    train_seed, eval_seed = run.env_seeds()
     env = make_env(args, train_seed)
     eval_env = make_env(args, eval_seed) if args.eval_every > 0 else None
     action_dim, obs_shape = env.action_dim, env.obs_shape

@@ -562,6 +562,14 @@ class Run:
         return n
 
     # -- during the run ------------------------------------------------------------------------------------------
+    def env_seeds(self, eval_offset: int = 10_000) -> tuple[int, int]:
+        """(training env, evaluation env) seeds: --seed and --seed + eval_offset on a fresh start; on resume, seeds
+        drawn from (--seed, resume step), so a resumed run starts fresh episodes of its own."""
+        if self.start_step == 0:
+            return self.args.seed, self.args.seed + eval_offset
+        train, evaluation = np.random.SeedSequence([self.args.seed, self.start_step]).generate_state(2)
+        return int(train), int(evaluation)
+
     def log(self, step: int, scalars: dict) -> None:
         for tag, value in scalars.items():
             self.writer.add_scalar(tag, value, step)

@@ -394,14 +394,6 @@ def make_env(args: Args, seed: int) -> DMCPixels:
     return DMCPixels(args.env_id, seed, args.image_size, args.frame_stack, args.action_repeat, args.episode_frames)
 
 
-def env_seeds(seed: int, start_step: int) -> tuple:
-    """(training env, evaluation env) seeds: MR.Q's seed and seed + 100. A resumed run starts fresh episodes from
-    seeds of its own, so it does not replay the initial states the run began with."""
-    if start_step == 0:
-        return seed, seed + 100
-    train, evaluation = np.random.SeedSequence([seed, start_step]).generate_state(2)
-    return int(train), int(evaluation)
-
 
 def evaluate(env: DMCPixels, policy, episodes: int) -> float:
     """Mean return of `episodes` episodes of policy(obs) -> action (the noise-free policy)."""
@@ -914,7 +906,7 @@ if __name__ == "__main__":
     device = run.device
     rng = np.random.default_rng(args.seed)  # uniformly random actions before learning starts
     probe_rng = np.random.default_rng([args.seed, 1])  # the probe batch's draw: never an RNG that drives the agent
-    train_seed, eval_seed = env_seeds(args.seed, run.start_step)
+    train_seed, eval_seed = run.env_seeds(eval_offset=100)  # MR.Q's eval seed: seed + 100
     env = make_env(args, train_seed)
     eval_env = make_env(args, eval_seed) if args.eval_every > 0 else None
     action_dim, obs_shape = env.action_dim, env.obs_shape

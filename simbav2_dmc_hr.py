@@ -347,13 +347,6 @@ def make_env(args: Args, seed: int) -> StateEnv:
     return StateEnv(args.env_id, seed, args.action_repeat, args.max_episode_steps)
 
 
-def env_seeds(seed: int, start_step: int) -> tuple:
-    """(training env, evaluation env) seeds; a resumed run starts fresh episodes from seeds of its own."""
-    if start_step == 0:
-        return seed, seed + 10_000
-    train, evaluation = np.random.SeedSequence([seed, start_step]).generate_state(2)
-    return int(train), int(evaluation)
-
 
 def evaluate(env: StateEnv, policy, episodes: int) -> float:
     """Mean return of `episodes` episodes of policy(obs) -> action (the deterministic policy)."""
@@ -852,7 +845,7 @@ if __name__ == "__main__":
     device = run.device
     rng = np.random.default_rng(args.seed)  # random actions before learning starts, replay sampling
     probe_rng = np.random.default_rng([args.seed, 1])  # the probe batch's draw: never an RNG that drives the agent
-    train_seed, eval_seed = env_seeds(args.seed, run.start_step)
+    train_seed, eval_seed = run.env_seeds()
     env = make_env(args, train_seed)
     eval_env = make_env(args, eval_seed) if args.eval_every > 0 else None
     actor = Actor(obs_dim, action_dim, args).to(device)

@@ -564,3 +564,15 @@ def test_staging_on_cpu_shares_memory_and_keeps_its_tensor():
     assert torch.equal(up, torch.tensor([[1.0, 2.0, 3.0], [1.0, 0.0, 1.0]]))
     s.wait()[1] = 0.0
     assert s.upload() is up and up[1].sum() == 0  # the same tensor each time, no copy on the CPU
+
+
+def test_env_seeds_fresh_start_and_resume():
+    from types import SimpleNamespace
+
+    def seeds(start_step, **kw):
+        return harness.Run.env_seeds(SimpleNamespace(start_step=start_step, args=SimpleNamespace(seed=3)), **kw)
+
+    assert seeds(0) == (3, 10_003) and seeds(0, eval_offset=100) == (3, 103)
+    resumed = seeds(5000)
+    assert resumed == seeds(5000) and resumed != seeds(6000)  # deterministic per resume step, fresh episodes
+    assert len(set(resumed) | {3, 10_003}) == 4
