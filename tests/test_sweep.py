@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -158,40 +157,13 @@ def test_local_run_spreads_over_gpus_and_skips_on_relaunch(tmp_path, monkeypatch
     assert all(sweep.plan(r, runs_dir) == "skip" for r in runs)
 
 
-TOY = textwrap.dedent("""
-    import dataclasses, sys
-    from typing import Optional
-    sys.path.insert(0, {repo!r})
-    import harness
-
-    @dataclasses.dataclass
-    class Args:
-        exp_name: str = "toy"
-        seed: int = 1
-        torch_deterministic: bool = True
-        cuda: bool = False
-        env_id: str = "Toy-v0"
-        total_timesteps: int = 300
-        run_name: Optional[str] = None
-        resume: bool = False
-        checkpoint_every: int = 0
-        metrics_every: int = 0
-        metrics_batch: int = 2
-
-    args = harness.cli(Args)
-    run = harness.Run(args)
-    for step in range(0, args.total_timesteps, 100):
-        run.log(step, {{"charts/SPS": 1.0}})
-    run.finish(args.total_timesteps)
-""")
 
 
 def test_restart_of_a_partial_run_is_moved_aside_by_the_harness(tmp_path, monkeypatch):
     """A run killed before its first checkpoint (events, no checkpoint), relaunched by the sweep on a real harness
     script: the script moves it to runs/NAME.partial-<unix time> and starts fresh; its `finished` JSON then makes the
     next relaunch skip it."""
-    toy = tmp_path / "toy.py"
-    toy.write_text(TOY.format(repo=REPO))
+    toy = os.path.join(REPO, "tests", "toy_harness_script.py")  # the harness tests' toy training script
     runs_dir = tmp_path / "runs"
     partial = runs_dir / "toy__s1"
     partial.mkdir(parents=True)
@@ -200,7 +172,7 @@ def test_restart_of_a_partial_run_is_moved_aside_by_the_harness(tmp_path, monkey
     w = SummaryWriter(str(partial))
     w.add_scalar("charts/SPS", 99.0, 0)
     w.close()
-    run = sweep.Run("toy__s1", str(toy), ["--seed", "1"])
+    run = sweep.Run("toy__s1", toy, ["--seed", "1", "--total-timesteps", "300", "--checkpoint-every", "0"])
     assert sweep.plan(run, str(runs_dir)) == "restart"
     assert "--resume" not in sweep.prepare(run, str(runs_dir))
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
