@@ -69,7 +69,6 @@ import os
 os.environ.setdefault("MUJOCO_GL", "egl")  # must precede the dm_control import: headless rendering
 
 import collections
-import contextlib
 import copy
 import functools
 import math
@@ -961,13 +960,7 @@ if __name__ == "__main__":
     reward_scale = 1.0
     last_good = harness.LastGood()
     last_good.update(run.start_step, training_state())
-    timers = collections.defaultdict(float)  # wall seconds per phase (on CUDA, update time is launch time only)
-
-    @contextlib.contextmanager
-    def timed(phase: str):
-        t = time.perf_counter()
-        yield
-        timers[phase] += time.perf_counter() - t
+    timed, timers = run.timed, run.timers  # wall seconds per phase (on CUDA, update time is launch time only)
 
     def seconds() -> dict:
         return {"physics": env.time_physics, "render": env.time_render, **timers}

@@ -453,6 +453,7 @@ class Run:
         self.start_time = time.time()
         self._progress_every, self._last_print = progress_every, self.start_time
         self.use_compile = self.use_graphs = False
+        self.timers: dict[str, float] = {}  # wall seconds per phase, see timed()
         self._install_signals()
 
     # -- gates ---------------------------------------------------------------------------------------------------
@@ -584,6 +585,13 @@ class Run:
         yield
         self.counters["probe_seconds"] += time.perf_counter() - t0
         self.counters["n_probes"] += 1
+
+    @contextlib.contextmanager
+    def timed(self, phase: str):
+        """Add the block's wall seconds to self.timers[phase] (where a run's time goes; on CUDA, launch time only)."""
+        t0 = time.perf_counter()
+        yield
+        self.timers[phase] = self.timers.get(phase, 0.0) + time.perf_counter() - t0
 
     def wall(self) -> float:
         return self.counters["wall_seconds"] + time.time() - self.start_time

@@ -52,8 +52,6 @@ import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # no window system: keeps glfw quiet (state tasks render nothing)
 
-import collections
-import contextlib
 import copy
 import dataclasses
 import functools
@@ -903,13 +901,7 @@ if __name__ == "__main__":
     reward_scale_t = torch.ones((), device=device)
     last_good = harness.LastGood()
     last_good.update(run.start_step, training_state())
-    timers = collections.defaultdict(float)  # wall seconds per phase (on CUDA, update time is launch time only)
-
-    @contextlib.contextmanager
-    def timed(phase: str):
-        t = time.perf_counter()
-        yield
-        timers[phase] += time.perf_counter() - t
+    timed, timers = run.timed, run.timers  # wall seconds per phase (on CUDA, update time is launch time only)
 
     def policy_action(fn, obs: np.ndarray) -> np.ndarray:
         """fn (act or act_eval) on one observation, normalised with the current statistics."""

@@ -41,6 +41,18 @@ def run_script(script, args, cwd, timeout=600, env=None):
     return proc
 
 
+@pytest.fixture
+def one_torch_thread():
+    """In-process tests use one intra-op thread: on a shared 2-core box OpenMP spin-waiting makes two threads far
+    slower for these tiny tensors. A test module opts in with pytestmark = pytest.mark.usefixtures(...)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(name="read_scalars")
 def read_scalars_fixture():
     return read_scalars

@@ -576,3 +576,13 @@ def test_env_seeds_fresh_start_and_resume():
     resumed = seeds(5000)
     assert resumed == seeds(5000) and resumed != seeds(6000)  # deterministic per resume step, fresh episodes
     assert len(set(resumed) | {3, 10_003}) == 4
+
+
+def test_timed_adds_wall_seconds_per_phase():
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(timers={})
+    for _ in range(2):
+        with harness.Run.timed(run, "update"):
+            time.sleep(0.02)
+    assert set(run.timers) == {"update"} and 0.04 <= run.timers["update"] < 1.0

@@ -23,13 +23,7 @@ from conftest import kill_after_checkpoint, resume_after_kill, steps_of
 SCRIPT = "mrq_dmc_hr.py"
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """On a shared 2-core box, OpenMP spin-waiting makes 2-thread torch far slower for these tiny tensors."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one intra-op thread
 
 
 # ---------------------------------------------------------------------------------------------------------------

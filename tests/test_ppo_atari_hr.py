@@ -22,13 +22,7 @@ PPO_TAGS = ["losses/value_loss", "losses/policy_loss", "losses/entropy", "losses
             "losses/clipfrac", "losses/explained_variance", "charts/learning_rate", "charts/SPS"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """In-process tests use one intra-op thread: on a shared 2-core box two OpenMP threads are ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one intra-op thread
 
 
 # ---------------------------------------------------------------------------------------------------------------

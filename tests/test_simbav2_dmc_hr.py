@@ -24,12 +24,7 @@ SCRIPT = "simbav2_dmc_hr.py"
 OBS, ACT = 7, 3
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one intra-op thread
 
 
 def tiny_args(**kw) -> sv2.Args:
