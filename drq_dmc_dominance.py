@@ -6,10 +6,20 @@ critic-dominance probes (largest ReDo score, next-layer saturation, srank, gradi
 mitigations it compares. `--hr` (Hadamard representation on the critic's hidden layers) is our extension.
 
 Environment: dm_control suite tasks rendered from pixels (MUJOCO_GL=egl unless set), 84x84 RGB, camera 0
-(quadruped: 2), PlaNet action repeat (cartpole 8; reacher, cheetah, ball_in_cup 4; others 2), frame stack 3. Only
-the last physics step of each action repeat is rendered. Step unit: environment frames (physics control steps), as
-jaxrl and the DMC literature count them; --total-timesteps, --learning-starts, --eval-every, --metrics-every and the
-mitigation intervals all use it. One gradient update per agent step (action-repeated step).
+(quadruped: 2), frame stack 3, action repeat from jaxrl's PlaNet table keyed by the FULL task name (cartpole-swingup 8,
+reacher-easy 4, cheetah-run 4, ball_in_cup-catch 4, finger-spin 2, walker-walk 2, every other task 2; a modified task
+below uses the repeat of the task it modifies). Only the last physics step of each action repeat is rendered.
+
+Step units (jaxrl's train_pixels counts both):
+  frames       environment (physics control) steps: --total-timesteps (jaxrl max_steps, 500k), --eval-every,
+               --metrics-every, --log-every, --checkpoint-every, the pruning window (--prune-start/--prune-end are
+               fractions of the run) and the x axis of every logged scalar
+  agent steps  actions (one per action repeat; jaxrl's loop counter i): --learning-starts (jaxrl start_training 1000:
+               random actions while i < 1000, one update per agent step from i = 1000 on), --reset-every (Nikishin et
+               al.'s resets), --redo-every (dopamine's ReDo update_step), --prune-every (jaxpruner's update_freq),
+               --ln-from-step. Once learning runs, agent steps and gradient steps advance together.
+  gradient steps  critic updates done: --reward-mask-steps (reacher-easy_masked, paper App. B.1)
+charts/agent_steps and charts/gradient_steps are logged beside the losses to convert between them.
 
 Sparse tasks (paper App. B.1): native `cartpole-swingup_sparse` and `cartpole-balance_sparse`; modified, with ids of
 their own:
@@ -18,23 +28,31 @@ their own:
                                   time: every finger-spin env in the process sees it; making a plain finger env
                                   restores dm_control's 15. Use one finger variant per process.) The paper also
                                   lists _INITIAL_SPIN_VELOCITY/_STOP_VELOCITY, which dm_control 1.0.50 never reads.
-  reacher-easy_masked             the critic's reward is masked to 0 for the first half of training (episode returns
-                                  in charts/ stay the true ones)
+  reacher-easy_masked             the critic's reward is masked to 0 for the first --reward-mask-steps (500k) gradient
+                                  steps (paper App. B.1); episode returns in charts/ stay the true ones. The default
+                                  500k frames (125k agent steps at repeat 4) never lift the mask: the sweep runs
+                                  this task for 4M frames (1M agent steps)
 
 Mitigations (--mitigation; paper Sec. 4 / App. B):
   none     DrQ
   ln       LayerNorm before the ReLU of every critic hidden layer (fc1, fc2 of both Q networks)
   lnwd     ln + AdamW (decoupled weight decay --weight-decay 1e-4) on the critic
   hlgauss  HL-Gauss (Farebrother et al. 2024): 101 bins on [0, 100], sigma 0.75, cross-entropy; Q = softmax expectation
-           over bin centres; TD targets clipped to the support
-  reset    every --reset-every frames re-initialise the critic's non-conv layers (latent projection + both Q MLPs),
-           their optimiser state and their target copies; the conv encoder is kept (Nikishin et al. 2022)
-  redo     every --redo-every frames recycle tau-dormant neurons (score <= --redo-tau) of the critic's conv layers and Q
-           hidden layers with common.redo_recycle_ (Sokar et al. 2023)
-  prune    gradual magnitude pruning (Zhu & Gupta 2017; Obando-Ceron et al. 2024) of the critic's conv and dense
-           weights (not biases/LayerNorm/output heads), per layer, cubic schedule s_t = s_f (1 - (1 - p)^3), s_f 0.95,
-           from 20% to 80% of training, masks updated every --prune-every frames and re-applied after every critic
-           optimiser step
+           over bin centres; TD targets clipped to the support; the target histogram is of r + gamma min Q' without the
+           entropy bonus (the first author's code; --hl-target-entropy puts it in)
+  reset    every --reset-every agent steps re-initialise the critic's non-conv layers (latent projection + both Q
+           MLPs), their optimiser state and their target copies; the conv encoder is kept (Nikishin et al. 2022)
+  redo     every --redo-every agent steps recycle tau-dormant neurons (score <= --redo-tau) of the critic's conv layers
+           and Q hidden layers (Sokar et al. 2023, dopamine's NeuronRecycler): incoming weights re-drawn from Xavier
+           uniform, biases zeroed, then -- after every layer's incoming re-init -- outgoing weights zeroed, and the
+           Adam moments of all of them zeroed
+  prune    gradual magnitude pruning (Zhu & Gupta 2017; Obando-Ceron et al. 2024 via jaxpruner) of the critic's conv
+           and dense weights (not biases/LayerNorm/output heads), per layer; final per-layer sparsities from
+           --prune-distribution (erk: jaxpruner's Erdos-Renyi-kernel allocation, the default of jaxpruner's dopamine
+           baseline; uniform: --prune-target everywhere) scaled by the cubic schedule (1 - (1 - p)^3), p from 20% to 80%
+           of training; masks updated every --prune-every agent steps, re-applied after every critic optimiser step
+Beside them: --ln-from-step N (critic LayerNorm switched on at agent step N; paper Figs. 10 and 16) and --encoder
+resnet18 (paper Fig. 12).
 
 Probes (every --metrics-every frames, fixed batch of --metrics-batch un-augmented replay samples, critic Q1):
 representation/{latent,fc1,fc2}/{max_score,dormant_score,dormant_kde,srank,saturated,zombie,dominant} and
@@ -62,6 +80,8 @@ Usage:
   python drq_dmc_dominance.py --env-id cartpole-swingup_sparse --mitigation lnwd
   python drq_dmc_dominance.py --env-id reacher-easy_masked --mitigation hlgauss --seed 2
   python drq_dmc_dominance.py --env-id finger-spin_fast --mitigation none --hr
+  python drq_dmc_dominance.py --env-id reacher-easy_masked --total-timesteps 4000000 --ln-from-step 501000  # Fig. 10
+  python drq_dmc_dominance.py --env-id cartpole-swingup_sparse --encoder resnet18                          # Fig. 12
   python drq_dmc_dominance.py --env-id finger-spin_fast --run-name fs1 --resume   # continue a killed run
 """
 import os
@@ -94,7 +114,9 @@ MODIFIED_TASKS = {
     "finger-spin_fast": ("finger", "spin"),
     "reacher-easy_masked": ("reacher", "easy"),
 }
-PLANET_ACTION_REPEAT = {"cartpole": 8, "reacher": 4, "cheetah": 4, "ball_in_cup": 4, "finger": 2, "walker": 2}
+# jaxrl examples/train_pixels.py: keyed by the full task name, 2 for every task not listed
+PLANET_ACTION_REPEAT = {"cartpole-swingup": 8, "reacher-easy": 4, "cheetah-run": 4, "finger-spin": 2,
+                        "ball_in_cup-catch": 4, "walker-walk": 2}
 DEFAULT_SPIN_VELOCITY = dmc_finger._SPIN_VELOCITY  # dm_control's value (15), restored for plain finger envs
 FAST_SPIN_VELOCITY = 30.0
 REPLAY_CHUNK = 8192  # replay slots per checkpoint chunk file (~170 MB of 84x84 frames)
@@ -128,9 +150,10 @@ class Args:
     env_id: str = "cartpole-swingup"
     """dm_control domain-task, or cartpole-balance_sparse_narrow, finger-spin_fast, reacher-easy_masked"""
     total_timesteps: int = 500_000
-    """total environment frames (action-repeated physics steps)"""
+    """total environment frames (action-repeated physics steps); 500k is jaxrl train_pixels' max_steps"""
     action_repeat: Optional[int] = None
-    """action repeat; None means the PlaNet table: cartpole 8, reacher/cheetah/ball_in_cup 4, others 2"""
+    """action repeat; None means jaxrl's PlaNet table by full task name (cartpole-swingup 8, reacher-easy/cheetah-run/
+    ball_in_cup-catch 4, others 2; a modified task takes its base task's)"""
     frame_stack: int = 3
     """number of stacked RGB frames"""
     image_size: int = 84
@@ -144,7 +167,8 @@ class Args:
     batch_size: int = 512
     """batch size of each update"""
     learning_starts: int = 1000
-    """frames of uniformly random actions before learning starts"""
+    """AGENT STEPS: random actions while the agent step i < this, one update per agent step from i = this on (jaxrl
+    start_training, compared with its loop counter i)"""
     gamma: float = 0.99
     """discount factor"""
     tau: float = 0.005
@@ -158,13 +182,15 @@ class Args:
     init_temperature: float = 0.1
     """initial SAC temperature"""
     target_entropy: Optional[float] = None
-    """SAC target entropy; None means -|A|/2, as jaxrl"""
+    """SAC target entropy; None means -|A| (jaxrl DrQLearner and the paper's first author's code)"""
     image_pad: int = 4
     """random-shift augmentation: replicate-pad by this many pixels, then random crop back"""
     hidden_dim: int = 256
     """width of the actor and critic MLP hidden layers"""
     latent_dim: int = 50
     """width of the LayerNorm+tanh projection of the conv features"""
+    encoder: Literal["drq", "resnet18"] = "drq"
+    """conv encoder: drq (jaxrl's 4 convs) or resnet18 (paper Fig. 12; see ResNet18Encoder)"""
 
     # Evaluation and logging
     eval_every: int = 10_000
@@ -191,10 +217,12 @@ class Args:
     """HL-Gauss support maximum"""
     hl_sigma: float = 0.75
     """HL-Gauss Gaussian smoothing std (value units)"""
+    hl_target_entropy: bool = False
+    """HL-Gauss: include the SAC entropy bonus in the target histogram (off: the first author's code)"""
     reset_every: int = 100_000
-    """frames between critic resets (reset)"""
+    """AGENT STEPS between critic resets (reset; Nikishin et al. 2022 count agent steps)"""
     redo_every: int = 1000
-    """frames between ReDo recycling (redo)"""
+    """AGENT STEPS between ReDo recyclings (redo; dopamine's ReDo counts agent steps)"""
     redo_tau: float = 0.1
     """ReDo dormancy threshold on the activation score (redo, and the dormant_score metric)"""
     prune_target: float = 0.95
@@ -204,7 +232,15 @@ class Args:
     prune_end: float = 0.8
     """fraction of training at which the final sparsity is reached (prune)"""
     prune_every: int = 1000
-    """frames between pruning-mask updates (prune)"""
+    """AGENT STEPS between pruning-mask updates (prune; jaxpruner's update_freq counts updates)"""
+    prune_distribution: Literal["uniform", "erk"] = "erk"
+    """per-layer final sparsities: erk (jaxpruner's Erdos-Renyi-kernel, the default of its dopamine baseline, whose
+    other defaults -- sparsity 0.95, update_freq 1000 -- the paper calls recommended) or uniform (--prune-target)"""
+    ln_from_step: int = 0
+    """AGENT STEP from which the critic's hidden layers apply LayerNorm (paper Figs. 10, 16); before it the LayerNorm
+    layers exist but are skipped (identity). 0 = off (LN from the start with --mitigation ln/lnwd, else never)"""
+    reward_mask_steps: int = 500_000
+    """GRADIENT STEPS (critic updates) during which reacher-easy_masked's critic sees reward 0 (paper App. B.1)"""
 
     # Metrics
     metrics_every: int = 10_000
@@ -248,7 +284,8 @@ def validate(args: Args) -> None:
         harness.fail("--capture-video is not supported by drq_dmc_dominance.py")
     harness.at_least(args, {"frame_stack": 1, "image_size": 1, "buffer_size": 1, "batch_size": 1, "hidden_dim": 1,
                             "latent_dim": 1, "log_every": 1, "eval_episodes": 1, "hr_branches": 1, "hl_bins": 1,
-                            "learning_starts": 0, "eval_every": 0, "image_pad": 0})
+                            "learning_starts": 0, "eval_every": 0, "image_pad": 0, "ln_from_step": 0,
+                            "reward_mask_steps": 0})
     if args.action_repeat is not None:
         harness.at_least(args, {"action_repeat": 1})
     harness.finite(args, ["policy_lr", "q_lr", "alpha_lr", "init_temperature"])
@@ -292,7 +329,7 @@ class DMCPixels:
         if env_id == "cartpole-balance_sparse_narrow":  # instance attributes shadow the class constants
             self.env.task._CART_RANGE = (-1e-4, 1e-4)
             self.env.task._ANGLE_COSINE_RANGE = (0.9999, 1.0)
-        self.action_repeat = action_repeat or PLANET_ACTION_REPEAT.get(domain, 2)
+        self.action_repeat = action_repeat or planet_action_repeat(env_id)
         self.camera_id = camera_id if camera_id is not None else (2 if domain == "quadruped" else 0)
         self.image_size = image_size
         spec = self.env.action_spec()
@@ -336,13 +373,31 @@ class DMCPixels:
         return np.concatenate(self.frames), frame, reward, terminated, truncated, frames
 
 
+def critic_layernorm(args: Args) -> bool:
+    """Whether the critic's hidden layers have LayerNorm: --mitigation ln/lnwd, or --ln-from-step."""
+    return args.mitigation in ("ln", "lnwd") or args.ln_from_step > 0
+
+
+def target_entropy_for(args: Args, action_dim: int) -> float:
+    """SAC's target entropy: --target-entropy, else -|A| (jaxrl DrQLearner's default)."""
+    return args.target_entropy if args.target_entropy is not None else -float(action_dim)
+
+
 def make_env(args: Args, seed: int) -> DMCPixels:
     return DMCPixels(args.env_id, seed, args.image_size, args.frame_stack, args.action_repeat, args.camera_id)
 
 
-def critic_reward_scale(env_id: str, global_step: int, total_timesteps: int) -> float:
-    """reacher-easy_masked hides the reward from the critic for the first half of training (paper App. B.1)."""
-    if env_id == "reacher-easy_masked" and global_step < total_timesteps // 2:
+def planet_action_repeat(env_id: str) -> int:
+    """jaxrl's action repeat for a task id: the PlaNet table by full task name, 2 for any other task; a modified
+    task (MODIFIED_TASKS) takes the repeat of the dm_control task it modifies."""
+    domain, task = parse_env_id(env_id)
+    return PLANET_ACTION_REPEAT.get(f"{domain}-{task}", 2)
+
+
+def critic_reward_scale(env_id: str, grad_step: int, mask_steps: int) -> float:
+    """reacher-easy_masked hides the reward from the critic in its first `mask_steps` gradient steps (paper App. B.1:
+    500k); grad_step is the 1-based index of the update about to run."""
+    if env_id == "reacher-easy_masked" and grad_step <= mask_steps:
         return 0.0
     return 1.0
 
@@ -516,11 +571,24 @@ def random_shift(x: torch.Tensor, pad: int, generator: Optional[torch.Generator]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Networks (jaxrl DrQ: orthogonal sqrt(2) init for convs and MLP layers)
+# Networks (jaxrl DrQ: orthogonal sqrt(2) init for convs and MLP layers; the latent projection is a plain Flax
+# nn.Dense, so Flax's default init; every LayerNorm is Flax's, eps 1e-6)
+
+LN_EPS = 1e-6  # flax.linen.LayerNorm's default epsilon (torch's is 1e-5)
 
 
 def ortho_(layer: nn.Module, gain: float = math.sqrt(2)) -> nn.Module:
     nn.init.orthogonal_(layer.weight, gain)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def lecun_normal_(layer: nn.Module) -> nn.Module:
+    """Flax's default Dense init (lecun_normal = variance_scaling(1, fan_in, truncated_normal)): a normal truncated at
+    +-2 std, its std divided by 0.8796... (the std of a unit normal truncated at +-2) so the variance is 1/fan_in;
+    zero bias."""
+    std = math.sqrt(1.0 / layer.weight.shape[1]) / 0.87962566103423978
+    nn.init.trunc_normal_(layer.weight, 0.0, std, -2.0 * std, 2.0 * std)
     nn.init.zeros_(layer.bias)
     return layer
 
@@ -548,19 +616,86 @@ class Encoder(nn.Module):
         x = x.flatten(1)
         return (x, acts) if probe else x
 
+    def conv_weights(self):
+        return [c.weight for c in self.convs]
+
+
+class BasicBlock(nn.Module):
+    """He et al. (2016) basic residual block: 3x3 conv -> ReLU -> 3x3 conv, plus the shortcut (a strided 1x1 conv
+    when the shape changes), then ReLU. No BatchNorm (see ResNet18Encoder)."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1)
+        self.shortcut = nn.Conv2d(cin, cout, 1, stride) if stride != 1 or cin != cout else None
+
+    def forward(self, x):
+        out = self.conv2(F.relu(self.conv1(x)))
+        return F.relu(out + (self.shortcut(x) if self.shortcut is not None else x))
+
+
+class ResNet18Encoder(nn.Module):
+    """ResNet-18 (He et al. 2016) in place of DrQ's 4 convs (paper Fig. 12, "DrQ-ResNet18"; the paper names no
+    variant). Our choice: the ImageNet ResNet-18 topology unchanged -- 7x7/2 stem conv, 3x3/2 max-pool, four stages of
+    two BasicBlocks with 64, 128, 256, 512 channels and strides 1, 2, 2, 2 -- which takes 84x84 to 42, 21, 21, 11, 6, 3;
+    the 512x3x3 map is flattened (no global pooling: DrQ flattens its conv map into the Dense(50) projection, and
+    pooling would drop the spatial layout a 3x3 map still has). Two adaptations for RL, both because of how DrQ uses
+    the encoder: no BatchNorm (its batch statistics would differ between the single-observation acting step, the
+    512-sample update and the target network, and the probes read the Q MLP, not the encoder) so the convs keep a
+    zero-initialised bias; kaiming-normal (fan_out, ReLU) conv init as torchvision's ResNet. uint8 input scaled to
+    [0, 1]. ReDo leaves this encoder alone (its score-based recycling is defined here for the plain conv stack)."""
+
+    def __init__(self, in_channels, image_size):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, 64, 7, 2, 3)
+        blocks, cin = [], 64
+        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            blocks += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+            cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+        size = (image_size + 2 * 3 - 7) // 2 + 1  # stem
+        size = (size + 2 * 1 - 3) // 2 + 1  # max-pool
+        for _ in range(3):  # the three stride-2 stages
+            size = (size + 2 * 1 - 3) // 2 + 1
+        self.out_hw = size * size
+        self.out_dim = 512 * self.out_hw
+
+    def forward(self, obs, probe=False):
+        x = F.max_pool2d(F.relu(self.stem(obs.float() / 255.0)), 3, 2, 1)
+        x = self.blocks(x).flatten(1)
+        return (x, {}) if probe else x
+
+    def conv_weights(self):
+        return [m.weight for m in self.modules() if isinstance(m, nn.Conv2d)]
+
+
+def make_encoder(kind: str, in_channels: int, image_size: int) -> nn.Module:
+    return ResNet18Encoder(in_channels, image_size) if kind == "resnet18" else Encoder(in_channels, image_size)
+
 
 class HiddenLayer(nn.Module):
-    """K = branches copies of Linear -> optional LayerNorm -> ReLU, multiplied (HR when K >= 2; K = 1 plain)."""
+    """K = branches copies of Linear -> optional LayerNorm -> ReLU, multiplied (HR when K >= 2; K = 1 plain).
+    With LayerNorm, the 0-d bool buffer `ln_gate` switches it (off: the pre-activation passes unchanged), so
+    --ln-from-step can turn it on part-way through training with the parameters and optimiser state already in
+    place; the gate is not in the state_dict (the checkpoint keeps it as `ln_on`)."""
 
-    def __init__(self, in_dim, out_dim, layernorm=False, branches=1):
+    def __init__(self, in_dim, out_dim, layernorm=False, branches=1, ln_on=True):
         super().__init__()
         self.linears = nn.ModuleList([ortho_(nn.Linear(in_dim, out_dim)) for _ in range(branches)])
-        self.norms = nn.ModuleList([nn.LayerNorm(out_dim) for _ in range(branches)]) if layernorm else None
+        self.norms = nn.ModuleList([nn.LayerNorm(out_dim, eps=LN_EPS) for _ in range(branches)]) if layernorm \
+            else None
+        if layernorm:
+            self.register_buffer("ln_gate", torch.tensor(bool(ln_on)), persistent=False)
 
     def forward(self, x, probe=False):
         pres = [lin(x) for lin in self.linears]
-        if self.norms is not None:
-            pres = [norm(p) for norm, p in zip(self.norms, pres)]
+        if self.norms is not None:  # torch.where: both ways exact, and no host sync (CUDA graphs read the gate)
+            pres = [torch.where(self.ln_gate, norm(p), p) for norm, p in zip(self.norms, pres)]
         y = F.relu(pres[0])
         for p in pres[1:]:
             y = y * F.relu(p)
@@ -573,10 +708,10 @@ class HiddenLayer(nn.Module):
 
 
 class QNet(nn.Module):
-    def __init__(self, in_dim, hidden_dim, out_dim, layernorm, branches):
+    def __init__(self, in_dim, hidden_dim, out_dim, layernorm, branches, ln_on=True):
         super().__init__()
-        self.fc1 = HiddenLayer(in_dim, hidden_dim, layernorm, branches)
-        self.fc2 = HiddenLayer(hidden_dim, hidden_dim, layernorm, branches)
+        self.fc1 = HiddenLayer(in_dim, hidden_dim, layernorm, branches, ln_on)
+        self.fc2 = HiddenLayer(hidden_dim, hidden_dim, layernorm, branches, ln_on)
         self.head = ortho_(nn.Linear(hidden_dim, out_dim))
 
     def forward(self, x, probe=False):
@@ -593,14 +728,29 @@ class Critic(nn.Module):
 
     def __init__(self, obs_shape, action_dim, args: Args):
         super().__init__()
-        self.encoder = Encoder(obs_shape[0], obs_shape[1])
-        self.proj = nn.Linear(self.encoder.out_dim, args.latent_dim)
-        self.proj_norm = nn.LayerNorm(args.latent_dim)
-        layernorm = args.mitigation in ("ln", "lnwd")
+        self.encoder = make_encoder(args.encoder, obs_shape[0], obs_shape[1])
+        self.proj = lecun_normal_(nn.Linear(self.encoder.out_dim, args.latent_dim))
+        self.proj_norm = nn.LayerNorm(args.latent_dim, eps=LN_EPS)
+        layernorm = critic_layernorm(args)
         branches = args.hr_branches if args.hr else 1
         out_dim = args.hl_bins if args.mitigation == "hlgauss" else 1
-        self.q1 = QNet(args.latent_dim + action_dim, args.hidden_dim, out_dim, layernorm, branches)
-        self.q2 = QNet(args.latent_dim + action_dim, args.hidden_dim, out_dim, layernorm, branches)
+        ln_on = args.ln_from_step == 0  # with --ln-from-step the LayerNorms start switched off
+        self.q1 = QNet(args.latent_dim + action_dim, args.hidden_dim, out_dim, layernorm, branches, ln_on)
+        self.q2 = QNet(args.latent_dim + action_dim, args.hidden_dim, out_dim, layernorm, branches, ln_on)
+
+    def hidden_layers(self):
+        return [self.q1.fc1, self.q1.fc2, self.q2.fc1, self.q2.fc2]
+
+    @torch.no_grad()
+    def set_layernorm_(self, on: bool) -> None:
+        """Switch the hidden layers' LayerNorm on or off, in place (the buffers a CUDA graph reads)."""
+        for layer in self.hidden_layers():
+            if layer.norms is not None:
+                layer.ln_gate.fill_(bool(on))
+
+    def layernorm_on(self) -> bool:
+        layer = self.q1.fc1
+        return layer.norms is not None and bool(layer.ln_gate)
 
     def head_modules(self):
         """Everything but the conv encoder: what --mitigation reset re-initialises."""
@@ -627,8 +777,8 @@ class Actor(nn.Module):
 
     def __init__(self, feat_dim, action_dim, args: Args):
         super().__init__()
-        self.proj = nn.Linear(feat_dim, args.latent_dim)
-        self.proj_norm = nn.LayerNorm(args.latent_dim)
+        self.proj = lecun_normal_(nn.Linear(feat_dim, args.latent_dim))
+        self.proj_norm = nn.LayerNorm(args.latent_dim, eps=LN_EPS)
         self.trunk = nn.Sequential(ortho_(nn.Linear(args.latent_dim, args.hidden_dim)), nn.ReLU(),
                                    ortho_(nn.Linear(args.hidden_dim, args.hidden_dim)), nn.ReLU())
         self.mean = ortho_(nn.Linear(args.hidden_dim, action_dim), 1.0)
@@ -685,9 +835,37 @@ def cubic_sparsity(step, total, target, start_frac, end_frac):
     return target * (1.0 - (1.0 - p) ** 3)
 
 
+def erk_sparsities(shapes, sparsity: float) -> list:
+    """jaxpruner's Erdos-Renyi-kernel allocation (sparsity_distributions.get_sparsities_erdos_renyi, include_kernel):
+    layer i keeps the fraction eps * sum(shape_i) / prod(shape_i) of its weights, eps chosen so that the kept count
+    over all layers is what uniform sparsity keeps (sum of n_i - floor(s n_i)); a layer whose density would exceed 1
+    is made dense (sparsity 0), its pruned count charged to the others, and eps solved again. Returns per-layer
+    sparsities in the order of `shapes` (the sum and product of a shape do not depend on its axis order, so torch's
+    (out, in, kh, kw) gives what Flax's (kh, kw, in, out) gives)."""
+    sizes = [math.prod(s) for s in shapes]
+    raw = [sum(s) / n for s, n in zip(shapes, sizes)]
+    dense = set()
+    while True:
+        rhs = sum(-math.floor(sparsity * n) if i in dense else n - math.floor(sparsity * n)
+                  for i, n in enumerate(sizes))
+        divisor = sum(raw[i] * n for i, n in enumerate(sizes) if i not in dense)
+        eps = rhs / divisor
+        live = [i for i in range(len(sizes)) if i not in dense]
+        top = max(raw[i] for i in live)
+        if top * eps <= 1:
+            return [0.0 if i in dense else 1.0 - eps * raw[i] for i in range(len(sizes))]
+        dense |= {i for i in live if raw[i] == top}
+
+
+def layer_sparsities(distribution: str, shapes, sparsity: float) -> list:
+    """Final per-layer sparsities of --prune-distribution: uniform (every layer `sparsity`) or erk."""
+    return erk_sparsities(shapes, sparsity) if distribution == "erk" else [float(sparsity)] * len(shapes)
+
+
 class MagnitudePruner:
     """Per-layer magnitude pruning masks over the given weights; `update(sparsity)` zeroes the smallest-|w| fraction
-    of every weight (already-pruned weights are zero, so they stay pruned), `apply()` re-applies the masks."""
+    of every weight (`sparsity` a number, or one per weight; already-pruned weights are zero, so they stay pruned),
+    `apply()` re-applies the masks."""
 
     def __init__(self, weights):
         self.weights = list(weights)
@@ -695,8 +873,9 @@ class MagnitudePruner:
 
     @torch.no_grad()
     def update(self, sparsity):
-        for w, m in zip(self.weights, self.masks):
-            k = int(round(sparsity * w.numel()))
+        per_layer = sparsity if isinstance(sparsity, (list, tuple)) else [sparsity] * len(self.weights)
+        for w, m, s in zip(self.weights, self.masks, per_layer):
+            k = int(round(s * w.numel()))
             m.fill_(True)
             if k > 0:
                 idx = torch.topk(w.abs().flatten(), k, largest=False).indices
@@ -715,7 +894,7 @@ class MagnitudePruner:
 
 def prunable_weights(critic: Critic):
     """Conv kernels and dense weights of the critic, excluding biases, LayerNorm and the Q output heads."""
-    ws = [c.weight for c in critic.encoder.convs] + [critic.proj.weight]
+    ws = critic.encoder.conv_weights() + [critic.proj.weight]
     for q in (critic.q1, critic.q2):
         ws += [lin.weight for layer in (q.fc1, q.fc2) for lin in layer.linears]
     return ws
@@ -739,32 +918,37 @@ def reset_critic_heads_(critic: Critic, target: Critic, fresh: Critic, optimizer
 
 @torch.no_grad()
 def redo_critic_(critic: Critic, actor: Actor, obs, actions, tau, critic_opt, actor_opt) -> int:
-    """ReDo (Sokar et al. 2023) on the critic: neurons with activation score <= tau in conv1..conv4 and in fc1/fc2 of
-    both Q networks get fresh incoming weights and zero outgoing weights (and zero Adam moments). conv4 feeds both the
-    critic's and the actor's latent projection, so both lose those columns. The LayerNorm+tanh latent is left alone
-    (its outgoing weights share fc1's input with the action)."""
+    """ReDo (Sokar et al. 2023) on the critic as dopamine's NeuronRecycler does it: the neurons with activation score
+    <= tau in conv1..conv4 (the DrQ encoder; not the ResNet-18) and in fc1/fc2 of both Q networks, all scored on the
+    same batch first; then every such neuron gets fresh incoming weights (Xavier uniform over the whole weight's
+    shape, dopamine's weight_reinit_random) and a zero bias; only after ALL incoming re-inits are their outgoing
+    weights zeroed, so a weight joining two recycled neurons (fc2[k, j] for j recycled in fc1 and k in fc2) ends at 0,
+    as in dopamine, where the outgoing masks are applied after the incoming ones. Adam moments of every touched slice
+    are zeroed. conv4 feeds both the critic's and the actor's latent projection, so both lose those columns. The
+    LayerNorm+tanh latent is left alone (its outgoing weights share fc1's input with the action)."""
     feats, conv_acts = critic.encoder(obs, probe=True)
     z = torch.tanh(critic.proj_norm(critic.proj(feats)))
     za = torch.cat([z, actions], dim=1)
-    init = lambda w: nn.init.orthogonal_(w, math.sqrt(2))  # noqa: E731  (the layers' own init)
-    masks = {name: common.activation_scores(a) <= tau for name, a in conv_acts.items()}
-    q_masks = [(q, {k: common.activation_scores(v[0]) <= tau for k, v in q(za, probe=True)[1].items()})
-               for q in (critic.q1, critic.q2)]
-    recycled = 0
-    convs = critic.encoder.convs
+    init = nn.init.xavier_uniform_  # dopamine: flax.linen.initializers.xavier_uniform()
+    # (mask, incoming (weight, bias) pairs, [(outgoing weight, optimizer)], outgoing_group)
+    layers = []
+    convs = getattr(critic.encoder, "convs", [])
     for i, conv in enumerate(convs):
-        mask = masks[f"conv{i + 1}"]
+        mask = common.activation_scores(conv_acts[f"conv{i + 1}"]) <= tau
         if i + 1 < len(convs):
-            recycled += common.redo_recycle_(mask, [(conv.weight, conv.bias)], [convs[i + 1].weight], critic_opt, init)
+            layers.append((mask, [(conv.weight, conv.bias)], [(convs[i + 1].weight, critic_opt)], 1))
         else:
-            group = critic.encoder.out_hw
-            recycled += common.redo_recycle_(mask, [(conv.weight, conv.bias)], [critic.proj.weight], critic_opt, init,
-                                             outgoing_group=group)
-            common.redo_recycle_(mask, [], [actor.proj.weight], actor_opt, init, outgoing_group=group)
-    for q, m in q_masks:
-        recycled += common.redo_recycle_(m["fc1"], q.fc1.incoming(), [lin.weight for lin in q.fc2.linears],
-                                         critic_opt, init)
-        recycled += common.redo_recycle_(m["fc2"], q.fc2.incoming(), [q.head.weight], critic_opt, init)
+            layers.append((mask, [(conv.weight, conv.bias)], [(critic.proj.weight, critic_opt),
+                                                              (actor.proj.weight, actor_opt)], critic.encoder.out_hw))
+    for q in (critic.q1, critic.q2):
+        acts = q(za, probe=True)[1]
+        m1, m2 = (common.activation_scores(acts[k][0]) <= tau for k in ("fc1", "fc2"))
+        layers.append((m1, q.fc1.incoming(), [(lin.weight, critic_opt) for lin in q.fc2.linears], 1))
+        layers.append((m2, q.fc2.incoming(), [(q.head.weight, critic_opt)], 1))
+    recycled = sum(common.redo_recycle_(mask, incoming, [], critic_opt, init) for mask, incoming, _, _ in layers)
+    for mask, _, outgoing, group in layers:  # after every incoming re-init
+        for weight, opt in outgoing:
+            common.redo_recycle_(mask, [], [weight], opt, outgoing_group=group)
     return recycled
 
 
@@ -818,13 +1002,16 @@ def mean_abs_grad(params) -> torch.Tensor:
 
 def critic_loss(critic, target_critic, actor, hl, args, obs_u8, actions, rewards, terminated, next_u8, reward_scale,
                 alpha):
-    """Random shift of both stacks, soft TD target from the target critic (jaxrl backup_entropy), MSE or HL-Gauss on
-    both Q heads. Returns (loss, mean Q1, the shifted obs the actor then uses)."""
+    """Random shift of both stacks, soft TD target from the target critic (jaxrl backup_entropy; with HL-Gauss, without
+    the entropy bonus unless --hl-target-entropy), MSE or HL-Gauss on both Q heads. Returns (loss, mean Q1, the
+    shifted obs the actor then uses)."""
     obs, next_obs = random_shift(obs_u8, args.image_pad), random_shift(next_u8, args.image_pad)  # still uint8
     with torch.no_grad():
         next_a, next_logp = actor.sample(critic.encoder(next_obs))
         tq1, tq2 = target_critic(target_critic.encoder(next_obs), next_a)
-        next_v = torch.min(q_value(tq1, hl), q_value(tq2, hl)) - alpha * next_logp
+        next_v = torch.min(q_value(tq1, hl), q_value(tq2, hl))
+        if hl is None or args.hl_target_entropy:  # HL-Gauss: the author's code makes the histogram without it
+            next_v = next_v - alpha * next_logp
         target = rewards * reward_scale + args.gamma * (1.0 - terminated) * next_v
     q1, q2 = critic(critic.encoder(obs), actions)
     if hl is not None:
@@ -903,7 +1090,7 @@ if __name__ == "__main__":
     target_critic = copy.deepcopy(critic).requires_grad_(False)
     actor = Actor(critic.encoder.out_dim, action_dim, args).to(device)
     log_alpha = torch.tensor(math.log(args.init_temperature), device=device, requires_grad=True)
-    target_entropy = args.target_entropy if args.target_entropy is not None else -action_dim / 2.0
+    target_entropy = target_entropy_for(args, action_dim)
     if args.mitigation == "lnwd":
         critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.q_lr, weight_decay=args.weight_decay)
     else:
@@ -915,10 +1102,19 @@ if __name__ == "__main__":
     hl = HLGauss(args.hl_min, args.hl_max, args.hl_bins, args.hl_sigma, device) if args.mitigation == "hlgauss" \
         else None
     pruner = MagnitudePruner(prunable_weights(critic)) if args.mitigation == "prune" else None
+    prune_targets = layer_sparsities(args.prune_distribution, [tuple(w.shape) for w in pruner.weights],
+                                     args.prune_target) if pruner is not None else None
     rb = FrameReplay(args.buffer_size, (3, args.image_size, args.image_size), action_dim, args.frame_stack)
     run.describe(critic, actor)
-    print(f"{args.env_id}: action repeat {env.action_repeat}, camera {env.camera_id}; actor on the critic's encoder "
-          f"(gradients stopped); replay {FrameReplay.bytes_needed(rb.capacity, args.image_size) / 1e9:.2f} GB")
+    print(f"{args.env_id}: action repeat {env.action_repeat}, camera {env.camera_id}, encoder {args.encoder}; actor on "
+          f"the critic's encoder (gradients stopped); target entropy {target_entropy:g}; replay "
+          f"{FrameReplay.bytes_needed(rb.capacity, args.image_size) / 1e9:.2f} GB")
+
+    if args.env_id == "reacher-easy_masked" and args.reward_mask_steps and \
+            args.total_timesteps // env.action_repeat - args.learning_starts + 1 <= args.reward_mask_steps:
+        print(f"note: {args.total_timesteps} frames = {args.total_timesteps // env.action_repeat} agent steps: the "
+              f"critic's reward stays masked the whole run (--reward-mask-steps {args.reward_mask_steps} gradient "
+              f"steps)", flush=True)
 
     def training_state() -> dict:
         """Networks, temperature and optimisers (live references): the last good state, and a checkpoint's core."""
@@ -926,6 +1122,7 @@ if __name__ == "__main__":
                 **{k: opt.state_dict() for k, opt in optimizers.items()}}
 
     probe_batch, last_eval_step = None, -1  # the probe batch is fixed at the first probe: curves compare like with like
+    agent_step = grad_step = 0  # actions taken (jaxrl's loop counter i) and critic updates done
     if run.checkpoint is not None:
         state = run.checkpoint["state"]
         for key, module in networks.items():
@@ -941,6 +1138,13 @@ if __name__ == "__main__":
         if state["probe_batch"] is not None:
             probe_batch = tuple(t.to(device, copy=True) for t in state["probe_batch"])
         last_eval_step = state["last_eval_step"]
+        # checkpoints older than the agent-step counters: every action then filled a whole repeat
+        agent_step = int(state.get("agent_step", run.start_step // env.action_repeat))
+        grad_step = int(state.get("grad_step", max(0, agent_step - max(args.learning_starts, 1) + 1)))
+        if critic_layernorm(args):  # the gate is not in the state_dicts
+            ln_on = bool(state.get("ln_on", args.ln_from_step == 0 or agent_step >= args.ln_from_step))
+            critic.set_layernorm_(ln_on)
+            target_critic.set_layernorm_(ln_on)
         harness.set_rng_state(state["rng"], rng, probe_rng)
         run.resumed(critic, target_critic, actor)
     use_compile, use_graphs = run.fast_paths()
@@ -984,13 +1188,16 @@ if __name__ == "__main__":
         last_good.update(step, training_state())
 
     global_step = run.start_step
+    ln_on = critic.layernorm_on()
     obs, frame = env.reset()  # a resumed run starts a fresh episode
     rb.add_first(frame)
     episode_return, episode_frames, stats = 0.0, 0, None
     while global_step < args.total_timesteps:
         prev_step = global_step
-        # ALGO LOGIC: uniformly random actions until learning starts, then the policy's; one frame stored per step
-        if global_step < args.learning_starts:
+        agent_step += 1  # this step's number, as jaxrl's i
+        # ALGO LOGIC: uniformly random actions until learning starts (agent steps, as jaxrl), then the policy's; one
+        # frame stored per step
+        if agent_step < args.learning_starts:
             action = rng.uniform(-1.0, 1.0, action_dim).astype(np.float32)
         else:
             action = policy_action(act, obs)
@@ -1001,6 +1208,12 @@ if __name__ == "__main__":
         episode_return += reward
         episode_frames += frames
         rb.add(frame, action, reward, terminated)
+        if args.ln_from_step and not ln_on and agent_step >= args.ln_from_step:  # paper Figs. 10, 16: before this
+            critic.set_layernorm_(True)  # step's update (acting reads only the encoder, which has no such LayerNorm)
+            target_critic.set_layernorm_(True)
+            ln_on = True
+            print(f"LayerNorm switched on at agent step {agent_step} (frame {global_step})", flush=True)
+            run.log(global_step, {"charts/layernorm_on": 1.0})
         if terminated or truncated:
             run.episode(global_step, episode_return, episode_frames)
             episode_return, episode_frames = 0.0, 0
@@ -1009,12 +1222,13 @@ if __name__ == "__main__":
 
         log_now = harness.due(global_step, args.log_every, prev_step)
         checkpoint_now = run.checkpoint_due(global_step, prev_step)
-        if global_step >= args.learning_starts:
-            # ALGO LOGIC: one update per agent step, then the mitigation due at this step
+        if agent_step >= args.learning_starts:
+            # ALGO LOGIC: one update per agent step, then the mitigation due at this agent step
+            grad_step += 1
             with timed("replay"):
                 batch = sampler.sample(rng)
             with timed("update"):
-                scale = critic_reward_scale(args.env_id, global_step, args.total_timesteps)
+                scale = critic_reward_scale(args.env_id, grad_step, args.reward_mask_steps)
                 if scale != reward_scale:
                     reward_scale = scale
                     reward_scale_t.fill_(scale)
@@ -1022,18 +1236,18 @@ if __name__ == "__main__":
                 # update: they are read below, in this iteration, or never
                 stats_t, grads_t = train_step(*batch, reward_scale_t)
             with timed("mitigation"):
-                if args.mitigation == "reset" and harness.due(global_step, args.reset_every, prev_step):
+                if args.mitigation == "reset" and harness.due(agent_step, args.reset_every):
                     reset_critic_heads_(critic, target_critic, Critic(obs_shape, action_dim, args).to(device),
-                                        critic_opt)
-                    run.log(global_step, {"charts/critic_resets": global_step // args.reset_every})
-                if args.mitigation == "redo" and harness.due(global_step, args.redo_every, prev_step):
+                                        critic_opt)  # the LayerNorm gates are buffers outside the state_dict: kept
+                    run.log(global_step, {"charts/critic_resets": agent_step // args.reset_every})
+                if args.mitigation == "redo" and harness.due(agent_step, args.redo_every):
                     r = rb.sample(args.batch_size, rng)
                     n = redo_critic_(critic, actor, torch.as_tensor(r.obs, device=device),
                                      torch.as_tensor(r.actions, device=device), args.redo_tau, critic_opt, actor_opt)
                     run.log(global_step, {"charts/redo_recycled": n})
-                if pruner is not None and harness.due(global_step, args.prune_every, prev_step):
-                    pruner.update(cubic_sparsity(global_step, args.total_timesteps, args.prune_target,
-                                                 args.prune_start, args.prune_end))
+                if pruner is not None and harness.due(agent_step, args.prune_every):
+                    schedule = cubic_sparsity(global_step, args.total_timesteps, 1.0, args.prune_start, args.prune_end)
+                    pruner.update([target * schedule for target in prune_targets])
                     run.log(global_step, {"charts/critic_sparsity": pruner.sparsity()})
 
             probe_now = harness.due(global_step, args.metrics_every, prev_step)
@@ -1044,6 +1258,7 @@ if __name__ == "__main__":
             if probe_now or log_now or checkpoint_now:
                 stats = dict(zip(STAT_NAMES, stats_t.tolist()))  # the host sync of this update
                 stats["charts/critic_reward_scale"] = reward_scale
+                stats["charts/agent_steps"], stats["charts/gradient_steps"] = agent_step, grad_step
                 keep_if_finite(global_step, stats)  # what is about to be probed, logged or saved is finite
             if probe_now:
                 with timed("metrics"), run.probing():
@@ -1064,6 +1279,7 @@ if __name__ == "__main__":
             run.save(global_step, {**training_state(), "prune_masks": pruner.masks if pruner is not None else None,
                                    "replay": {"pos": rb.pos, "episode_start": rb.episode_start},
                                    "last_eval_step": last_eval_step, "probe_batch": probe_batch,
+                                   "agent_step": agent_step, "grad_step": grad_step, "ln_on": ln_on,
                                    "rng": harness.rng_state(rng, probe_rng)}, replay=rb.store, filled=rb.filled)
         run.progress(global_step, **{k: round(v, 1) for k, v in seconds().items()})
 

@@ -120,6 +120,105 @@ def test_pruning_follows_schedule_and_pruned_weights_stay_zero():
     assert pruner.sparsity() == pytest.approx(0.95, abs=1e-3)
 
 
+def test_erk_sparsities_match_a_hand_computation():
+    """jaxpruner's ERK by hand. (4, 8) and (8, 2) at 0.5: keep 16 + 8 = 24 weights; raw densities 12/32 and 10/16;
+    eps = 24 / (12 + 10) = 12/11; sparsities 1 - (3/8)(12/11) = 13/22 and 1 - (5/8)(12/11) = 7/22.
+    (100, 100) and (2, 1) at 0.9: eps = 1001 / 203 would give the small layer density 1.5 * 4.93 > 1, so it becomes
+    dense, its floor(1.8) = 1 pruned weight is charged to the big one: eps = (1000 - 1) / 200, sparsity
+    1 - 0.02 * 999 / 200 = 0.9001."""
+    got = drq.erk_sparsities([(4, 8), (8, 2)], 0.5)
+    assert got == pytest.approx([13 / 22, 7 / 22])
+    assert 32 * (1 - got[0]) + 16 * (1 - got[1]) == pytest.approx(24)  # the kept count of uniform 0.5
+    assert drq.erk_sparsities([(100, 100), (2, 1)], 0.9) == pytest.approx([0.9001, 0.0])
+    assert drq.erk_sparsities([(3, 5, 7), (5, 7, 3)], 0.8) == pytest.approx([0.8, 0.8])  # same sum, same size
+    assert drq.layer_sparsities("uniform", [(4, 8), (8, 2)], 0.5) == [0.5, 0.5]
+    assert drq.layer_sparsities("erk", [(4, 8), (8, 2)], 0.5) == pytest.approx([13 / 22, 7 / 22])
+    assert drq.Args().prune_distribution == "erk"
+    weights = [torch.randn(4, 8), torch.randn(8, 2)]  # the pruner takes one sparsity per weight
+    pruner = drq.MagnitudePruner(weights)
+    pruner.update([0.5, 0.25])
+    assert [int((~m).sum()) for m in pruner.masks] == [16, 4]
+
+
+def test_redo_zeroes_outgoing_weights_after_every_incoming_reinit():
+    """Neuron 3 of fc1 and neuron 5 of fc2 (Q1) are made dead (zero incoming weights, bias -1: ReLU output 0, score
+    0). After ReDo (tau 0: exactly the dead neurons) both have fresh, non-zero incoming rows inside Xavier's bound and
+    zero biases, and their outgoing weights are zero -- including fc2[5, 3], which joins them: re-initialising fc2's
+    row 5 after zeroing fc1's outgoing column 3 (the old order) left a stale random weight there."""
+    torch.manual_seed(0)
+    a = small_agent()
+    critic, actor = a["critic"], a["actor"]
+    q = critic.q1
+    with torch.no_grad():
+        q.fc1.linears[0].weight[3] = 0.0
+        q.fc1.linears[0].bias[3] = -1.0
+        q.fc2.linears[0].weight[5] = 0.0
+        q.fc2.linears[0].bias[5] = -1.0
+    obs = torch.randint(0, 256, (64, *OBS_SHAPE), dtype=torch.uint8)
+    actions = torch.rand(64, ACTION_DIM) * 2 - 1
+    with torch.no_grad():
+        acts = critic.probe(critic.encoder(obs), actions)
+    dead1 = (acts["fc1"][0].abs().mean(0) == 0).nonzero().flatten().tolist()
+    dead2 = (acts["fc2"][0].abs().mean(0) == 0).nonzero().flatten().tolist()
+    assert 3 in dead1 and 5 in dead2
+    n = drq.redo_critic_(critic, actor, obs, actions, 0.0, a["critic_opt"], a["actor_opt"])
+    assert n >= 2
+    fc1, fc2 = q.fc1.linears[0], q.fc2.linears[0]
+    for layer, rows in ((fc1, dead1), (fc2, dead2)):
+        bound = math.sqrt(6.0 / sum(layer.weight.shape))  # Xavier uniform
+        for r in rows:
+            assert layer.weight[r].abs().max() <= bound and layer.weight[r].abs().sum() > 0
+            assert layer.bias[r] == 0
+    for j in dead1:
+        assert (fc2.weight[:, j] == 0).all(), j  # every outgoing weight of fc1's recycled neuron, fc2[5, 3] too
+    for k in dead2:
+        assert (q.head.weight[:, k] == 0).all()
+    assert fc2.weight[5, 3] == 0 and fc2.weight[5].abs().sum() > 0
+
+
+def test_ln_from_step_is_identity_before_and_layernorm_after():
+    """A critic built with --ln-from-step has LayerNorm parameters from the start; with the gate off it computes what
+    the same weights compute without LayerNorm (--mitigation none), with it on what they compute with it (--mitigation
+    ln), exactly. Same seed, same weights: LayerNorm's init draws no random numbers."""
+    obs = torch.randint(0, 256, (8, *OBS_SHAPE), dtype=torch.uint8)
+    actions = torch.rand(8, ACTION_DIM) * 2 - 1
+    torch.manual_seed(4)
+    switch = drq.Critic(OBS_SHAPE, ACTION_DIM, drq.Args(hidden_dim=16, latent_dim=8, ln_from_step=7))
+    torch.manual_seed(4)
+    plain = drq.Critic(OBS_SHAPE, ACTION_DIM, drq.Args(hidden_dim=16, latent_dim=8))
+    torch.manual_seed(4)
+    ln = drq.Critic(OBS_SHAPE, ACTION_DIM, drq.Args(hidden_dim=16, latent_dim=8, mitigation="ln"))
+    assert set(switch.state_dict()) == set(ln.state_dict())  # a checkpoint has the same keys before and after N
+    assert not switch.layernorm_on() and ln.layernorm_on() and not plain.layernorm_on()
+    with torch.no_grad():
+        feats = switch.encoder(obs)
+        for x, y in zip(switch(feats, actions), plain(feats, actions)):
+            assert torch.equal(x, y)
+        switch.set_layernorm_(True)
+        assert switch.layernorm_on()
+        for x, y in zip(switch(feats, actions), ln(feats, actions)):
+            assert torch.equal(x, y)
+        pre = switch.probe(feats, actions)["fc1"][1]  # probed pre-activations are LayerNorm's output now
+        assert pre.mean(1).abs().max() < 1e-5 and (pre.var(1, unbiased=False) - 1).abs().max() < 1e-3
+    assert drq.Args().ln_from_step == 0
+
+
+def test_resnet18_encoder_shapes_and_the_flax_defaults():
+    enc = drq.ResNet18Encoder(9, 84)
+    convs = [m for m in enc.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 1 + 16 + 3  # stem, 8 blocks x 2, 3 projection shortcuts: 17 weighted layers + FC = 18
+    with torch.no_grad():
+        out = enc(torch.randint(0, 256, (2, 9, 84, 84), dtype=torch.uint8))
+    assert out.shape == (2, 512 * 3 * 3) and enc.out_dim == 4608  # 84 -> 42 -> 21 -> 21, 11, 6, 3
+    critic = drq.Critic((9, 84, 84), 1, drq.Args(encoder="resnet18", hidden_dim=16, latent_dim=8))
+    assert critic.proj.in_features == 4608 and len(drq.prunable_weights(critic)) == 20 + 1 + 4
+    assert critic.proj_norm.eps == 1e-6 and drq.Actor(4608, 1, drq.Args()).proj_norm.eps == 1e-6  # Flax's
+    torch.manual_seed(0)
+    proj = drq.lecun_normal_(torch.nn.Linear(4000, 300)).weight  # Flax lecun_normal: std sqrt(1/fan_in), |w| <= 2 std'
+    std = math.sqrt(1 / 4000) / 0.87962566103423978
+    assert proj.std().item() == pytest.approx(math.sqrt(1 / 4000), rel=0.02) and proj.abs().max() <= 2 * std
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Sparse tasks
 
@@ -162,15 +261,69 @@ def test_finger_spin_fast_is_in_force():
         drq.dmc_finger._SPIN_VELOCITY = drq.DEFAULT_SPIN_VELOCITY
 
 
-def test_reacher_easy_masked_hides_reward_for_first_half_only():
-    total = 500_000
-    for step in (0, 4, 100_000, 249_996):
-        assert drq.critic_reward_scale("reacher-easy_masked", step, total) == 0.0
-    for step in (250_000, 250_004, 499_996, 500_000):
-        assert drq.critic_reward_scale("reacher-easy_masked", step, total) == 1.0
-    for step in (0, 249_996, 300_000):
-        assert drq.critic_reward_scale("reacher-easy", step, total) == 1.0
+def test_reacher_easy_masked_hides_reward_for_the_first_500k_gradient_steps():
+    """Paper App. B.1: the critic's reward is 0 in gradient steps 1..500,000 and real from 500,001 on, however long
+    the run (the old rule, half of the run, would lift it at 250k in a 500k run and at 2M in a 4M-frame run)."""
+    assert drq.Args().reward_mask_steps == 500_000
+    for grad_step in (1, 2, 250_000, 499_999, 500_000):
+        assert drq.critic_reward_scale("reacher-easy_masked", grad_step, 500_000) == 0.0
+    for grad_step in (500_001, 500_002, 1_000_000, 2_000_000):
+        assert drq.critic_reward_scale("reacher-easy_masked", grad_step, 500_000) == 1.0
+    for grad_step in (1, 500_000, 600_000):
+        assert drq.critic_reward_scale("reacher-easy", grad_step, 500_000) == 1.0
+    assert drq.critic_reward_scale("reacher-easy_masked", 6, 5) == 1.0  # --reward-mask-steps 5
+    assert drq.critic_reward_scale("reacher-easy_masked", 1, 0) == 1.0  # 0: never masked
     assert drq.parse_env_id("reacher-easy_masked") == ("reacher", "easy")
+
+
+# jaxrl examples/train_pixels.py PLANET_ACTION_REPEAT.get(env_name, 2); a modified task takes its base task's repeat
+ACTION_REPEATS = {"cartpole-swingup": 8, "cartpole-swingup_sparse": 2, "cartpole-balance": 2,
+                  "cartpole-balance_sparse": 2, "cartpole-balance_sparse_narrow": 2, "reacher-easy": 4,
+                  "reacher-easy_masked": 4, "reacher-hard": 2, "cheetah-run": 4, "finger-spin": 2,
+                  "finger-spin_fast": 2, "finger-turn_easy": 2, "ball_in_cup-catch": 4, "walker-walk": 2,
+                  "walker-run": 2, "walker-stand": 2, "quadruped-run": 2, "hopper-hop": 2}
+
+
+def test_action_repeat_is_jaxrls_table_by_full_task_name():
+    for env_id, repeat in ACTION_REPEATS.items():
+        assert drq.planet_action_repeat(env_id) == repeat, env_id
+    env = drq.DMCPixels("cartpole-balance_sparse_narrow", seed=0)  # what the env really does
+    assert env.action_repeat == 2 and drq.DMCPixels("reacher-easy_masked", seed=0).action_repeat == 4
+    assert drq.DMCPixels("cartpole-swingup", seed=0, action_repeat=3).action_repeat == 3  # --action-repeat wins
+
+
+def test_target_entropy_is_minus_the_action_dimension():
+    assert drq.target_entropy_for(drq.Args(), 6) == -6.0  # walker, cheetah: |A| = 6
+    assert drq.target_entropy_for(drq.Args(), 1) == -1.0  # cartpole
+    assert drq.target_entropy_for(drq.Args(target_entropy=-0.5), 6) == -0.5
+
+
+def test_sweep_runs_are_long_enough_for_every_figure():
+    """scripts/sweep.py's dmc entry: jaxrl's 500k frames, and 4M frames (1M agent steps at repeat 4) for the masked
+    reacher, whose mask lasts 500k gradient steps; ln_switch turns LayerNorm on at the first unmasked update; the
+    sweep's repeat table agrees with the script's."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import sweep
+
+    for task in sweep.DMC_TASKS:
+        assert sweep.DMC_ACTION_REPEAT.get(task, 2) == drq.planet_action_repeat(task), task
+    runs = {r.name: r.args for r in sweep.build_runs("dmc", "drq", sweep.DMC_TASKS, ["none", "ln_switch"], [1], "")}
+
+    def flag(name, key):
+        args = runs[name]
+        return int(args[len(args) - 1 - args[::-1].index(key) + 1])
+
+    masked = "drq__reacher-easy_masked__none__s1"
+    agent_steps = flag(masked, "--total-timesteps") // drq.planet_action_repeat("reacher-easy_masked")
+    grad_steps = agent_steps - drq.Args().learning_starts + 1
+    assert grad_steps > 1.9 * drq.Args().reward_mask_steps  # masked, then about as long unmasked
+    assert flag("drq__cartpole-swingup_sparse__none__s1", "--total-timesteps") == drq.Args().total_timesteps == 500_000
+    ln_step = flag("drq__reacher-easy_masked__ln_switch__s1", "--ln-from-step")
+    assert ln_step - drq.Args().learning_starts + 1 == drq.Args().reward_mask_steps + 1
+    assert flag("drq__walker-walk__ln_switch__s1", "--ln-from-step") == 500_000 // 2 // 2
+    assert "--encoder resnet18" in " ".join(sweep.build_runs("dmc", "drq", ["cartpole-swingup_sparse"], ["resnet18"],
+                                                             [1], "")[0].args)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -390,7 +543,10 @@ def reference_update(a, batch, reward_scale):
     with torch.no_grad():
         next_a, next_logp = actor.sample(critic.encoder(next_obs))
         tq1, tq2 = target_critic(target_critic.encoder(next_obs), next_a)
-        next_v = torch.min(q_value(tq1), q_value(tq2)) - alpha * next_logp
+        if hl is not None and not args.hl_target_entropy:  # the first author's code: histogram of r + gamma min Q'
+            next_v = torch.min(q_value(tq1), q_value(tq2))
+        else:
+            next_v = torch.min(q_value(tq1), q_value(tq2)) - alpha * next_logp
         target = rewards + args.gamma * not_done * next_v
     q1, q2 = critic(critic.encoder(obs), actions)
     if hl is not None:
@@ -426,11 +582,12 @@ def reference_update(a, batch, reward_scale):
     return stats, grads
 
 
-@pytest.mark.parametrize("mitigation, hr", [("none", False), ("hlgauss", False), ("lnwd", True), ("prune", False)])
-def test_update_matches_the_reference_update(mitigation, hr):
+@pytest.mark.parametrize("mitigation, hr, kw", [("none", False, {}), ("hlgauss", False, {}), ("lnwd", True, {}),
+                                                ("prune", False, {}), ("hlgauss", False, {"hl_target_entropy": True})])
+def test_update_matches_the_reference_update(mitigation, hr, kw):
     """make_train_step fed by BatchSampler performs exactly the steps of the update written out, fed by
     FrameReplay.sample: the same stats, gradient magnitudes, parameters and optimiser state, bit for bit."""
-    ref, new = small_agent(mitigation, hr=hr), small_agent(mitigation, hr=hr)
+    ref, new = small_agent(mitigation, hr=hr, **kw), small_agent(mitigation, hr=hr, **kw)
     update = agent_update(new)
     rb = scripted_replay()
     sampler = drq.BatchSampler(rb, 6, torch.device("cpu"))
@@ -450,7 +607,7 @@ def test_update_matches_the_reference_update(mitigation, hr):
     assert len(got_t) == len(want_t) > 0
     for g, w in zip(got_t, want_t):
         assert torch.equal(g, w)
-    assert not torch.equal(new["critic"].proj.weight, small_agent(mitigation, hr=hr)["critic"].proj.weight)
+    assert not torch.equal(new["critic"].proj.weight, small_agent(mitigation, hr=hr, **kw)["critic"].proj.weight)
     if mitigation == "prune":
         for w, m in zip(new["pruner"].weights, new["pruner"].masks):
             assert (w[~m] == 0).all()
@@ -587,20 +744,28 @@ def test_only_flags_that_do_not_change_training_may_differ_on_resume():
 
 
 SMOKE_COMMON = ["--env-id", "cartpole-swingup", "--batch-size", "8", "--buffer-size", "200", "--learning-starts",
-                "160", "--metrics-every", "80", "--metrics-batch", "16", "--log-every", "80", "--eval-every", "0",
+                "20", "--metrics-every", "80", "--metrics-batch", "16", "--log-every", "80", "--eval-every", "0",
                 "--total-timesteps", "240"]
-# name -> (extra flags, probe steps); cartpole repeats actions 8 times, so 240 frames = 30 renders, 10 updates
+# name -> (extra flags, probe steps); cartpole-swingup repeats actions 8 times, so 240 frames = 30 agent steps (30
+# renders); learning starts at agent step 20 (frame 160): updates at agent steps 20..30, 11 of them. Every
+# interval flag counts agent steps, every logged step is a frame.
 SMOKE = {
-    "none": (["--mitigation", "none", "--total-timesteps", "1040", "--learning-starts", "880", "--eval-every", "1040",
+    "none": (["--mitigation", "none", "--total-timesteps", "1040", "--learning-starts", "110", "--eval-every", "1040",
               "--eval-episodes", "1"], [880, 960, 1040]),  # one full 1000-frame episode and an evaluation
     # the torch.compile fast path (critic and actor losses, acting step) in the real loop, on CPU (~40 s compiling)
     "compiled": (["--mitigation", "none", "--compile", "on"], [160, 240]),
     "ln_hr": (["--mitigation", "ln", "--hr"], [160, 240]),
     "lnwd": (["--mitigation", "lnwd"], [160, 240]),
     "hlgauss": (["--mitigation", "hlgauss"], [160, 240]),
-    "reset": (["--mitigation", "reset", "--reset-every", "200"], [160, 240]),
-    "redo": (["--mitigation", "redo", "--redo-every", "200", "--redo-tau", "0.5"], [160, 240]),
-    "prune": (["--mitigation", "prune", "--prune-every", "40"], [160, 240]),
+    "reset": (["--mitigation", "reset", "--reset-every", "10"], [160, 240]),  # agent steps 20, 30: frames 160, 240
+    "redo": (["--mitigation", "redo", "--redo-every", "25", "--redo-tau", "0.5"], [160, 240]),  # 25: frame 200
+    "prune": (["--mitigation", "prune", "--prune-every", "5"], [160, 240]),  # ERK (the default)
+    # reacher (repeat 4): 120 frames = 30 agent steps; updates = gradient steps 1..11 at agent steps 20..30; the
+    # reward is masked in gradient steps 1..5 (agent steps 20..24, frames 80..96) and LayerNorm is on from agent step 25
+    "masked_ln_from": (["--mitigation", "none", "--env-id", "reacher-easy_masked", "--total-timesteps", "120",
+                        "--reward-mask-steps", "5", "--ln-from-step", "25", "--metrics-every", "40", "--log-every",
+                        "4"], [80, 120]),
+    "resnet18": (["--mitigation", "none", "--encoder", "resnet18"], [160, 240]),
 }
 
 
@@ -625,6 +790,7 @@ def test_smoke_run_logs_training_and_dominance_metrics(smoke_runs, read_scalars,
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     args = json.loads((run_dir / "args.json").read_text())
     assert args["mitigation"] == SMOKE[name][0][1] and args["hr"] == name.endswith("hr")
+    repeat = 4 if name == "masked_ln_from" else 8
     s = read_scalars(str(run_dir))
     for tag in ["losses/qf_loss", "losses/actor_loss", "losses/alpha", "charts/SPS", "representation/dominant",
                 "grad/latent", "grad/fc1", "grad/fc2"]:
@@ -638,7 +804,7 @@ def test_smoke_run_logs_training_and_dominance_metrics(smoke_runs, read_scalars,
             assert 0 < mx <= width and dom == float(mx > width / 2)
     assert all(v > 0 for _, v in s["grad/fc1"])  # gradients reach the hidden layers
     assert [step for step, _ in s["representation/fc1/max_score"]] == SMOKE[name][1]
-    done = 1040 if name == "none" else 240
+    done = {"none": 1040, "masked_ln_from": 120}.get(name, 240)
     assert f"done: {done} steps" in proc.stdout and "seconds: physics=" in proc.stdout
     assert json.loads((run_dir / "finished").read_text())["global_step"] == done
     compiled = "on" if name == "compiled" else "off"
@@ -651,15 +817,28 @@ def test_smoke_run_logs_training_and_dominance_metrics(smoke_runs, read_scalars,
         assert [step for step, _ in s["eval/episodic_return"]] == [1040]
     if name == "hlgauss":  # Q is an expectation over bin centres, so it lies inside the support
         assert all(0 <= v <= 100 for _, v in s["losses/qf1_values"])
-    if name == "reset":
-        assert [step for step, _ in s["charts/critic_resets"]] == [200]
-    if name == "redo":
+    # the unit conversions, logged beside the losses: agent step = frame / repeat, gradient steps from agent step 20
+    for (step, agent), (_, grads) in zip(s["charts/agent_steps"], s["charts/gradient_steps"]):
+        learning_starts = 110 if name == "none" else 20
+        assert agent == step // repeat and grads == agent - learning_starts + 1
+    if name == "reset":  # --reset-every 10 agent steps: agent steps 20 and 30 (the first 10 has no update yet)
+        assert s["charts/critic_resets"] == [(160, 2.0), (240, 3.0)]
+    if name == "redo":  # --redo-every 25 agent steps: agent step 25 = frame 200
         assert [step for step, _ in s["charts/redo_recycled"]] == [200] and s["charts/redo_recycled"][0][1] > 0
     if name == "prune":
         got = dict(s["charts/critic_sparsity"])
-        assert sorted(got) == [160, 200, 240]  # mask updates once learning runs
-        for step, value in got.items():
+        assert sorted(got) == [160, 200, 240]  # --prune-every 5 agent steps: 20, 25, 30 once learning runs
+        for step, value in got.items():  # ERK keeps the overall sparsity of uniform
             assert value == pytest.approx(drq.cubic_sparsity(step, 240, 0.95, 0.2, 0.8), abs=2e-3)
+    if name == "masked_ln_from":
+        scale = dict(s["charts/critic_reward_scale"])
+        assert sorted(scale) == list(range(80, 121, 4))  # one log per agent step once learning runs
+        assert all(scale[f] == (0.0 if f < 100 else 1.0) for f in scale), scale  # lifts at gradient step 6
+        assert s["charts/layernorm_on"] == [(100, 1.0)]  # agent step 25
+        assert "LayerNorm switched on at agent step 25 (frame 100)" in proc.stdout
+        assert args["ln_from_step"] == 25 and args["encoder"] == "drq"
+    if name == "resnet18":
+        assert args["encoder"] == "resnet18" and "encoder resnet18" in proc.stdout
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -713,16 +892,16 @@ def _checksum(state):
                for t in state[key].values() if torch.is_floating_point(t))
 
 
-KILL_FLAGS = ["--env-id", "cartpole-swingup", "--batch-size", "8", "--buffer-size", "24", "--learning-starts", "80",
+KILL_FLAGS = ["--env-id", "cartpole-swingup", "--batch-size", "8", "--buffer-size", "24", "--learning-starts", "10",
               "--metrics-every", "80", "--metrics-batch", "16", "--log-every", "80", "--eval-every", "0",
-              "--total-timesteps", "640", "--checkpoint-every", "240", "--mitigation", "prune", "--prune-every", "40",
-              "--seed", "3", "--run-name", "killed"]
+              "--total-timesteps", "640", "--checkpoint-every", "240", "--mitigation", "prune", "--prune-every", "5",
+              "--ln-from-step", "50", "--seed", "3", "--run-name", "killed"]
 
 
 def test_sigkill_after_checkpoint_then_resume_continues_the_run(tmp_path):
     """A real run (cartpole: 8 frames per render; 640 frames, checkpoints at 240 and 480, pruning masks and a wrapped
-    replay of 24 slots) is SIGKILLed after a checkpoint, then resumed to the end with --no-torch-deterministic (a
-    flag that may differ on resume)."""
+    replay of 24 slots, LayerNorm switched on at agent step 50 = frame 400, between the checkpoints) is SIGKILLed
+    after a checkpoint, then resumed to the end with --no-torch-deterministic (a flag that may differ on resume)."""
     run_dir = tmp_path / "runs" / "killed"
     out, ckpt, _ = kill_after_checkpoint(SCRIPT, KILL_FLAGS, tmp_path, "killed", 240)
     step, state = ckpt["global_step"], ckpt["state"]
@@ -734,6 +913,9 @@ def test_sigkill_after_checkpoint_then_resume_continues_the_run(tmp_path):
     assert state["probe_batch"] is not None and state["probe_batch"][0].shape == (16, 9, 84, 84)
     assert len(state["prune_masks"]) == 4 + 1 + 2 * 2 and not all(bool(m.all()) for m in state["prune_masks"])
     assert len(state["rng"]["generators"]) == 2  # the agent's RNG and the probe batch's
+    assert state["agent_step"] == step // 8 and state["grad_step"] == step // 8 - 10 + 1
+    assert state["ln_on"] == (step >= 400)  # the LayerNorm gate, outside the state_dicts
+    assert any("norms" in k for k in state["critic"])  # the LayerNorm parameters exist from the start
 
     proc, checksum, s = resume_after_kill(SCRIPT, KILL_FLAGS + ["--no-torch-deterministic"], tmp_path,
                                           "killed", ckpt)
@@ -745,6 +927,7 @@ def test_sigkill_after_checkpoint_then_resume_continues_the_run(tmp_path):
     assert steps_of(s, "losses/qf_loss") == list(range(80, 641, 80))
     assert steps_of(s, "representation/fc1/max_score") == list(range(160, 641, 80))  # 80: too few transitions
     assert steps_of(s, "charts/critic_sparsity") == list(range(80, 641, 40))
+    assert s["charts/layernorm_on"] == [(400, 1.0)]  # once, whether the resume started before or after it
     for st, value in s["charts/critic_sparsity"]:  # the schedule went on from the restored masks
         assert value == pytest.approx(drq.cubic_sparsity(st, 640, 0.95, 0.2, 0.8), abs=2e-3)
 
@@ -758,7 +941,7 @@ def test_non_finite_training_stops_with_last_good_state(run_script, tmp_path, fl
     the check at step 80 (its parameters are huge but finite) and makes the next action NaN. Both are deterministic
     (tried seeds 1-6 and --mitigation hlgauss, ln: the same every time)."""
     proc = run_script(SCRIPT, ["--env-id", "cartpole-swingup", "--batch-size", "8", "--buffer-size", "40",
-                               "--learning-starts", "80", "--metrics-every", "80", "--metrics-batch", "16",
+                               "--learning-starts", "10", "--metrics-every", "80", "--metrics-batch", "16",
                                "--log-every", "80", "--eval-every", "0", "--total-timesteps", "400",
                                "--checkpoint-every", "80", "--run-name", "nf", *flags],
                       cwd=tmp_path, timeout=300, env={"OMP_NUM_THREADS": "1"})
