@@ -38,6 +38,8 @@ ATARI_CONFIGS = {  # name -> flags (papers' Fig. 2 configurations first, then th
     "tanh_ln": "--activation tanh --layernorm",
     "hr_tanh": "--activation tanh --hr",
     "hr_relu": "--activation relu --hr",
+    "sigmoid": "--activation sigmoid",  # HR v1 Table 2's sigmoid rows
+    "hr_sigmoid": "--activation sigmoid --hr",
     "widen_relu": "--activation relu --hidden-dim 1024",
     "widen_tanh": "--activation tanh --hidden-dim 1024",
     "2hr_tanh": "--activation tanh --hr --hidden-layers 2",
@@ -51,6 +53,23 @@ DMC_TASKS = ["cartpole-swingup_sparse", "cartpole-balance_sparse_narrow", "finge
              "cartpole-swingup", "cartpole-balance", "reacher-easy", "finger-spin", "cheetah-run", "walker-walk",
              "walker-run", "ball_in_cup-catch"]
 DMC_MITIGATIONS = ["none", "ln", "lnwd", "hlgauss", "reset", "redo", "prune"]
+# Run lengths (--total-timesteps, frames). The paper gives none: jaxrl train_pixels' max_steps (500k frames) for every
+# task, except reacher-easy_masked: 4M frames = 1M agent steps at its action repeat 4, so the critic's reward is masked
+# in the first 500k gradient steps (paper App. B.1), about the first half of the run as the paper's Fig. 3 caption
+# says, and the second half shows whether the agent recovers (Figs. 3, 6, 10, 11). EXTRA="--total-timesteps N" wins.
+DMC_TOTAL_TIMESTEPS = {"reacher-easy_masked": 4_000_000}
+DMC_DEFAULT_TOTAL_TIMESTEPS = 500_000
+# Configurations beside the mitigations, not in the default grid (CONFIGS="ln_switch resnet18"):
+#   ln_switch  DrQ whose critic LayerNorm is switched on part-way (paper Figs. 10, 16): on reacher-easy_masked at agent
+#              step 501,000, the step of the first unmasked update (learning starts at agent step 1000, so gradient
+#              step 500,001); on any other task half-way through the run
+#   resnet18   DrQ with the ResNet-18 encoder (paper Fig. 12; the paper shows 2 sparse tasks, e.g.
+#              TASKS="cartpole-swingup_sparse cartpole-balance_sparse_narrow")
+DMC_EXTRA_CONFIGS = ["ln_switch", "resnet18"]
+# jaxrl's action repeat by full task name (drq_dmc_dominance.PLANET_ACTION_REPEAT; tests/test_drq_dmc_dominance.py
+# checks they agree), keyed here by the ids our sweep uses; any other task 2
+DMC_ACTION_REPEAT = {"cartpole-swingup": 8, "reacher-easy": 4, "reacher-easy_masked": 4, "cheetah-run": 4,
+                     "ball_in_cup-catch": 4}
 
 # SimbaV2: the 7 hard dm_control state tasks stand in for HumanoidBench (not installable; see README); configurations:
 # the paper's Table 2 (baseline, +HR, +widen) first, then the open choices of where HR goes.
@@ -116,14 +135,28 @@ def config_flags(sweep: str, config: str) -> str:
             raise SystemExit(f"error: unknown SimbaV2 configuration {config!r}; choose from {list(SIMBAV2_CONFIGS)}")
         return SIMBAV2_CONFIGS[config]
     if sweep == "dmc":
+        if config == "resnet18":
+            return "--mitigation none --encoder resnet18"
+        if config == "ln_switch":
+            return "--mitigation none --ln-from-step {ln_from_step}"  # filled per task by dmc_flags
         if config not in DMC_MITIGATIONS and not config.startswith("hr_"):
             raise SystemExit(f"error: unknown DMC configuration {config!r}; choose from {DMC_MITIGATIONS} "
-                             f"(prefix hr_ for --hr, e.g. hr_lnwd)")
+                             f"(prefix hr_ for --hr, e.g. hr_lnwd) or {DMC_EXTRA_CONFIGS}")
         mitigation = config[3:] if config.startswith("hr_") else config
         return f"--mitigation {mitigation}" + (" --hr" if config.startswith("hr_") else "")
     if config not in ATARI_CONFIGS:
         raise SystemExit(f"error: unknown configuration {config!r}; choose from {sorted(ATARI_CONFIGS)}")
     return ATARI_CONFIGS[config]
+
+
+def dmc_flags(task: str, config: str) -> str:
+    """A DrQ run's flags: its length (DMC_TOTAL_TIMESTEPS), then its configuration's."""
+    total = DMC_TOTAL_TIMESTEPS.get(task, DMC_DEFAULT_TOTAL_TIMESTEPS)
+    flags = config_flags("dmc", config)
+    if config == "ln_switch":  # agent steps: the mask's end on reacher-easy_masked (learning starts 1000), else half
+        step = 500_000 + 1000 if task == "reacher-easy_masked" else total // DMC_ACTION_REPEAT.get(task, 2) // 2
+        flags = flags.format(ln_from_step=step)
+    return f"--total-timesteps {total} {flags}"
 
 
 def build_runs(sweep: str, algo: str, games: list[str], configs: list[str], seeds: list[int], extra: str) -> list[Run]:
@@ -134,7 +167,7 @@ def build_runs(sweep: str, algo: str, games: list[str], configs: list[str], seed
     for game in games:
         env_id = spec["env"][algo].format(game=game)
         for config in configs:
-            flags = config_flags(sweep, config)
+            flags = dmc_flags(game, config) if sweep == "dmc" else config_flags(sweep, config)
             for seed in seeds:
                 name = f"{algo}__{env_id}__{config}__s{seed}"
                 args = ["--env-id", env_id, "--seed", str(seed), "--exp-name", config, *shlex.split(flags),
