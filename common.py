@@ -400,7 +400,8 @@ def _flat_scores(x) -> np.ndarray:
 
 def iqm(x) -> float:
     """Interquartile mean: mean of the middle 50% of all scores (runs x tasks flattened), trimming 25% at each end
-    as scipy.stats.trim_mean(x, 0.25) does. Accepts an array or a list of per-task arrays."""
+    as scipy.stats.trim_mean(x, 0.25) does. Accepts an array or a list of per-task arrays. scripts/analyze.py uses
+    rliable; this and bootstrap_ci stay as a dependency-free equivalent (tests compare the two)."""
     a = np.sort(_flat_scores(x))
     cut = int(0.25 * a.size)
     return float(a[cut:a.size - cut].mean())

@@ -1,38 +1,55 @@
 #!/usr/bin/env python
-"""Turn runs/ into the papers' tables and figures.
+"""Turn runs/ into the papers' tables and figures, in one command.
 
     python scripts/analyze.py runs --out results
 
-Reads every run directory under RUNS_DIR (its args.json and TensorBoard event files), groups runs by algorithm,
-configuration, environment and seed, and writes to --out:
-- results.csv      one row per run: status, final score (mean of the last 5% of training episodes), final eval
-                   return, final value (mean of the last 5% of probes) of every representation metric.
-- aggregates.csv   per algorithm and configuration: mean / median / IQM with 95% stratified-bootstrap CIs of
-                   baseline-normalised (DQN/PPO, HR papers eq. 5) and human-normalised (Atari) scores, raw return (DMC).
-- tables.md        the aggregates, HR papers' Table 1 (dormant fraction without/with HR next to the predicted p^2 and
-                   1-(1-p)^2) and Table 2 (baseline, +HR, +widen, +2HR), and the runs left out.
-- curves_<algo>.png           learning curves, IQM over runs and games with 95% CI bands, per configuration.
-- representation_<algo>.png   score, dormant fraction and srank of `latent` over training (the papers' Fig. 2 layout).
-- dominance_<algo>.png        largest activation score against return, srank and dormant share, one point per
-                              configuration averaged over seeds and tasks (dominance paper's Fig. 9).
-- tasks_<algo>.png            per-task eval/episodic_return curves, mean and standard error over seeds (SimbaV2).
+Reads every run directory under RUNS_DIR (its args.json, TensorBoard event files and `finished` summary), groups
+runs by algorithm, configuration, environment and seed, and writes to --out tables as Markdown (tables.md) and CSV
+and figures as PNG and PDF (scripts/plots.py: paper column/page width, axes labelled with their unit):
+- results.csv                     one row per run: final score (mean of the last 5% of training episodes), final eval
+                                  return, normalised scores, final value (last 5% of probes) of every metric.
+- aggregates.csv                  per algorithm, configuration and score: median / IQM / mean / optimality gap with
+                                  95% stratified-bootstrap CIs, computed by rliable on the (runs x tasks) matrix.
+- probability_of_improvement.csv  rliable's P(config > baseline) with its 95% CI.
+- tables.md                       the aggregates, the dormant-fraction table (HR v1 Table 2 / HR v2 Table 1: tanh,
+                                  ReLU, sigmoid without / with HR beside the predicted p^2, 1-(1-p)^2, p), HR v2
+                                  Table 2 (baseline, +HR, +widen, +2HR; table2_hr_v2.md with the DQN, SimbaV2, MR.Q
+                                  columns), SimbaV2 / MR.Q per-task returns, and every run left out and why;
+                                  table_dormant_<algo>.csv, table2_<algo>.csv, table2_hr_v2.csv beside it.
+- curves_<algo>          median and IQM normalised score over training, 95% stratified-bootstrap bands (PQN: over
+                         environment frames, the HR v2 51-game and Hadamax Atari-57 curves).
+- games_<algo>           per-game learning curves, mean over seeds with standard error (tasks_<algo>: eval return,
+                         SimbaV2 / MR.Q).
+- final_<algo>           per-game bars of the final normalised score (Hadamax per-game bars).
+- representation_<algo>  HR v2 Figure 2's layout: score, dormant fraction (KDE-peak test) and srank of --layer.
+- metrics_<algo>         dormant fraction (KDE-peak test and ReDo score <= tau), srank and hidden bias (HR v1).
+- aggregates_<algo>, profiles_<algo>, improvement_<algo>   rliable's interval estimates, performance profiles and
+                         probability of improvement over the baseline (relu / baseline / none).
+- dominance_<algo>       largest activation score against return, srank and dormant share (dominance paper Fig. 9).
+
+Step units: agent steps on Atari (one action = 4 frames), frames on DMC; PQN's aggregate curves are drawn over
+environment frames (4 per agent step) as its papers plot them. Representation metrics are drawn at the steps they
+were probed; episode returns as means over --curve-points windows, a window without an episode being a gap (no
+forward fill). The curves span the longest run (runs of different lengths are listed in tables.md); each point
+aggregates the runs with a value there.
+
+Intervals: rliable needs the same number of runs on every task, so a task with more runs than the fewest keeps its
+first seeds (tables.md counts the runs dropped). With fewer than two runs per task an interval is not defined: the
+tables say so and the figures draw no band ("1 seed: no interval").
+
+Which runs count: only finished runs (runs/NAME/finished, the JSON summary the scripts write on a clean exit) with at
+least one complete episode enter the numbers. tables.md lists apart: runs that finished without a complete episode,
+runs still going or stopped, runs/NAME.partial-<time> directories (moved aside when a run was started again), and
+run directories that could not be read (reported and skipped). An empty RUNS_DIR is an error (exit status 1). An
+older `finished` that is not JSON (an empty marker) still marks the run finished, its step count then read from its
+last logged step.
 
 SimbaV2 is scored as the HR v2 paper scores it (App. D.3): the mean evaluation return over the final 5% of training,
-task-normalised (dm_control: return / 1000; MuJoCo: (return - random) / (TD3 - random)), IQM over (task, seed) with a
-95% stratified-bootstrap CI; tables.md adds its Table 2 column (baseline, + HR, + widen, beside the paper's) and the
-per-task returns beside SimbaV2's published ones.
-
-MR.Q (DMC-Visual) is scored the same way on its evaluation returns; its normalised score is baseline-normalised as the
-HR v2 paper's Table 2 reads (baseline = 1.00): per task, the return over the baseline configuration's mean (over
-seeds) final eval return. tables.md adds its Table 2 column on the 7 hard tasks (seeds averaged per task, then IQM and
-mean across tasks with 95% stratified-bootstrap CIs, beside the paper's 1.00 / 1.17 / 0.97) and the per-task returns
-beside MR.Q's published ones (all 28 tasks).
-
-Only finished runs (runs/NAME/finished, the JSON summary the scripts write on a clean exit) enter the numbers; runs
-still going or stopped, and runs/NAME.partial-<time> directories (a run stopped before its first checkpoint, moved
-aside when it was started again) are counted and listed in tables.md, never mixed in. From the summary come each
-run's step count (the curves' horizon), wall time and probe share; an older `finished` that is not JSON (an empty
-marker) still marks the run finished, its step count then read from its last logged step.
+task-normalised (dm_control: return / 1000; MuJoCo: (return - random) / (TD3 - random)); tables.md adds its Table 2
+column beside the paper's and the per-task returns beside SimbaV2's published ones. MR.Q (DMC-Visual) is scored the
+same way, baseline-normalised per task (the return over the baseline configuration's mean final eval return); its
+Table 2 column is on the 7 hard tasks (seeds averaged per task, then IQM and mean across tasks), beside the per-task
+returns and MR.Q's published ones.
 
 Baseline normalisation (HR papers, App. D.1): per game, lo/hi are the lowest and highest points of the ReLU
 configuration's learning curves (all seeds, whole training; curves are episode returns averaged in --curve-points
@@ -49,22 +66,28 @@ import os
 import re
 import sys
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import plots  # noqa: E402
 
 SCRIPT_ALGO = {"dqn_atari_hr": "dqn", "ppo_atari_hr": "ppo", "pqn_atari_hr": "pqn", "drq_dmc_dominance": "drq",
                "simbav2_dmc_hr": "simbav2", "mrq_dmc_hr": "mrq"}
-KNOWN_CONFIGS = {"relu", "tanh", "tanh_ln", "hr_tanh", "hr_relu", "widen_relu", "widen_tanh", "2hr_tanh", "hadamax",
+KNOWN_CONFIGS = {"relu", "tanh", "sigmoid", "hr_sigmoid", "2hr_relu", "tanh_ln", "hr_tanh", "hr_relu", "widen_relu",
+                 "widen_tanh", "2hr_tanh", "hadamax",
                  "crelu", "redo", "none", "ln", "lnwd", "hlgauss", "reset", "prune",
                  "baseline", "hr", "widen", "hr_critic", "widen_critic", "hr_shared"}
 # Algorithms scored on their evaluation episodes, as their papers do (the mean eval return over the final 5% of
 # training, HR v2 App. D.3), with per-task curves of eval/episodic_return; the others on training episodes.
 EVAL_SCORED = {"simbav2", "mrq"}
+DMC_ALGOS = {"drq", "simbav2", "mrq"}  # step unit: frames (action-repeated); the Atari scripts count agent steps
 # SimbaV2's published returns at 1M frames (mean of 10 seeds; the official repo's results): the dm_control stand-ins
 # for HumanoidBench, which is not installable. A GPU sweep's baseline is checked against these.
 SIMBAV2_PUBLISHED = {"humanoid-stand": 916, "humanoid-walk": 652, "humanoid-run": 195, "dog-stand": 981,
@@ -149,7 +172,8 @@ def read_event_scalars(run_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]
     out = {}
     for tag in acc.Tags().get("scalars", []):
         events = sorted(acc.Scalars(tag), key=lambda e: e.step)  # stable: same-step events keep their order
-        out[tag] = (np.array([e.step for e in events], dtype=np.int64), np.array([e.value for e in events], dtype=float))
+        out[tag] = (np.array([e.step for e in events], dtype=np.int64),
+                    np.array([e.value for e in events], dtype=float))
     return out
 
 
@@ -238,16 +262,15 @@ def game_of(run: RunData) -> str:
 
 
 def curve(run: RunData, grid: np.ndarray, tag: str = "charts/episodic_return") -> np.ndarray:
-    """Mean of the tag's values in each window (grid[i-1], grid[i]], carried forward over empty windows."""
+    """Mean of the tag's values in each window (grid[i-1], grid[i]]; NaN where the run logged nothing in a window
+    (no forward fill: a run that stopped early, or a gap between episodes, stays a gap)."""
     steps, values = run.scalars.get(tag, (np.array([]), np.array([])))
     out = np.full(len(grid), np.nan)
-    last = np.nan
     lo = -np.inf
     for i, hi in enumerate(grid):
         sel = (steps > lo) & (steps <= hi)
         if sel.any():
-            last = float(values[sel].mean())
-        out[i] = last
+            out[i] = float(values[sel].mean())
         lo = hi
     return out
 
@@ -293,80 +316,179 @@ def normalise(score, game: str, kind: str, bounds: dict):
     return (np.asarray(score, dtype=float) - lo) / (hi - lo)
 
 
-def task_means(values_by_task: dict[str, list[float]]) -> list[np.ndarray]:
-    return [np.asarray(v, dtype=float) for _, v in sorted(values_by_task.items()) if len(v)]
 
 
-def mean_of_task_means(tasks):
-    return float(np.mean([np.mean(t) for t in tasks]))
+# ---------------------------------------------------------------------------------------------------------------
+# Aggregation through rliable (Agarwal et al. 2021): score matrices of shape (runs, tasks), stratified bootstrap.
+# ---------------------------------------------------------------------------------------------------------------
+STAT_NAMES = ("median", "iqm", "mean", "optimality_gap")
+STAT_LABELS = {"median": "Median", "iqm": "IQM", "mean": "Mean", "optimality_gap": "Optimality gap"}
+NOT_DEFINED = "not defined (< 2 runs per task)"
 
 
-def median_of_task_means(tasks):
-    return float(np.median([np.mean(t) for t in tasks]))
-
-
-STATISTICS = {"mean": mean_of_task_means, "median": median_of_task_means, "iqm": common.iqm}
-
-
-def aggregate(values_by_task: dict[str, list[float]], reps: int, seed: int) -> dict[str, tuple[float, float, float]]:
-    tasks = task_means(values_by_task)
+def score_matrix(values_by_task: dict[str, list[float]]) -> tuple[np.ndarray, list[str], int]:
+    """(matrix (runs, tasks), task names, runs dropped). rliable needs the same number of runs on every task: a task
+    with more runs than the fewest keeps its first ones (in the order given: by seed) and the rest are counted as
+    dropped (reported in tables.md)."""
+    tasks = sorted(t for t, v in values_by_task.items() if len(v))
     if not tasks:
+        return np.zeros((0, 0)), [], 0
+    k = min(len(values_by_task[t]) for t in tasks)
+    matrix = np.array([[float(values_by_task[t][i]) for t in tasks] for i in range(k)])
+    return matrix, tasks, sum(len(values_by_task[t]) for t in tasks) - k * len(tasks)
+
+
+def aggregate_funcs(gamma: float = 1.0) -> Callable[[np.ndarray], np.ndarray]:
+    """rliable's median, IQM, mean and optimality gap (threshold gamma) of a (runs, tasks) matrix, as one array."""
+    from rliable import metrics
+
+    return lambda x: np.array([metrics.aggregate_median(x), metrics.aggregate_iqm(x), metrics.aggregate_mean(x),
+                               metrics.aggregate_optimality_gap(x, gamma)])
+
+
+def interval_estimates(matrix: np.ndarray, func, reps: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(points, lows, highs) of func's outputs: rliable.library.get_interval_estimates on the matrix with a 95%
+    percentile stratified bootstrap seeded by np.random.RandomState(seed). With fewer than two runs per task the
+    interval is not defined: lows/highs are NaN."""
+    from rliable import library as rly
+
+    point = np.atleast_1d(np.asarray(func(matrix), dtype=float))
+    if matrix.shape[0] < 2:
+        return point, np.full_like(point, np.nan), np.full_like(point, np.nan)
+    with warnings.catch_warnings():  # arch 7 deprecates random_state, which rliable 1.2.0 passes
+        warnings.simplefilter("ignore", FutureWarning)
+        _, cis = rly.get_interval_estimates({"x": matrix}, func, reps=reps, random_state=np.random.RandomState(seed))
+    ci = np.asarray(cis["x"], dtype=float).reshape(2, -1)
+    return point, ci[0], ci[1]
+
+
+def aggregate(values_by_task: dict[str, list[float]], reps: int, seed: int,
+              gamma: float = 1.0) -> dict[str, tuple[float, float, float]]:
+    """{statistic: (point, lo, hi)} for median, IQM, mean and optimality gap across tasks (rliable; see
+    score_matrix for unequal runs per task). {} without scores; NaN bounds with fewer than two runs per task."""
+    matrix, _, _ = score_matrix(values_by_task)
+    if not matrix.size:
         return {}
-    return {name: common.bootstrap_ci(tasks, stat, reps=reps, alpha=0.05, seed=seed) for name, stat in STATISTICS.items()}
+    point, lo, hi = interval_estimates(matrix, aggregate_funcs(gamma), reps, seed)
+    return {name: (float(p), float(a), float(b)) for name, p, a, b in zip(STAT_NAMES, point, lo, hi)}
 
 
 def fmt_ci(v):
     point, lo, hi = v
+    if math.isnan(point):
+        return "—"
+    if math.isnan(lo) or math.isnan(hi):
+        return f"{point:.3f} [CI not defined]"
     return f"{point:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def step_unit(algo: str) -> str:
+    """What a run's step counts: agent steps on Atari (one action = 4 frames), frames on DMC (action-repeated)."""
+    return "frames" if algo in DMC_ALGOS else "agent steps"
+
+
+def frames_axis(algo: str) -> tuple[float, str]:
+    """(multiplier, label) of the x axis of the aggregate curves: PQN is plotted over environment frames as the HR
+    v2 and Hadamax papers plot it (4 per agent step), the others in their own step unit."""
+    if algo == "pqn":
+        return 4.0, "environment frames (4 per agent step)"
+    return 1.0, step_unit(algo)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("runs_dir", help="directory holding one sub-directory per run (e.g. runs)")
-    p.add_argument("--out", default="results", help="output directory")
-    p.add_argument("--reps", type=int, default=2000, help="bootstrap resamples for the aggregate CIs")
-    p.add_argument("--curve-reps", type=int, default=200, help="bootstrap resamples per curve point")
-    p.add_argument("--curve-points", type=int, default=50, help="points per learning curve")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--layer", default="latent", help="layer whose metrics the Fig. 2 layout and Table 1 show")
+    p.add_argument("--out", default="results", help="output directory (tables .md/.csv, figures .png/.pdf)")
+    p.add_argument("--reps", type=int, default=2000, help="stratified-bootstrap resamples for the aggregate CIs")
+    p.add_argument("--curve-reps", type=int, default=200, help="stratified-bootstrap resamples per curve point")
+    p.add_argument("--curve-points", type=int, default=50,
+                   help="windows per learning curve: episode returns are averaged over windows of horizon/N steps")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (np.random.RandomState)")
+    p.add_argument("--layer", default="latent",
+                   help="layer whose metrics the Fig. 2 layout and the dormant tables show")
     p.add_argument("--dominance-layer", default=None,
-                   help="layer for the dominance scatter (default: fc1 for DrQ, the layer before the critic's "
+                   help="layer for the dominance scatter (None: fc1 for DrQ, the layer before the critic's "
                         "penultimate one, as in the dominance paper; latent otherwise)")
-    a = p.parse_args(argv)
+    p.add_argument("--poi-reps", type=int, default=200,
+                   help="bootstrap resamples for the probability-of-improvement CIs (rliable's Mann-Whitney per task "
+                        "and resample is slow: about 4 ms per task)")
+    p.add_argument("--formats", default="png,pdf", help="figure formats, comma-separated")
+    p.add_argument("--dpi", type=int, default=plots.DPI, help="resolution of the PNG figures")
+    return p.parse_args(argv)
+
+
+def load_runs(runs_dir: str, now: float) -> tuple[list[RunData], list[tuple[str, str]]]:
+    """Every run directory under runs_dir; a directory that cannot be read (corrupt args.json or event file) is
+    reported in the second list as (name, error) and skipped."""
+    runs, broken = [], []
+    for d in sorted(glob.glob(os.path.join(runs_dir, "*", ""))):
+        try:
+            r = load_run(d, now)
+        except Exception as e:  # noqa: BLE001 - one bad directory must not abort the analysis
+            broken.append((os.path.basename(d.rstrip("/")), f"{type(e).__name__}: {e}".splitlines()[0][:200]))
+            continue
+        if r is not None:
+            runs.append(r)
+    return runs, broken
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    MRQ_TABLE2_CELLS.clear()
     if not os.path.isdir(a.runs_dir):
         sys.exit(f"error: runs_dir {a.runs_dir!r} is not a directory")
-    os.makedirs(a.out, exist_ok=True)
     now = time.time()
-    runs = [r for d in sorted(glob.glob(os.path.join(a.runs_dir, "*", ""))) if (r := load_run(d, now)) is not None]
-    done = [r for r in runs if r.status == "finished" and "charts/episodic_return" in r.scalars]
-    left_out = [r for r in runs if r not in done]
-    print(f"{len(runs)} runs found: {len(done)} finished, {len(left_out)} left out")
+    runs, broken = load_runs(a.runs_dir, now)
+    for name, err in broken:
+        print(f"warning: skipped {name}: cannot read it ({err})", file=sys.stderr)
+    if not runs:
+        print(f"error: no run directories (with args.json) under {a.runs_dir!r}"
+              + (f"; {len(broken)} could not be read" if broken else ""), file=sys.stderr)
+        return 1
+    score_tag = {r.name: ("eval/episodic_return" if r.algo in EVAL_SCORED else "charts/episodic_return") for r in runs}
+    done = [r for r in runs if r.status == "finished" and score_tag[r.name] in r.scalars]
+    no_episode = [r for r in runs if r.status == "finished" and r not in done]
+    left_out = [r for r in runs if r.status != "finished"]
+    print(f"{len(runs)} runs found: {len(done)} finished, {len(no_episode)} finished without a complete episode, "
+          f"{len(left_out)} not finished, {len(broken)} unreadable")
+    os.makedirs(a.out, exist_ok=True)
+    formats = tuple(f for f in a.formats.split(",") if f)
 
     metric_tags = sorted({t for r in done for t in r.scalars if t.startswith("representation/")})
     rows = []
     for r in done:
+        returns = r.scalars.get("charts/episodic_return", (np.array([]), np.array([])))[1]
         row = {"run": r.name, "algo": r.algo, "config": r.config, "env_id": r.env_id, "game": game_of(r),
                "seed": r.seed, "status": r.status, "last_step": r.last_step, "global_step": r.global_step,
                "wall_seconds": number(r.summary.get("wall_seconds")),
                "probe_share": number(r.summary.get("probe_share")),
-               "episodes": len(r.scalars["charts/episodic_return"][1]),
-               "final_score": last_fraction_mean(r.scalars["charts/episodic_return"][1]),
-               "final_eval": final_eval(r)}
+               "episodes": len(returns), "final_score": last_fraction_mean(returns), "final_eval": final_eval(r)}
         for tag in metric_tags:
             row[tag] = last_fraction_mean(r.scalars[tag][1]) if tag in r.scalars else math.nan
         rows.append(row)
+    rows.sort(key=lambda row: (row["algo"], row["config"], row["game"], row["seed"]))
 
     by_algo = defaultdict(list)
     for r in done:
         by_algo[r.algo].append(r)
-    grids = {}
+    grids, horizons = {}, {}
     for algo, rs in by_algo.items():
-        # the steps each run trained (its summary), else its --total-timesteps (an older marker)
-        horizon = min(max(r.last_step, int(number(r.summary.get("global_step"), r.args.get("total_timesteps", 0))))
-                      for r in rs)
+        # every run's horizon: the steps it trained (its summary), else its last logged step; the curves span the
+        # longest, each run contributing up to its own horizon (runs of different lengths are listed in tables.md)
+        horizons[algo] = {r.name: max(r.last_step, r.global_step) for r in rs}
+        horizon = max(horizons[algo].values())
         grids[algo] = np.linspace(horizon / a.curve_points, horizon, a.curve_points)
 
-    agg_rows, tables = [], ["# Results", ""]
+    agg_rows, poi_rows, figures = [], [], []
+    tables = ["# Results", "", f"Runs under `{a.runs_dir}`: {len(done)} finished and scored, "
+              f"{len(no_episode)} finished without a complete episode, {len(left_out)} not finished, "
+              f"{len(broken)} unreadable (listed at the end). Intervals: 95% stratified-bootstrap CIs (rliable, "
+              f"{a.reps} resamples, seed {a.seed}); with fewer than two runs per task the interval is {NOT_DEFINED}.",
+              ""]
     for algo, rs in sorted(by_algo.items()):
         kind, bounds = normaliser(algo, rs, lambda r: grids[r.algo])
         kinds = [kind] + (["human_normalized"] if algo in ("dqn", "ppo") else [])
@@ -378,44 +500,162 @@ def main(argv=None) -> int:
                 if "human_normalized" in kinds:
                     row["human_normalized"] = normalise(row["final_score"], row["game"], "human_normalized",
                                                         human_bounds)
-        tables += [f"## {algo.upper()}", "", f"Scores: final score per run, normalised as `{kind}`; "
-                   "per-task means, then mean / median / IQM across tasks, 95% stratified-bootstrap CI.", ""]
-        tables += ["| config | runs | tasks | score | mean | median | IQM |", "|---|---|---|---|---|---|---|"]
+        gamma = 1000.0 if kind == "return" else 1.0
+        tables += [f"## {algo.upper()}", "", f"Scores: final score per run ({SCORE_DEFINITION[algo in EVAL_SCORED]}), "
+                   f"normalised as `{kind}`; median / IQM / mean / optimality gap (threshold {gamma:g}) across "
+                   "tasks over the (runs x tasks) score matrix, 95% stratified-bootstrap CI (rliable).", ""]
+        tables += ["| config | runs | tasks | score | median | IQM | mean | optimality gap |",
+                   "|---|---|---|---|---|---|---|---|"]
+        dropped_lines, by_kind = [], {k: ({}, {}) for k in kinds}
         for config in sorted({r.config for r in rs}):
             for k in kinds:
-                per_task = defaultdict(list)
-                for row in rows:
-                    if row["algo"] == algo and row["config"] == config and not math.isnan(row.get(k, math.nan)):
-                        per_task[row["game"]].append(row[k])
-                res = aggregate(per_task, a.reps, a.seed)
-                if not res:
+                per_task = per_task_scores(rows, algo, config, k)
+                matrix, _, dropped = score_matrix(per_task)
+                if not matrix.size:
                     continue
-                n = sum(len(v) for v in per_task.values())
+                res = aggregate(per_task, a.reps, a.seed, gamma)
+                n = matrix.size
+                if dropped:
+                    dropped_lines.append(f"- {config} ({k}): {dropped} runs beyond the {matrix.shape[0]} per task "
+                                         "that every task has are left out of the aggregate (rliable needs equal "
+                                         "runs per task)")
+                by_kind[k][0][config] = {STAT_LABELS[s]: v for s, v in res.items()}
+                by_kind[k][1][config] = (matrix, _tasks_of(per_task))
                 for stat, (pt, lo, hi) in res.items():
                     agg_rows.append({"algo": algo, "config": config, "score": k, "statistic": stat, "value": pt,
-                                     "ci_low": lo, "ci_high": hi, "tasks": len(per_task), "runs": n})
-                tables.append(f"| {config} | {n} | {len(per_task)} | {k} | {fmt_ci(res['mean'])} | "
-                              f"{fmt_ci(res['median'])} | {fmt_ci(res['iqm'])} |")
-        tables.append("")
+                                     "ci_low": lo, "ci_high": hi, "tasks": matrix.shape[1], "runs": n,
+                                     "runs_per_task": matrix.shape[0], "runs_dropped": dropped,
+                                     "interval": "ok" if matrix.shape[0] >= 2 else NOT_DEFINED})
+                tables.append(f"| {config} | {n} | {matrix.shape[1]} | {k} | " +
+                              " | ".join(fmt_ci(res[s]) for s in STAT_NAMES) + " |")
+        if any(r["algo"] == algo and r["interval"] != "ok" for r in agg_rows):
+            tables += ["", "CI not defined: fewer than two runs per task."]
+        tables += [""] + dropped_lines + ([""] if dropped_lines else [])
+        tables += length_lines(rs, horizons[algo], algo)
         tables += wall_time_lines(rs)
-        tables += table1(rows, algo, a.layer) + table2(rows, algo, kind) + table2_column(agg_rows, algo, kind)
-        tables += published_table(rows, algo) + mrq_table2(rows, algo, a.reps, a.seed)
-        plot_curves(rs, grids[algo], kind, bounds, algo, a)
-        if algo in EVAL_SCORED:
-            plot_task_curves(rs, grids[algo], algo, a)
-        plot_representation(rs, grids[algo], kind, bounds, algo, a)
-        plot_dominance(rows, algo, a)
+        # the figures' score: the algorithm's own, else human-normalised (a DQN/PPO sweep without ReLU runs has no
+        # baseline normalisation)
+        fig_kind, fig_bounds = kind, bounds
+        if not by_kind[kind][0] and "human_normalized" in by_kind and by_kind["human_normalized"][0]:
+            fig_kind, fig_bounds = "human_normalized", human_bounds
+            tables += [f"No `{kind}` scores (no ReLU runs to normalise by): the figures show `{fig_kind}`.", ""]
+        estimates, matrices = by_kind[fig_kind]
+        poi = improvement(matrices, algo, fig_kind, a.poi_reps, a.seed)
+        poi_rows += poi
+        tables += improvement_lines(poi)
+        tables += table1(rows, algo, a.layer, a.out) + table2(rows, algo, kind, a.out)
+        tables += table2_column(agg_rows, algo, kind) + published_table(rows, algo)
+        tables += mrq_table2(rows, algo, a.reps, a.seed)
+        figures += plot_aggregates(estimates, matrices, poi, algo, fig_kind, gamma, a, formats)
+        figures += plot_curves(rs, grids[algo], fig_kind, fig_bounds, algo, a, formats)
+        figures += plot_game_curves(rs, grids[algo], algo, a, formats)
+        figures += plot_final_bars(rows, algo, fig_kind, a, formats)
+        figures += plot_representation(rs, grids[algo], fig_kind, fig_bounds, algo, a, formats)
+        figures += plot_metrics(rs, algo, a, formats)
+        figures += plot_dominance(rows, algo, a, formats)
 
-    tables += ["## Runs left out (not finished)", "", f"{len(left_out)} runs."]
+    tables += hr_v2_table2(agg_rows, rows, a.out)
+    tables += ["## Runs finished without a complete episode", "", f"{len(no_episode)} runs (finished, but no "
+               "episode/evaluation ended, so no score; e.g. a horizon shorter than one episode)."]
+    tables += [f"- `{r.name}`: finished, last step {r.last_step}, no complete episode" for r in no_episode]
+    tables += ["", "## Runs left out (not finished)", "", f"{len(left_out)} runs."]
     tables += [f"- `{r.name}`: {r.status}, last step {r.last_step}" for r in left_out]
+    tables += ["", "## Run directories that could not be read (skipped)", "", f"{len(broken)} directories."]
+    tables += [f"- `{name}`: {err}" for name, err in broken]
     write_csv(os.path.join(a.out, "results.csv"), rows)
     write_csv(os.path.join(a.out, "aggregates.csv"), agg_rows)
+    write_csv(os.path.join(a.out, "probability_of_improvement.csv"), poi_rows)
     with open(os.path.join(a.out, "tables.md"), "w") as f:
         f.write("\n".join(tables) + "\n")
-    print(f"wrote {a.out}/results.csv, aggregates.csv, tables.md and figures")
+    print(f"wrote {a.out}/results.csv, aggregates.csv, probability_of_improvement.csv, tables.md and "
+          f"{len(figures)} figure files")
     return 0
 
 
+SCORE_DEFINITION = {False: "mean return of its last 5% of training episodes",
+                    True: "mean evaluation return over the final 5% of training"}
+
+
+def _tasks_of(per_task):
+    return sorted(t for t, v in per_task.items() if len(v))
+
+
+def per_task_scores(rows, algo, config, key) -> dict[str, list[float]]:
+    """{game: [score of each seed, by seed]} of one configuration (rows are sorted by seed)."""
+    per_task = defaultdict(list)
+    for row in rows:
+        if row["algo"] == algo and row["config"] == config and not math.isnan(row.get(key, math.nan)):
+            per_task[row["game"]].append(row[key])
+    return per_task
+
+
+def length_lines(rs, horizons, algo) -> list[str]:
+    """Runs of different lengths are reported (the curves span the longest; nothing is cut to the shortest)."""
+    lengths = sorted(set(horizons.values()))
+    if len(lengths) < 2:
+        return []
+    lines = [f"Runs of different lengths ({step_unit(algo)}): {lengths[0]} to {lengths[-1]}. The curves span the "
+             "longest run; each point aggregates the runs that logged a value there.", ""]
+    short = sorted((h, name) for name, h in horizons.items() if h < lengths[-1])
+    return lines + [f"- `{name}`: {h}" for h, name in short] + [""]
+
+
+BASELINE_OF = {"dqn": ("relu", "tanh"), "ppo": ("relu", "tanh"), "pqn": ("relu",), "simbav2": ("baseline",),
+               "mrq": ("baseline",), "drq": ("none",)}
+
+
+def baseline_config(algo, configs) -> str | None:
+    return next((c for c in BASELINE_OF.get(algo, ()) if c in configs), None)
+
+
+def improvement(matrices, algo, kind, reps, seed) -> list[dict]:
+    """rliable's probability of improvement P(X > Y) of every configuration X over the algorithm's baseline Y
+    (relu for DQN/PPO/PQN, baseline for SimbaV2/MR.Q, none for DrQ) on the tasks both have, with its 95% CI."""
+    from rliable import library as rly, metrics
+
+    base = baseline_config(algo, matrices)
+    out = []
+    if base is None:
+        return out
+    ym, ytasks = matrices[base]
+    for config, (xm, xtasks) in sorted(matrices.items()):
+        if config == base:
+            continue
+        common_tasks = [t for t in xtasks if t in ytasks]
+        if not common_tasks:
+            continue
+        x = xm[:, [xtasks.index(t) for t in common_tasks]]
+        y = ym[:, [ytasks.index(t) for t in common_tasks]]
+        point = float(metrics.probability_of_improvement(x, y))
+        lo = hi = math.nan
+        if min(x.shape[0], y.shape[0]) >= 2:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                _, cis = rly.get_interval_estimates(
+                    {"p": (x, y)}, lambda a, b: np.array([metrics.probability_of_improvement(a, b)]), reps=reps,
+                    random_state=np.random.RandomState(seed))
+            lo, hi = (float(v) for v in np.asarray(cis["p"]).ravel())
+        out.append({"algo": algo, "config": config, "baseline": base, "score": kind, "value": point,
+                    "ci_low": lo, "ci_high": hi, "tasks": len(common_tasks),
+                    "interval": "ok" if not math.isnan(lo) else NOT_DEFINED})
+    return out
+
+
+def improvement_lines(poi) -> list[str]:
+    if not poi:
+        return []
+    lines = [f"### Probability of improvement over `{poi[0]['baseline']}` (rliable, `{poi[0]['score']}`)", "",
+             "| config | P(config > baseline) [95% CI] | tasks |", "|---|---|---|"]
+    lines += [f"| {p['config']} | {fmt_ci((p['value'], p['ci_low'], p['ci_high']))} | {p['tasks']} |" for p in poi]
+    return lines + [""]
+
+
+def write_table(out_dir, stem, header, rows) -> None:
+    """A table's CSV beside tables.md: out_dir/stem.csv."""
+    with open(os.path.join(out_dir, f"{stem}.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
 def final_eval(r: RunData) -> float:
     """Final evaluation return: for EVAL_SCORED algorithms the mean over the final 5% of training (at least the last
     evaluation; HR v2 App. D.3), else the mean of the last 10 evaluations."""
@@ -466,9 +706,15 @@ def published_table(rows, algo):
     return lines + [""]
 
 
+MRQ_TABLE2_CELLS: dict = {}  # filled by mrq_table2 for hr_v2_table2: {"iqm": [(pt, lo, hi) per variant]}
+
+
 def mrq_table2(rows, algo, reps, seed):
     """HR v2 Table 2's MR.Q column: on the 7 hard DMC-Visual tasks, each run's final eval return over its task's
-    baseline mean, averaged over seeds per task, then IQM and mean across tasks (95% stratified-bootstrap CIs)."""
+    baseline mean, averaged over seeds per task, then IQM and mean across tasks; 95% stratified-bootstrap CIs by
+    rliable (seeds resampled within each task of the (runs, tasks) matrix)."""
+    from rliable import metrics
+
     if algo != "mrq":
         return []
     mine = [r for r in rows if r["algo"] == "mrq" and r["game"] in DMCV_HARD
@@ -479,22 +725,24 @@ def mrq_table2(rows, algo, reps, seed):
              "| variant | ours: IQM [95% CI] | ours: mean [95% CI] | tasks | runs | paper |",
              "|---|---|---|---|---|---|"]
 
-    def of_task_means(stat):
-        return lambda tasks: stat([float(np.mean(t)) for t in tasks])
+    def of_task_means(x):  # (runs, tasks) -> IQM and mean of the per-task means
+        means = np.mean(x, axis=0)
+        return np.array([metrics.aggregate_iqm(means), np.mean(means)])
 
+    MRQ_TABLE2_CELLS.clear()
+    cells_of = []
     for config, label, paper in zip(("baseline", "hr", "widen"), ("Baseline", "+ HR", "+ Widen"), MRQ_PAPER_TABLE2):
-        per_task = defaultdict(list)
-        for r in mine:
-            if r["config"] == config:
-                per_task[r["game"]].append(r["baseline_normalized"])
-        if not per_task:
+        per_task = per_task_scores(mine, "mrq", config, "baseline_normalized")
+        matrix, tasks, _ = score_matrix(per_task)
+        if not matrix.size:
             lines.append(f"| {label} | — | — | — | — | {paper:.2f} |")
+            cells_of.append((math.nan,) * 3)
             continue
-        tasks = task_means(per_task)
-        cells = [fmt_ci(common.bootstrap_ci(tasks, of_task_means(stat), reps=reps, seed=seed))
-                 for stat in (common.iqm, np.mean)]
-        lines.append(f"| {label} | {cells[0]} | {cells[1]} | {len(tasks)} | {sum(len(t) for t in tasks)} | "
-                     f"{paper:.2f} |")
+        pt, lo, hi = interval_estimates(matrix, of_task_means, reps, seed)
+        cells = [fmt_ci((pt[i], lo[i], hi[i])) for i in range(2)]
+        cells_of.append((float(pt[0]), float(lo[0]), float(hi[0])))
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} | {len(tasks)} | {matrix.size} | {paper:.2f} |")
+    MRQ_TABLE2_CELLS["iqm"] = cells_of
     return lines + ["", "Normalised per task by the baseline's mean final eval return, so the baseline's per-task "
                         "means are 1 by construction; its CI shows the seed spread.", ""]
 
@@ -517,34 +765,99 @@ def per_game_mean(rows, algo, config, key):
     return float(np.mean([np.mean(v) for v in per_task.values()])) if per_task else math.nan
 
 
-def table1(rows, algo, layer):
-    """HR papers' Table 1: dormant fraction of `layer` without and with HR, next to the independence prediction."""
+# HR v1 Section 3 / Table 1: the dormant probability of a product of two independent neurons, each dormant with
+# probability p (tanh and sigmoid: p/2 towards each end). tanh: both must saturate; ReLU: either zero kills it;
+# sigmoid: 1 - (1 - p/2)^2 + (p/2)^2 = p (no change).
+DORMANT_PREDICTION = (("tanh", "tanh", "hr_tanh", lambda p: p * p, "p^2"),
+                      ("ReLU", "relu", "hr_relu", lambda p: 1 - (1 - p) ** 2, "1-(1-p)^2"),
+                      ("sigmoid", "sigmoid", "hr_sigmoid", lambda p: p, "p"))
+
+
+def table1(rows, algo, layer, out_dir=None):
+    """HR v1 Table 2 / HR v2 Table 1: the final dormant fraction (KDE-peak test) of `layer` without (p) and with HR
+    for tanh, ReLU and sigmoid, next to the independence prediction; games averaged after seeds. Also written to
+    out_dir/table_dormant_<algo>.csv."""
     key = f"representation/{layer}/dormant_kde"
-    lines = []
-    for act, base, hr, predict, formula in (("tanh", "tanh", "hr_tanh", lambda p: p * p, "p^2"),
-                                            ("ReLU", "relu", "hr_relu", lambda p: 1 - (1 - p) ** 2, "1-(1-p)^2")):
+    lines, csv_rows = [], []
+    for act, base, hr, predict, formula in DORMANT_PREDICTION:
         p = per_game_mean(rows, algo, base, key)
         q = per_game_mean(rows, algo, hr, key)
-        if not (math.isnan(p) or math.isnan(q)):
-            lines.append(f"| {act} | {p:.3f} | {q:.3f} | {formula} = {predict(p):.3f} |")
-    if not lines:
+        if math.isnan(p) and math.isnan(q):
+            continue
+        pred = predict(p) if not math.isnan(p) else math.nan
+        cell = lambda v: "—" if math.isnan(v) else f"{v:.3f}"  # noqa: E731
+        diff = f"{100 * (q - p) / p:+.0f}%" if not (math.isnan(p) or math.isnan(q)) and p > 0 else "—"
+        lines.append(f"| {act} | {cell(p)} | {cell(q)} | {formula} = {cell(pred)} | {diff} |")
+        csv_rows.append([act, base, hr, p, q, formula, pred])
+    if not any(not math.isnan(r[3]) and not math.isnan(r[4]) for r in csv_rows):
         return []
-    return [f"### Table 1 ({algo.upper()}): dormant fraction of `{layer}` (KDE test, final)", "",
-            "| activation | without HR (p) | with HR (measured) | with HR (predicted) |", "|---|---|---|---|",
-            *lines, ""]
+    if out_dir:
+        write_table(out_dir, f"table_dormant_{algo}", ["activation", "config", "hr_config", "without_hr_p",
+                                                        "with_hr_measured", "prediction", "with_hr_predicted"],
+                    csv_rows)
+    return [f"### Dormant fractions ({algo.upper()}; HR v1 Table 2, HR v2 Table 1): `{layer}`, KDE-peak test, "
+            "final", "", "| activation | without HR (p) | with HR (measured) | with HR (predicted) | difference |",
+            "|---|---|---|---|---|", *lines, "",
+            f"Final value: mean of the last 5% of probes per run, seeds then games averaged. Prediction: two "
+            f"independent neurons each dormant with probability p. CSV: `table_dormant_{algo}.csv`.", ""]
 
 
-def table2(rows, algo, kind):
-    """HR papers' Table 2: baseline, +HR, +widen, +2HR (mean normalised score over games)."""
-    lines = []
+def table2(rows, algo, kind, out_dir=None):
+    """HR v2 Table 2's DQN column (and the same for PPO): mean normalised score over games (seeds averaged) of
+    baseline, +HR, +widen, +2HR per activation. Also written to out_dir/table2_<algo>.csv."""
+    lines, csv_rows = [], []
     for act in ("tanh", "relu"):
-        cells = [per_game_mean(rows, algo, c, kind) for c in (act, f"hr_{act}", f"widen_{act}", f"2hr_{act}")]
+        configs = (act, f"hr_{act}", f"widen_{act}", f"2hr_{act}")
+        cells = [per_game_mean(rows, algo, c, kind) for c in configs]
         if sum(not math.isnan(c) for c in cells) >= 2:
             lines.append(f"| {act} | " + " | ".join("—" if math.isnan(c) else f"{c:.3f}" for c in cells) + " |")
+            csv_rows.append([act, *cells])
     if not lines:
         return []
-    return [f"### Table 2 ({algo.upper()}): mean `{kind}` score", "",
-            "| activation | baseline | + HR | + widen | + 2HR |", "|---|---|---|---|---|", *lines, ""]
+    if out_dir:
+        write_table(out_dir, f"table2_{algo}", ["activation", "baseline", "hr", "widen", "2hr"], csv_rows)
+    return [f"### Table 2 ({algo.upper()}; HR v2): mean `{kind}` score over games", "",
+            "| activation | baseline | + HR | + widen | + 2HR |", "|---|---|---|---|---|", *lines, "",
+            f"CSV: `table2_{algo}.csv`.", ""]
+
+
+def hr_v2_table2(agg_rows, rows, out_dir) -> list[str]:
+    """HR v2 Table 2 as the paper lays it out: Baseline / + HR / + Widen / + 2HR per algorithm. DQN: mean
+    baseline-normalised score (rliable, over the (runs, games) matrix) of tanh / hr_tanh / widen_tanh / 2hr_tanh;
+    SimbaV2: IQM task-normalised score; MR.Q: IQM baseline-normalised score on the 7 hard tasks (seeds averaged per
+    task). Written to out_dir/table2_hr_v2.{md,csv} when any algorithm has two of the variants."""
+    variants = ("Baseline", "+ HR", "+ Widen", "+ 2HR")
+    cols = {}
+    mean = {r["config"]: r for r in agg_rows if r["algo"] == "dqn" and r["statistic"] == "mean"
+            and r["score"] == "baseline_normalized"}
+    dqn = [mean.get(c) for c in ("tanh", "hr_tanh", "widen_tanh", "2hr_tanh")]
+    if sum(v is not None for v in dqn) >= 2:
+        cols["DQN (mean)"] = [(v["value"], v["ci_low"], v["ci_high"]) if v else (math.nan,) * 3 for v in dqn]
+    iqm = {(r["algo"], r["config"]): r for r in agg_rows if r["statistic"] == "iqm"
+           and r["score"] == "task_normalized"}
+    simba = [iqm.get(("simbav2", c)) for c in ("baseline", "hr", "widen")]
+    if sum(v is not None for v in simba) >= 2:
+        cols["SimbaV2 (IQM)"] = [(v["value"], v["ci_low"], v["ci_high"]) if v else (math.nan,) * 3
+                                 for v in simba] + [(math.nan,) * 3]
+    mrq = MRQ_TABLE2_CELLS.get("iqm")
+    if mrq and sum(not math.isnan(v[0]) for v in mrq) >= 2:
+        cols["MR.Q (IQM, hard)"] = list(mrq) + [(math.nan,) * 3]
+    if not cols:
+        return []
+    names = list(cols)
+    lines = ["## HR v2 Table 2: baseline, + HR, + widen, + 2HR", "", "| variant | " + " | ".join(names) + " |",
+             "|---" * (len(names) + 1) + "|"]
+    csv_rows = []
+    for i, v in enumerate(variants):
+        lines.append(f"| {v} | " + " | ".join(fmt_ci(cols[n][i]) for n in names) + " |")
+        csv_rows.append([v] + [x for n in names for x in cols[n][i]])
+    lines += ["", "Paper: DQN 0.91 / 1.03 / 0.49 / 1.01; SimbaV2 0.71 / 0.84 / 0.76; MR.Q 1.00 / 1.17 / 0.97. "
+              "CSV: `table2_hr_v2.csv`.", ""]
+    write_table(out_dir, "table2_hr_v2", ["variant"] + [f"{n} {x}" for n in names for x in ("value", "ci_low",
+                                                                                         "ci_high")], csv_rows)
+    with open(os.path.join(out_dir, "table2_hr_v2.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return lines
 
 
 def write_csv(path, rows):
@@ -558,33 +871,160 @@ def write_csv(path, rows):
             w.writerow(row)
 
 
-def _plt():
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _color(config: str, configs: list[str]):
-    import matplotlib
-
-    return matplotlib.colormaps["tab10"](sorted(configs).index(config) % 10)
+# ---------------------------------------------------------------------------------------------------------------
+# Figures (scripts/plots.py: column-width figures, PNG + PDF, one colour per configuration)
+# ---------------------------------------------------------------------------------------------------------------
+DORMANT_DEFINITION = {"dormant_kde": "dormant fraction\n(KDE-peak test)",
+                      "dormant_score": "dormant fraction\n(ReDo score $\\leq\\tau$)"}
 
 
-def _band(ax, x, per_task_curves: dict[str, list[np.ndarray]], reps, seed, label, stat=common.iqm, color=None):
-    ys, los, his = [], [], []
-    for i in range(len(x)):
-        tasks = {g: [c[i] for c in cs if not math.isnan(c[i])] for g, cs in per_task_curves.items()}
-        tasks = {g: v for g, v in tasks.items() if v}
-        if not tasks:
-            ys.append(np.nan), los.append(np.nan), his.append(np.nan)
-            continue
-        pt, lo, hi = common.bootstrap_ci(task_means(tasks), stat, reps=reps, seed=seed)
-        ys.append(pt), los.append(lo), his.append(hi)
-    line, = ax.plot(x, ys, label=label, color=color, marker="o", markersize=2.5)
-    ax.fill_between(x, los, his, alpha=0.2, color=line.get_color())
+def _save(fig, a, stem, formats):
+    return plots.save(fig, a.out, stem, formats, dpi=a.dpi)
+
+
+def _legend(fig, axes):
+    handles, labels = [], []
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h), labels.append(lab)
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), bbox_to_anchor=(0.5, 1.0))
+
+
+def aggregate_curve(per_task_curves: dict[str, list[np.ndarray]], grid, stat: str, reps: int, seed: int):
+    """Pointwise rliable `stat` ("median" or "iqm") across tasks with its stratified-bootstrap CI: at each window,
+    the runs with a value there (score_matrix of them); NaN where no run has one, NaN bounds with < 2 runs/task."""
+    from rliable import metrics
+
+    func = {"median": metrics.aggregate_median, "iqm": metrics.aggregate_iqm, "mean": metrics.aggregate_mean}[stat]
+    point, lo, hi = (np.full(len(grid), np.nan) for _ in range(3))
+    for i in range(len(grid)):
+        per_task = {g: [c[i] for c in cs if not math.isnan(c[i])] for g, cs in per_task_curves.items()}
+        matrix, _, _ = score_matrix(per_task)
+        if matrix.size:
+            p, a_, b_ = interval_estimates(matrix, lambda x: np.array([func(x)]), reps, seed)
+            point[i], lo[i], hi[i] = p[0], a_[0], b_[0]
+    return point, lo, hi
+
+
+def _draw_interval_curve(ax, x, point, lo, hi, label, color):
+    ok = ~np.isnan(point)
+    if ok.any() and np.isnan(lo[ok]).all():
+        label = f"{label} (< 2 runs per task: no interval)"
+    ax.plot(x[ok], point[ok], label=label, color=color, marker="o" if ok.sum() == 1 else None, markersize=3)
+    band = ok & ~np.isnan(lo)
+    if band.any():
+        ax.fill_between(x, np.where(band, lo, np.nan), np.where(band, hi, np.nan), color=color, alpha=0.2,
+                        linewidth=0)
+
+
+def plot_curves(rs, grid, kind, bounds, algo, a, formats):
+    """Median and IQM across tasks of the normalised score over training (HR v2: PQN 51-game curves; Hadamax: the
+    median human-normalised score over frames), 95% stratified-bootstrap bands."""
+    tag = "eval/episodic_return" if algo in EVAL_SCORED else "charts/episodic_return"
+    curves = _curves_by_config(rs, grid, tag, lambda r, c: normalise(c, game_of(r), kind, bounds))
+    if not curves:
+        return []
+    scale, xlabel = frames_axis(algo)
+    fig, axes = plots.figure(ncols=2, width="full", height=2.4)
+    for ax, stat in zip(axes, ("median", "iqm")):
+        for config, per_task in sorted(curves.items()):
+            point, lo, hi = aggregate_curve(per_task, grid, stat, a.curve_reps, a.seed)
+            _draw_interval_curve(ax, grid * scale, point, lo, hi, config, plots.color(config))
+        plots.label(ax, xlabel, f"{STAT_LABELS[stat]} " + ("return" if kind == "return" else
+                                                              f"{kind.replace('_', '-')} score"))
+    fig.suptitle(f"{algo.upper()}: {len({game_of(r) for r in rs})} tasks, 95% stratified-bootstrap CI; "
+                 f"returns averaged over windows of {grid[0] * scale:,.0f} {xlabel.split(' (')[0]}", y=1.0)
+    _legend(fig, axes)
+    return _save(fig, a, f"curves_{algo}", formats)
+
+
+def plot_game_curves(rs, grid, algo, a, formats):
+    """Per-game learning curves (HR v1 per-game figure): the return (eval return for SimbaV2 / MR.Q) averaged over
+    windows, mean over seeds with a standard-error band, drawn at the windows where episodes ended."""
+    tag = "eval/episodic_return" if algo in EVAL_SCORED else "charts/episodic_return"
+    games = sorted({game_of(r) for r in rs})
+    cols = min(4, len(games))
+    nrows = -(-len(games) // cols)
+    fig, axes = plots.figure(nrows, cols, width="full", height=1.7 * nrows + 0.5)
+    unit = step_unit(algo)
+    for ax, game in zip(axes, games):
+        for config in sorted({r.config for r in rs}):
+            cs = [(grid, curve(r, grid, tag)) for r in rs if game_of(r) == game and r.config == config
+                  and tag in r.scalars]
+            if cs:
+                cs = [(s[~np.isnan(v)], v[~np.isnan(v)]) for s, v in cs]
+                plots.curve_band(ax, cs, label=config, color=plots.color(config))
+        plots.label(ax, unit, "eval return" if tag.startswith("eval") else "episode return", title=game)
+    for ax in axes[len(games):]:
+        ax.axis("off")
+    fig.suptitle(f"{algo.upper()}: per-game {'evaluation ' if tag.startswith('eval') else ''}return, mean over "
+                 f"seeds with standard error", y=1.0)
+    _legend(fig, axes)
+    return _save(fig, a, f"{'tasks' if algo in EVAL_SCORED else 'games'}_{algo}", formats)
+
+
+def plot_final_bars(rows, algo, kind, a, formats):
+    """Per-game bars of the final normalised score (Hadamax per-game bars), mean over seeds, standard-error bars
+    (none with one seed)."""
+    mine = [r for r in rows if r["algo"] == algo and not math.isnan(r.get(kind, math.nan))]
+    if not mine:
+        return []
+    games = sorted({r["game"] for r in mine})
+    configs = sorted({r["config"] for r in mine})
+    values, errors = {}, {}
+    for c in configs:
+        vals = [[r[kind] for r in mine if r["game"] == g and r["config"] == c] for g in games]
+        values[c] = [float(np.mean(v)) if v else math.nan for v in vals]
+        errors[c] = [float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan for v in vals]
+    width = "column" if len(games) <= 4 else "full"
+    fig, axes = plots.figure(width=width, height=2.4 if len(games) <= 12 else 3.0)
+    plots.bar_plot(axes[0], games, values, errors, ylabel=f"final {kind.replace('_', '-')} score",
+                   rotate=0 if len(games) <= 4 else 90)
+    axes[0].set_title(f"{algo.upper()}: per game, mean over seeds (error bar: s.e.; none with 1 seed)")
+    return _save(fig, a, f"final_{algo}", formats)
+
+
+def plot_aggregates(estimates, matrices, poi, algo, kind, gamma, a, formats):
+    """rliable's aggregate intervals (median, IQM, mean, optimality gap), performance profiles and probability of
+    improvement over the baseline, each in its own file."""
+    from rliable import library as rly
+
+    paths = []
+    if not estimates:
+        return paths
+    label = kind.replace("_", "-") + " score"
+    fig = plots.interval_plot(estimates, [STAT_LABELS[s] for s in STAT_NAMES], xlabel=label,
+                              title=f"{algo.upper()}: 95% stratified-bootstrap CIs (rliable)")
+    paths += _save(fig, a, f"aggregates_{algo}", formats)
+
+    allv = np.concatenate([m.ravel() for m, _ in matrices.values()])
+    taus = np.linspace(min(0.0, float(allv.min())), max(float(allv.max()), gamma if kind != "return" else 0), 101)
+    profiles = {}
+    for config, (m, _) in sorted(matrices.items()):
+        func = lambda x: np.asarray(rly.score_distributions(x, taus))  # noqa: E731 - rliable's run score profile
+        if m.shape[0] >= 2:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                pts, cis = rly.get_interval_estimates({"x": m}, func, reps=a.curve_reps,
+                                                      random_state=np.random.RandomState(a.seed))
+            profiles[config] = (pts["x"], cis["x"][0], cis["x"][1])
+        else:
+            profiles[config] = (func(m), None, None)
+    fig, axes = plots.figure()
+    plots.profile_plot(axes[0], taus, profiles, xlabel=f"{label} " + r"($\tau$)")
+    axes[0].set_title(f"{algo.upper()}: performance profile")
+    paths += _save(fig, a, f"profiles_{algo}", formats)
+
+    if poi:
+        est = {p["config"]: {f"P(config > {p['baseline']})": (p["value"], p["ci_low"], p["ci_high"])} for p in poi}
+        fig = plots.interval_plot(est, xlabel="probability of improvement", width="column", xlim=(0, 1),
+                                  title=f"{algo.upper()}: over {poi[0]['baseline']} (rliable, 95% CI)")
+        fig.axes[0].axvline(0.5, color="k", linestyle=":", linewidth=0.8)
+        paths += _save(fig, a, f"improvement_{algo}", formats)
+    return paths
 
 
 def _curves_by_config(rs, grid, tag, transform=lambda r, c: c):
@@ -595,94 +1035,89 @@ def _curves_by_config(rs, grid, tag, transform=lambda r, c: c):
     return out
 
 
-def plot_curves(rs, grid, kind, bounds, algo, a):
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    curves = _curves_by_config(rs, grid, "charts/episodic_return",
-                               lambda r, c: normalise(c, game_of(r), kind, bounds))
-    configs = sorted({r.config for r in rs})
-    for config, per_task in sorted(curves.items()):
-        _band(ax, grid, per_task, a.curve_reps, a.seed, config, color=_color(config, configs))
-    ax.set(xlabel="environment steps", ylabel=f"IQM {kind.replace('_', '-')} score", title=f"{algo.upper()}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(a.out, f"curves_{algo}.png"), dpi=120)
-    plt.close(fig)
+def _logged(rs, config, tag, transform=lambda r, v: v):
+    """Each run's (steps, values) of tag as logged (representation probes: no windowing)."""
+    return [(r.scalars[tag][0], transform(r, r.scalars[tag][1])) for r in rs if r.config == config and tag in r.scalars]
 
 
-def plot_task_curves(rs, grid, algo, a, tag="eval/episodic_return"):
-    """One panel per task: `tag` of each configuration, mean over seeds with a standard-error band."""
-    plt = _plt()
-    tasks = sorted({game_of(r) for r in rs})
-    configs = sorted({r.config for r in rs})
-    cols = min(4, len(tasks))
-    fig, axes = plt.subplots(-(-len(tasks) // cols), cols, figsize=(4 * cols, 3 * -(-len(tasks) // cols)),
-                             squeeze=False)
-    for ax, task in zip(axes.flat, tasks):
-        for config in configs:
-            cs = np.array([curve(r, grid, tag) for r in rs if game_of(r) == task and r.config == config and
-                           tag in r.scalars])
-            if not len(cs):
-                continue
-            n = np.maximum((~np.isnan(cs)).sum(0), 1)  # seeds with a value at each point (NaN: not evaluated yet)
-            mean = np.nansum(cs, 0) / n
-            mean[np.isnan(cs).all(0)] = np.nan
-            se = np.sqrt(np.nansum((cs - mean) ** 2, 0) / n / n)
-            ax.plot(grid, mean, label=config, color=_color(config, configs))
-            ax.fill_between(grid, mean - se, mean + se, alpha=0.2, color=_color(config, configs))
-        ax.set(title=task, xlabel="environment steps", ylabel=tag.split("/")[-1])
-    for ax in list(axes.flat)[len(tasks):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle(f"{algo.upper()}: {tag}, mean over seeds with standard error")
-    fig.tight_layout()
-    fig.savefig(os.path.join(a.out, f"tasks_{algo}.png"), dpi=120)
-    plt.close(fig)
+def _metric_panel(ax, rs, tag, ylabel, unit, transform=lambda r, v: v):
+    drawn = False
+    for config in sorted({r.config for r in rs}):
+        cs = _logged(rs, config, tag, transform)
+        if cs:
+            plots.curve_band(ax, cs, label=config, color=plots.color(config))
+            drawn = True
+    plots.label(ax, unit, ylabel)
+    return drawn
 
 
-def plot_representation(rs, grid, kind, bounds, algo, a):
-    plt = _plt()
-    panels = [("charts/episodic_return", f"{kind.replace('_', '-')} score"),
-              (f"representation/{a.layer}/dormant_kde", f"dormant fraction ({a.layer})"),
-              (f"representation/{a.layer}/srank", f"effective rank ({a.layer})")]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+def plot_representation(rs, grid, kind, bounds, algo, a, formats):
+    """HR v2 Figure 2's layout: score, dormant fraction (KDE-peak test) and effective rank of `--layer` over
+    training, mean over games and seeds with a standard-error band (the metrics at the probe steps logged)."""
+    layer = a.layer
+    tag = "eval/episodic_return" if algo in EVAL_SCORED else "charts/episodic_return"
+    metric_tags = [f"representation/{layer}/dormant_kde", f"representation/{layer}/srank"]
+    if not any(t in r.scalars for r in rs for t in metric_tags):
+        return []
+    unit = step_unit(algo)
+    fig, axes = plots.figure(ncols=3, width="full", height=2.2)
+    for config in sorted({r.config for r in rs}):
+        cs = [(grid, normalise(curve(r, grid, tag), game_of(r), kind, bounds)) for r in rs if r.config == config]
+        cs = [(s[~np.isnan(v)], v[~np.isnan(v)]) for s, v in cs]
+        plots.curve_band(axes[0], cs, label=config, color=plots.color(config))
+    plots.label(axes[0], unit, "return" if kind == "return" else f"{kind.replace('_', '-')} score")
+    _metric_panel(axes[1], rs, metric_tags[0], DORMANT_DEFINITION["dormant_kde"], unit)
+    _metric_panel(axes[2], rs, metric_tags[1], "effective rank\n(delta 0.01)", unit)
+    fig.suptitle(f"{algo.upper()}: layer {layer}, mean over games and seeds, standard-error band", y=1.0)
+    _legend(fig, axes)
+    return _save(fig, a, f"representation_{algo}", formats)
+
+
+def plot_metrics(rs, algo, a, formats):
+    """HR v1's representation curves: dormant fraction by both definitions, effective rank, and the hidden bias
+    (output contribution of dormant `latent` neurons), at the probe steps, mean over games and seeds."""
+    layer = a.layer
+    panels = [(f"representation/{layer}/dormant_kde", DORMANT_DEFINITION["dormant_kde"]),
+              (f"representation/{layer}/dormant_score", DORMANT_DEFINITION["dormant_score"]),
+              (f"representation/{layer}/srank", "effective rank\n(delta 0.01)"),
+              ("representation/hidden_bias", "hidden bias (dormant neurons'\noutput contribution)")]
+    panels = [(t, y) for t, y in panels if any(t in r.scalars for r in rs)]
+    if not panels:
+        return []
+    unit = step_unit(algo)
+    cols = min(2, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plots.figure(nrows, cols, width="full" if cols > 1 else "column", height=2.0 * nrows + 0.3)
     for ax, (tag, ylabel) in zip(axes, panels):
-        transform = (lambda r, c: normalise(c, game_of(r), kind, bounds)) if tag.startswith("charts/") \
-            else (lambda r, c: c)
-        configs = sorted({r.config for r in rs})
-        for config, per_task in sorted(_curves_by_config(rs, grid, tag, transform).items()):
-            _band(ax, grid, per_task, a.curve_reps, a.seed, config, stat=mean_of_task_means,
-                  color=_color(config, configs))
-        ax.set(xlabel="environment steps", ylabel=ylabel)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{algo.upper()}: mean over games and seeds, 95% bootstrap CI")
-    fig.tight_layout()
-    fig.savefig(os.path.join(a.out, f"representation_{algo}.png"), dpi=120)
-    plt.close(fig)
+        _metric_panel(ax, rs, tag, ylabel, unit)
+    for ax in axes[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"{algo.upper()}: layer {layer}, mean over games and seeds, standard-error band", y=1.0)
+    _legend(fig, axes)
+    return _save(fig, a, f"metrics_{algo}", formats)
 
 
-def plot_dominance(rows, algo, a):
+def plot_dominance(rows, algo, a, formats):
+    """Dominance paper's Fig. 9: largest activation score against return, srank and dormant share, one point per
+    configuration averaged over seeds and tasks."""
     layer = a.dominance_layer or ("fc1" if algo == "drq" else "latent")
     x_key = f"representation/{layer}/max_score"
     mine = [r for r in rows if r["algo"] == algo and not math.isnan(r.get(x_key, math.nan))]
     if not mine:
-        return
-    plt = _plt()
-    ys = [("final_score", "return"), (f"representation/{layer}/srank", "srank"),
-          (f"representation/{layer}/dormant_score", "dormant share")]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, (key, label) in zip(axes, ys):
+        return []
+    ys = [("final_eval" if algo in EVAL_SCORED else "final_score", "final return"),
+          (f"representation/{layer}/srank", "effective rank"),
+          (f"representation/{layer}/dormant_score", DORMANT_DEFINITION["dormant_score"])]
+    fig, axes = plots.figure(ncols=3, width="full", height=2.2)
+    for ax, (key, ylabel) in zip(axes, ys):
         for config in sorted({r["config"] for r in mine}):
             x = per_game_mean(mine, algo, config, x_key)
             y = per_game_mean(mine, algo, config, key)
-            ax.scatter([x], [y], label=config)
-            ax.annotate(config, (x, y), fontsize=7)
-        ax.set(xlabel=f"largest activation score ({layer})", ylabel=label)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"{algo.upper()}: one point per configuration, averaged over seeds and tasks")
-    fig.tight_layout()
-    fig.savefig(os.path.join(a.out, f"dominance_{algo}.png"), dpi=120)
-    plt.close(fig)
+            ax.scatter([x], [y], label=config, color=plots.color(config), s=12)
+        plots.label(ax, f"largest activation score ({layer})", ylabel)
+    fig.suptitle(f"{algo.upper()}: one point per configuration, averaged over seeds and tasks", y=1.0)
+    _legend(fig, axes)
+    return _save(fig, a, f"dominance_{algo}", formats)
 
 
 if __name__ == "__main__":

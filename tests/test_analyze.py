@@ -1,8 +1,11 @@
-"""scripts/analyze.py on synthetic runs whose every number can be computed by hand."""
+"""scripts/analyze.py on synthetic runs whose every number can be computed by hand, and whose aggregates must equal
+rliable called directly on the same score matrix."""
 import csv
 import json
 import os
+import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -13,6 +16,9 @@ sys.path.insert(0, os.path.join(REPO, "scripts"))
 import analyze  # noqa: E402
 
 TOTAL = 100_000
+STEPS = np.arange(1, 101) * 1000  # 100 episodes, one every 1000 steps: 10 per curve window of 10k steps
+REPS, CURVE_REPS, POI_REPS, SEED = 200, 20, 100, 0
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def summary(seed, **extra):
@@ -48,128 +54,318 @@ def write_run(runs, name, args, returns, metrics=None, finished=True, evals=None
     return d
 
 
-STEPS = np.arange(1, 101) * 1000  # 100 episodes, one every 1000 steps: 10 per curve window of 10k steps
+def run_analyze(runs, out, *extra):
+    assert analyze.main([str(runs), "--out", str(out), "--reps", str(REPS), "--curve-reps", str(CURVE_REPS),
+                         "--curve-points", "10", "--seed", str(SEED), "--poi-reps", str(POI_REPS), "--dpi", "60",
+                         *extra]) == 0
+    with open(out / "results.csv") as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    with open(out / "aggregates.csv") as f:
+        agg = {(r["algo"], r["config"], r["score"], r["statistic"]): r for r in csv.DictReader(f)}
+    return out, rows, agg
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def rliable_direct(matrix, gamma=1.0, reps=REPS, seed=SEED):
+    """rliable called directly: median, IQM, mean, optimality gap with 95% stratified-bootstrap CIs."""
+    from rliable import library as rly, metrics
+
+    func = lambda x: np.array([metrics.aggregate_median(x), metrics.aggregate_iqm(x),  # noqa: E731
+                               metrics.aggregate_mean(x), metrics.aggregate_optimality_gap(x, gamma)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        points, cis = rly.get_interval_estimates({"m": np.asarray(matrix, float)}, func, reps=reps,
+                                                 random_state=np.random.RandomState(seed))
+    return points["m"], cis["m"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The DQN sweep of the HR papers: 8 configurations x {Breakout, Pong} x seeds {1, 2}
+# ---------------------------------------------------------------------------------------------------------------
+GAMES = ("Breakout", "Pong")
+FLAGS = {"relu": dict(activation="relu", hr=False), "tanh": dict(activation="tanh", hr=False),
+         "sigmoid": dict(activation="sigmoid", hr=False), "hr_tanh": dict(activation="tanh", hr=True),
+         "hr_relu": dict(activation="relu", hr=True), "hr_sigmoid": dict(activation="sigmoid", hr=True),
+         "widen_tanh": dict(activation="tanh", hidden_dim=1024), "2hr_tanh": dict(activation="tanh", hr=True,
+                                                                                   hidden_layers=2)}
+# constant return of (config, game) for seed 1; seed 2 adds 10 (Breakout) or 2 (Pong)
+RETURN = {"tanh": (20.0, -5.0), "hr_tanh": (150.0, 0.0), "hr_relu": (10.0, -10.0), "sigmoid": (30.0, -1.0),
+          "hr_sigmoid": (40.0, 1.0), "widen_tanh": (15.0, -15.0), "2hr_tanh": (140.0, 3.0)}
+# final dormant fraction (KDE) of `latent` per (config, game); seed 2 adds 0.02
+DORMANT = {"relu": (0.6, 0.8), "hr_relu": (0.9, 0.95), "tanh": (0.3, 0.4), "hr_tanh": (0.1, 0.2),
+           "sigmoid": (0.4, 0.5), "hr_sigmoid": (0.45, 0.5), "widen_tanh": (0.3, 0.3), "2hr_tanh": (0.1, 0.1)}
+BOUNDS = {"Breakout": (5.5, 191.0), "Pong": (-21.0, 21.0)}  # ReLU curves' window means: min, max over both seeds
+
+
+def relu_return(game, seed, step):
+    if game == "Breakout":  # seed 1: step/1000, seed 2 twice that; window means 5.5 .. 95.5 and 11 .. 191
+        return seed * step / 1000
+    return -21.0 if step <= 50_000 else 21.0
+
+
+def final_return(config, game, seed):
+    if config == "relu":
+        return float(np.mean([relu_return(game, seed, s) for s in STEPS[-5:]]))  # last 5% of 100 episodes
+    return RETURN[config][GAMES.index(game)] + (seed - 1) * (10.0 if game == "Breakout" else 2.0)
+
+
+def normalised(config, game, seed):
+    lo, hi = BOUNDS[game]
+    return (final_return(config, game, seed) - lo) / (hi - lo)
+
+
+def dormant(config, game, seed):
+    return DORMANT[config][GAMES.index(game)] + 0.02 * (seed - 1)
 
 
 def dqn_args(config, game, seed):
-    flags = {"relu": dict(activation="relu", hr=False), "hr_tanh": dict(activation="tanh", hr=True),
-             "tanh": dict(activation="tanh", hr=False), "hr_relu": dict(activation="relu", hr=True)}[config]
-    return {"target_network_frequency": 1000, "exp_name": config, "env_id": f"{game}NoFrameskip-v4", "seed": seed, **flags}
+    return {"target_network_frequency": 1000, "exp_name": config, "env_id": f"{game}NoFrameskip-v4", "seed": seed,
+            **FLAGS[config]}
 
 
 @pytest.fixture(scope="module")
-def analysed(tmp_path_factory):
-    base = tmp_path_factory.mktemp("analyze")
+def dqn(tmp_path_factory):
+    base = tmp_path_factory.mktemp("dqn")
     runs = base / "runs"
-    # Breakout ReLU: seed 1 returns step/1000, seed 2 twice that. Window means: 5.5, 15.5, ..., 95.5 (and x2).
-    for seed, scale in ((1, 1.0), (2, 2.0)):
-        write_run(runs, f"dqn__Breakout__relu__s{seed}", dqn_args("relu", "Breakout", seed),
-                  [(s, scale * s / 1000) for s in STEPS],
-                  {"representation/latent/dormant_kde": [(50_000, 0.5), (100_000, 0.6)]})
-        # tanh+HR on Breakout: constant 150 and 50
-        write_run(runs, f"dqn__Breakout__hr_tanh__s{seed}", dqn_args("hr_tanh", "Breakout", seed),
-                  [(s, 150.0 if seed == 1 else 50.0) for s in STEPS],
-                  {"representation/latent/dormant_kde": [(100_000, 0.09)]})
-        write_run(runs, f"dqn__Breakout__tanh__s{seed}", dqn_args("tanh", "Breakout", seed),
-                  [(s, 20.0) for s in STEPS], {"representation/latent/dormant_kde": [(100_000, 0.3)]})
-    # Pong ReLU: one seed, returns -21 for the first half, 21 after: window means -21 .. 21
-    write_run(runs, "dqn__Pong__relu__s1", dqn_args("relu", "Pong", 1),
-              [(s, -21.0 if s <= 50_000 else 21.0) for s in STEPS],
-              {"representation/latent/dormant_kde": [(100_000, 0.8)]})
-    write_run(runs, "dqn__Breakout__hr_relu__s1", dqn_args("hr_relu", "Breakout", 1), [(s, 10.0) for s in STEPS],
-              {"representation/latent/dormant_kde": [(100_000, 0.95)]},
-              finished={"global_step": TOTAL + 500, "wall_seconds": 3600.0})  # only the older summary's keys
-    write_run(runs, "dqn__Pong__hr_tanh__s1", dqn_args("hr_tanh", "Pong", 1), [(s, 0.0) for s in STEPS],
-              {"representation/latent/dormant_kde": [(100_000, 0.2)]}, finished="")  # an older empty marker
-    # a crashed run and a directory without args: listed / ignored, never in the numbers
-    stopped = write_run(runs, "dqn__Pong__relu__s2", dqn_args("relu", "Pong", 2), [(1000, 1e6)], finished=False)
-    for f in stopped.iterdir():
-        os.utime(f, (1, 1))
-    # its first try, stopped before its first checkpoint and moved aside by the harness when it started again
-    write_run(runs, "dqn__Pong__relu__s2.partial-1700000000", dqn_args("relu", "Pong", 2), [(1000, 1e6)],
-              finished=False)
-    (runs / "_sweep_logs").mkdir()
-    out = base / "results"
-    assert analyze.main([str(runs), "--out", str(out), "--reps", "300", "--curve-reps", "20",
-                         "--curve-points", "10"]) == 0
-    with open(out / "results.csv") as f:
-        rows = {r["run"]: r for r in csv.DictReader(f)}
-    return out, rows
+    for config in FLAGS:
+        for game in GAMES:
+            for seed in (1, 2):
+                returns = [(s, relu_return(game, seed, s) if config == "relu" else final_return(config, game, seed))
+                           for s in STEPS]
+                d = dormant(config, game, seed)
+                metrics = {"representation/latent/dormant_kde": [(50_000, 0.5), (100_000, d)],
+                           "representation/latent/dormant_score": [(50_000, 0.4), (100_000, d / 2)],
+                           "representation/latent/srank": [(50_000, 100.0), (100_000, 200.0 * (1 - d))],
+                           "representation/hidden_bias": [(50_000, 1.0), (100_000, 10 * d)]}
+                write_run(runs, f"dqn__{game}__{config}__s{seed}", dqn_args(config, game, seed), returns, metrics)
+    return run_analyze(runs, base / "results")
 
 
-def test_results_csv_final_scores(analysed):
-    _, rows = analysed
-    assert len(rows) == 9  # the stopped run and the one moved aside are left out
-    assert "dqn__Pong__relu__s2" not in rows and not any(".partial-" in name for name in rows)
+def test_results_csv_final_scores_and_normalisation(dqn):
+    _, rows, _ = dqn
+    assert len(rows) == len(FLAGS) * 4
     r = rows["dqn__Breakout__relu__s1"]
     assert r["algo"] == "dqn" and r["config"] == "relu" and r["game"] == "Breakout" and r["seed"] == "1"
-    assert float(r["final_score"]) == pytest.approx(np.mean([96, 97, 98, 99, 100]))  # last 5% of 100 episodes
+    assert float(r["final_score"]) == pytest.approx(np.mean([96, 97, 98, 99, 100]))
     assert float(rows["dqn__Breakout__relu__s2"]["final_score"]) == pytest.approx(196.0)
-    # final metric = mean of the last 5% of probes (here: the last of two)
-    assert float(r["representation/latent/dormant_kde"]) == pytest.approx(0.6)
-
-
-def test_baseline_and_human_normalisation(analysed):
-    _, rows = analysed
-    lo, hi = 5.5, 191.0  # min / max over both ReLU seeds' window means on Breakout
-    assert float(rows["dqn__Breakout__relu__s1"]["baseline_normalized"]) == pytest.approx((98 - lo) / (hi - lo))
-    assert float(rows["dqn__Breakout__hr_tanh__s1"]["baseline_normalized"]) == pytest.approx((150 - lo) / (hi - lo))
-    assert float(rows["dqn__Pong__hr_tanh__s1"]["baseline_normalized"]) == pytest.approx(0.5)  # (0 + 21) / 42
+    assert float(r["representation/latent/dormant_kde"]) == pytest.approx(0.6)  # the last of two probes
+    for config in FLAGS:
+        for game in GAMES:
+            for seed in (1, 2):
+                row = rows[f"dqn__{game}__{config}__s{seed}"]
+                assert row["config"] == config
+                assert float(row["baseline_normalized"]) == pytest.approx(normalised(config, game, seed))
     assert float(rows["dqn__Pong__hr_tanh__s1"]["human_normalized"]) == pytest.approx(20.7 / 35.3)
-    assert float(rows["dqn__Breakout__hr_tanh__s2"]["human_normalized"]) == pytest.approx((50 - 1.7) / 28.8)
+    assert float(rows["dqn__Breakout__hr_tanh__s2"]["human_normalized"]) == pytest.approx((160 - 1.7) / 28.8)
 
 
-def test_aggregates_by_hand(analysed):
-    out, _ = analysed
-    with open(out / "aggregates.csv") as f:
-        agg = {(r["config"], r["score"], r["statistic"]): r for r in csv.DictReader(f)}
-    lo, hi = 5.5, 191.0
-    breakout = [(150 - lo) / (hi - lo), (50 - lo) / (hi - lo)]
-    pong = [0.5]
-    mean = agg[("hr_tanh", "baseline_normalized", "mean")]
-    assert float(mean["value"]) == pytest.approx((np.mean(breakout) + 0.5) / 2)
-    assert float(agg[("hr_tanh", "baseline_normalized", "median")]["value"]) == pytest.approx(
-        np.median([np.mean(breakout), 0.5]))
-    assert float(agg[("hr_tanh", "baseline_normalized", "iqm")]["value"]) == pytest.approx(
-        trim_mean(breakout + pong, 0.25))
-    assert float(mean["ci_low"]) <= float(mean["value"]) <= float(mean["ci_high"])
-    assert mean["tasks"] == "2" and mean["runs"] == "3"
-    # Pong has one seed, so the bootstrap can only move Breakout: the CI is bounded by its two extremes
-    assert float(mean["ci_low"]) >= (breakout[1] + 0.5) / 2 - 1e-9
-    assert float(mean["ci_high"]) <= (breakout[0] + 0.5) / 2 + 1e-9
+def test_aggregates_equal_rliable_on_the_same_matrix(dqn):
+    _, _, agg = dqn
+    for config in ("relu", "hr_tanh", "tanh"):
+        matrix = [[normalised(config, g, s) for g in GAMES] for s in (1, 2)]  # (runs, tasks)
+        points, cis = rliable_direct(matrix)
+        for i, stat in enumerate(("median", "iqm", "mean", "optimality_gap")):
+            row = agg[("dqn", config, "baseline_normalized", stat)]
+            assert float(row["value"]) == pytest.approx(points[i])
+            assert float(row["ci_low"]) == pytest.approx(cis[0][i]) and float(row["ci_high"]) == pytest.approx(
+                cis[1][i])
+            assert row["tasks"] == "2" and row["runs"] == "4" and row["interval"] == "ok"
+        m = np.array(matrix)  # and by hand
+        assert float(agg[("dqn", config, "baseline_normalized", "mean")]["value"]) == pytest.approx(m.mean())
+        assert float(agg[("dqn", config, "baseline_normalized", "median")]["value"]) == pytest.approx(
+            np.median(m.mean(0)))
+        assert float(agg[("dqn", config, "baseline_normalized", "iqm")]["value"]) == pytest.approx(
+            trim_mean(m.ravel(), 0.25))
+        assert float(agg[("dqn", config, "baseline_normalized", "optimality_gap")]["value"]) == pytest.approx(
+            np.mean(1 - np.minimum(m, 1)))
 
 
-def test_tables_md(analysed):
-    out, _ = analysed
+def test_probability_of_improvement_equals_rliable(dqn):
+    from rliable import library as rly, metrics
+
+    out, _, _ = dqn
+    poi = {r["config"]: r for r in read_csv(out / "probability_of_improvement.csv")}
+    assert set(poi) == set(FLAGS) - {"relu"} and poi["hr_tanh"]["baseline"] == "relu"
+    x = np.array([[normalised("hr_tanh", g, s) for g in GAMES] for s in (1, 2)])
+    y = np.array([[normalised("relu", g, s) for g in GAMES] for s in (1, 2)])
+    # hr_tanh beats relu on Breakout in 2 of 4 pairs (150, 160 vs 98, 196) and loses on Pong (0, 2 vs 21, 21)
+    assert float(poi["hr_tanh"]["value"]) == pytest.approx((2 / 4 + 0) / 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        _, cis = rly.get_interval_estimates({"p": (x, y)}, lambda a, b: np.array([
+            metrics.probability_of_improvement(a, b)]), reps=POI_REPS, random_state=np.random.RandomState(SEED))
+    assert float(poi["hr_tanh"]["ci_low"]) == pytest.approx(cis["p"][0][0])
+    assert float(poi["hr_tanh"]["ci_high"]) == pytest.approx(cis["p"][1][0])
+
+
+def test_dormant_table_hr_v1_table2(dqn):
+    out, _, _ = dqn
     text = (out / "tables.md").read_text()
-    # Table 1: tanh p = 0.3 (both games? only Breakout has tanh) -> predicted 0.09; HR measured mean over games
-    # of per-game means: Breakout 0.09, Pong 0.2 -> 0.145. ReLU: Breakout 0.6, Pong 0.8 -> 0.7 vs 1-(0.3)^2.
-    assert "| tanh | 0.300 | 0.145 | p^2 = 0.090 |" in text
-    assert "| ReLU | 0.700 | 0.950 | 1-(1-p)^2 = 0.910 |" in text
-    lo, hi = 5.5, 191.0
-    tanh_base = (20 - lo) / (hi - lo)
-    hr = (np.mean([(150 - lo) / (hi - lo), (50 - lo) / (hi - lo)]) + 0.5) / 2
-    assert f"| tanh | {tanh_base:.3f} | {hr:.3f} | — | — |" in text
-    assert "`dqn__Pong__relu__s2`: stopped" in text
-    assert "`dqn__Pong__relu__s2.partial-1700000000`: moved aside, last step 1000" in text
-    assert "2 runs." in text
-    # wall time from the 8 runs whose summary has it (s1: 1 h each, five runs; s2: 2 h, three); not the empty marker
-    assert "Wall time (runs/NAME/finished) of 8 of 9 runs: median 1.00 h per run, 11.0 h in all." in text
+
+    def p(config):  # seeds averaged per game, then games
+        return np.mean([np.mean([dormant(config, g, s) for s in (1, 2)]) for g in GAMES])
+
+    tanh, relu, sig = p("tanh"), p("relu"), p("sigmoid")
+    assert (f"| tanh | {tanh:.3f} | {p('hr_tanh'):.3f} | p^2 = {tanh ** 2:.3f} | "
+            f"{100 * (p('hr_tanh') - tanh) / tanh:+.0f}% |") in text
+    assert f"| ReLU | {relu:.3f} | {p('hr_relu'):.3f} | 1-(1-p)^2 = {1 - (1 - relu) ** 2:.3f} |" in text
+    assert f"| sigmoid | {sig:.3f} | {p('hr_sigmoid'):.3f} | p = {sig:.3f} |" in text
+    table = {r["activation"]: r for r in read_csv(out / "table_dormant_dqn.csv")}
+    assert float(table["tanh"]["without_hr_p"]) == pytest.approx(tanh)
+    assert float(table["ReLU"]["with_hr_predicted"]) == pytest.approx(1 - (1 - relu) ** 2)
+    assert float(table["sigmoid"]["with_hr_measured"]) == pytest.approx(p("hr_sigmoid"))
 
 
-def test_results_csv_reads_the_summary(analysed):
-    _, rows = analysed
-    r = rows["dqn__Breakout__relu__s2"]
-    assert int(r["global_step"]) == TOTAL + 500 and int(r["last_step"]) == TOTAL  # trained past its last episode
-    assert float(r["wall_seconds"]) == 7200.0 and float(r["probe_share"]) == pytest.approx(0.01)
-    short = rows["dqn__Breakout__hr_relu__s1"]  # {global_step, wall_seconds} only
-    assert int(short["global_step"]) == TOTAL + 500 and float(short["wall_seconds"]) == 3600.0
-    assert short["probe_share"] == "nan"
-    old = rows["dqn__Pong__hr_tanh__s1"]  # an empty `finished`: still finished; steps from its last event
-    assert old["status"] == "finished" and int(old["global_step"]) == TOTAL
-    assert old["wall_seconds"] == "nan" and old["probe_share"] == "nan"
+def test_hr_v2_table2(dqn):
+    out, _, _ = dqn
+
+    def mean_score(config):
+        return np.mean([np.mean([normalised(config, g, s) for s in (1, 2)]) for g in GAMES])
+
+    cells = [mean_score(c) for c in ("tanh", "hr_tanh", "widen_tanh", "2hr_tanh")]
+    text = (out / "tables.md").read_text()
+    assert "| tanh | " + " | ".join(f"{c:.3f}" for c in cells) + " |" in text
+    table = read_csv(out / "table2_dqn.csv")
+    assert [float(table[0][k]) for k in ("baseline", "hr", "widen", "2hr")] == pytest.approx(cells)
+    combined = (out / "table2_hr_v2.md").read_text()
+    for variant, value in zip(("Baseline", "+ HR", "+ Widen", "+ 2HR"), cells):
+        assert f"| {variant} | {value:.3f} [" in combined
+    assert [r["variant"] for r in read_csv(out / "table2_hr_v2.csv")] == ["Baseline", "+ HR", "+ Widen", "+ 2HR"]
 
 
+def test_every_figure_written(dqn):
+    out, _, _ = dqn
+    for stem in ("curves_dqn", "games_dqn", "final_dqn", "representation_dqn", "metrics_dqn", "aggregates_dqn",
+                 "profiles_dqn", "improvement_dqn"):
+        for ext in ("png", "pdf"):
+            path = out / f"{stem}.{ext}"
+            assert path.exists() and path.stat().st_size > 2_000, path
+        assert (out / f"{stem}.png").read_bytes()[:8] == PNG
+        assert (out / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-"
+
+
+def test_help_shows_defaults():
+    out = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "analyze.py"), "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "(default: results)" in out and "(default: 2000)" in out and "(default: png,pdf)" in out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a researcher trips over: PQN runs of different lengths, one seed, no episode, corrupt, unfinished
+# ---------------------------------------------------------------------------------------------------------------
+def pqn_args(config, game, seed):
+    return {"q_lambda": 0.65, "exp_name": config, "env_id": f"{game}-v5", "seed": seed,
+            "encoder": "hadamax" if config == "hadamax" else "nature"}
+
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory):
+    base = tmp_path_factory.mktemp("edge")
+    runs = base / "runs"
+    for game, ret in (("Breakout", 30.0), ("Pong", 0.0)):
+        for seed in (1, 2):  # relu: seed 2 on Breakout stopped at half the horizon (finished: a shorter run)
+            steps = STEPS[:50] if (game, seed) == ("Breakout", 2) else STEPS
+            fin = summary(seed, global_step=int(steps[-1]))
+            write_run(runs, f"pqn__{game}__relu__s{seed}", pqn_args("relu", game, seed),
+                      [(s, ret + seed) for s in steps], {"representation/latent/dormant_kde": [(int(steps[-1]), .5)]},
+                      finished=fin)
+        write_run(runs, f"pqn__{game}__hadamax__s1", pqn_args("hadamax", game, 1),  # hadamax: one seed only
+                  [(s, 2 * ret + 5) for s in STEPS], {"representation/latent/dormant_kde": [(TOTAL, 0.2)]})
+    # a DQN sweep without ReLU runs: no baseline normalisation, so its figures show human-normalised scores
+    for seed in (1, 2):
+        write_run(runs, f"dqn__Pong__tanh__s{seed}", dqn_args("tanh", "Pong", seed), [(s, float(seed)) for s in STEPS])
+    # finished, but no episode ended (a horizon shorter than one game)
+    write_run(runs, "pqn__Pong__hadamax__s2", pqn_args("hadamax", "Pong", 2), [],
+              {"representation/latent/srank": [(1000, 5.0)]}, finished=summary(2, global_step=1000))
+    # crashed, and its first try moved aside; a directory without args; two corrupt ones
+    stopped = write_run(runs, "pqn__Pong__relu__s3", pqn_args("relu", "Pong", 3), [(1000, 1e6)], finished=False)
+    for f in stopped.iterdir():
+        os.utime(f, (1, 1))
+    write_run(runs, "pqn__Pong__relu__s3.partial-1700000000", pqn_args("relu", "Pong", 3), [(1000, 1e6)],
+              finished=False)
+    (runs / "_sweep_logs").mkdir()
+    (runs / "corrupt_args").mkdir()
+    (runs / "corrupt_args" / "args.json").write_text("{not json")
+    (runs / "corrupt_args" / "finished").write_text("{}")
+    return run_analyze(runs, base / "results")
+
+
+def test_one_seed_interval_not_defined(edge):
+    out, rows, agg = edge
+    iqm = agg[("pqn", "hadamax", "human_normalized", "iqm")]
+    assert iqm["ci_low"] == "nan" and iqm["ci_high"] == "nan" and iqm["interval"].startswith("not defined")
+    hns = [(2 * 30 + 5 - 1.7) / (30.5 - 1.7), (5 + 20.7) / (14.6 + 20.7)]  # Breakout, Pong
+    assert float(iqm["value"]) == pytest.approx(np.mean(hns))  # IQM of 2 values
+    text = (out / "tables.md").read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("| hadamax |"))
+    assert line.count("[CI not defined]") == 4 and "CI not defined: fewer than two runs per task." in text
+    assert agg[("pqn", "relu", "human_normalized", "iqm")]["interval"] == "ok"
+    for stem in ("curves_pqn", "aggregates_pqn", "final_pqn", "games_pqn"):
+        assert (out / f"{stem}.png").stat().st_size > 2_000
+
+
+def test_runs_of_different_lengths_are_reported_not_cut(edge):
+    out, rows, agg = edge
+    assert int(rows["pqn__Breakout__relu__s2"]["global_step"]) == 50_000
+    assert float(rows["pqn__Breakout__relu__s2"]["final_score"]) == pytest.approx(32.0)
+    text = (out / "tables.md").read_text()
+    assert "Runs of different lengths (agent steps): 50000 to 100500." in text
+    assert "- `pqn__Breakout__relu__s2`: 50000" in text
+    # the aggregate uses both relu seeds on both games (runs of different lengths are not dropped)
+    assert agg[("pqn", "relu", "human_normalized", "mean")]["runs"] == "4"
+
+
+def test_without_relu_runs_dqn_figures_fall_back_to_human_normalised(edge):
+    out, rows, agg = edge
+    assert rows["dqn__Pong__tanh__s1"]["baseline_normalized"] == "nan"
+    assert float(agg[("dqn", "tanh", "human_normalized", "mean")]["value"]) == pytest.approx((1.5 + 20.7) / 35.3)
+    assert "No `baseline_normalized` scores (no ReLU runs to normalise by): the figures show `human_normalized`." in (
+        out / "tables.md").read_text()
+    for stem in ("curves_dqn", "aggregates_dqn", "final_dqn"):
+        assert (out / f"{stem}.png").stat().st_size > 2_000
+
+
+def test_no_episode_corrupt_unfinished_are_listed(edge, capsys):
+    out, rows, _ = edge
+    assert "pqn__Pong__hadamax__s2" not in rows and "pqn__Pong__relu__s3" not in rows
+    text = (out / "tables.md").read_text()
+    assert "- `pqn__Pong__hadamax__s2`: finished, last step 1000, no complete episode" in text
+    assert "- `pqn__Pong__relu__s3`: stopped, last step 1000" in text
+    assert "- `pqn__Pong__relu__s3.partial-1700000000`: moved aside, last step 1000" in text
+    assert "- `corrupt_args`: JSONDecodeError" in text
+    assert "1 finished without a complete episode, 2 not finished, 1 unreadable" in text
+
+
+def test_empty_or_missing_runs_dir_is_an_error(tmp_path, capsys):
+    (tmp_path / "runs").mkdir()
+    assert analyze.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no run directories")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit, match="not a directory"):
+        analyze.main([str(tmp_path / "missing")])
+
+
+def test_curve_windows_do_not_forward_fill():
+    run = analyze.RunData("x", "x", {}, "dqn", "relu", "Pong", 1, "finished",
+                          {"charts/episodic_return": (np.array([5, 15, 16, 45]), np.array([1.0, 2.0, 4.0, 8.0]))})
+    # windows (-inf,10], (10,20], (20,30], (30,40], (40,50]: empty windows are gaps, not the last value
+    np.testing.assert_allclose(analyze.curve(run, np.array([10, 20, 30, 40, 50])), [1, 3, np.nan, np.nan, 8])
+
+
+def test_score_matrix_keeps_equal_runs_per_task():
+    matrix, tasks, dropped = analyze.score_matrix({"b": [1.0, 2.0, 3.0], "a": [4.0, 5.0], "c": []})
+    assert tasks == ["a", "b"] and dropped == 1
+    np.testing.assert_allclose(matrix, [[4, 1], [5, 2]])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading, summaries, labels (the interface scripts/figures_dominance.py imports)
+# ---------------------------------------------------------------------------------------------------------------
 def test_read_finished_tolerates_older_markers(tmp_path):
     assert analyze.read_finished(str(tmp_path)) is None  # not finished
     for text, expected in (("", {}), ("done\n", {}), ("[1, 2]", {}), ('{"global_step": 7}', {"global_step": 7})):
@@ -185,19 +381,16 @@ def test_read_finished_tolerates_older_markers(tmp_path):
     assert np.isnan(analyze.number(None)) and np.isnan(analyze.number("x")) and analyze.number(float("inf"), 3) == 3
 
 
-def test_figures_written(analysed):
-    out, _ = analysed
-    for name in ("curves_dqn.png", "representation_dqn.png"):
-        path = out / name
-        assert path.exists() and path.stat().st_size > 10_000, name
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_curve_windows():
-    run = analyze.RunData("x", "x", {}, "dqn", "relu", "Pong", 1, "finished",
-                          {"charts/episodic_return": (np.array([5, 15, 16, 45]), np.array([1.0, 2.0, 4.0, 8.0]))})
-    # windows (-inf,10], (10,20], (20,30], (30,40], (40,50]: empty windows carry the last value forward
-    np.testing.assert_allclose(analyze.curve(run, np.array([10, 20, 30, 40, 50])), [1, 3, 3, 3, 8])
+def test_load_run_and_summary_fields(tmp_path):
+    runs = tmp_path / "runs"
+    d = write_run(runs, "dqn__Pong__relu__s2", dqn_args("relu", "Pong", 2), [(1000, 1.0), (2000, 3.0)],
+                  finished={"global_step": 2500, "wall_seconds": 3600.0})
+    r = analyze.load_run(str(d), 0.0)
+    assert (r.algo, r.config, r.env_id, r.seed, r.status) == ("dqn", "relu", "PongNoFrameskip-v4", 2, "finished")
+    assert r.global_step == 2500 and r.last_step == 2000
+    steps, values = analyze.read_event_scalars(str(d))["charts/episodic_return"]
+    assert steps.tolist() == [1000, 2000] and values.tolist() == [1.0, 3.0]
+    assert analyze.load_run(str(tmp_path), 0.0) is None  # no args.json
 
 
 def test_config_labels_for_hand_made_runs():
@@ -205,6 +398,7 @@ def test_config_labels_for_hand_made_runs():
     assert analyze.config_label({"activation": "tanh", "hr": True, "hidden_layers": 2}, "dqn") == "2hr_tanh"
     assert analyze.config_label({"activation": "relu", "hidden_dim": 1024}, "dqn") == "widen_relu"
     assert analyze.config_label({"activation": "tanh", "layernorm": True}, "dqn") == "tanh_ln"
+    assert analyze.config_label({"activation": "sigmoid", "hr": True}, "dqn") == "hr_sigmoid"
     assert analyze.config_label({"encoder": "hadamax"}, "pqn") == "hadamax"
     assert analyze.config_label({"mitigation": "lnwd", "hr": True}, "drq") == "hr_lnwd"
 
@@ -215,87 +409,35 @@ def test_algorithm_from_args():
     assert analyze.algorithm_of({"mitigation": "none"}, "x") == "drq"
     assert analyze.algorithm_of({"exp_name": "dqn_atari_hr"}, "x") == "dqn"
     assert analyze.algorithm_of({}, "ppo__Pong-v5__relu__s1") == "ppo"
-
-
-def test_bad_runs_dir(tmp_path):
-    with pytest.raises(SystemExit, match="not a directory"):
-        analyze.main([str(tmp_path / "missing")])
-
-
-SIMBA_BASE = {"baseline": {"humanoid-run": 100, "dog-run": 400}, "hr": {"humanoid-run": 150, "dog-run": 500},
-              "widen": {"humanoid-run": 120, "dog-run": 420}}
-
-
-def simba_final(config, task, seed):
-    return SIMBA_BASE[config][task] + 10 * seed + 10  # the mean of the evaluations at 960k and 1M frames
-
-
-@pytest.fixture(scope="module")
-def simba_analysed(tmp_path_factory):
-    """SimbaV2 runs: 2 tasks x {baseline, hr, widen} x 2 seeds, 1M frames; evaluations at 500k (outside the final
-    5%: must not count), 960k and 1M frames."""
-    base = tmp_path_factory.mktemp("simba")
-    runs = base / "runs"
-    for config in SIMBA_BASE:
-        for task in ("humanoid-run", "dog-run"):
-            for seed in (1, 2):
-                v = SIMBA_BASE[config][task] + 10 * seed
-                args = {"c_shift": 3.0, "exp_name": config, "env_id": task, "seed": seed, "hr": config == "hr",
-                        "widen": config == "widen", "total_timesteps": 1_000_000}
-                write_run(runs, f"simbav2__{task}__{config}__s{seed}", args, [(s * 10, 1.0) for s in STEPS],
-                          {"representation/latent/srank": [(1_000_000, 300.0)]},
-                          finished=summary(seed, global_step=1_000_000),
-                          evals=[(500_000, 0.0), (960_000, v), (1_000_000, v + 20)])
-    out = base / "results"
-    assert analyze.main([str(runs), "--out", str(out), "--reps", "200", "--curve-reps", "10",
-                         "--curve-points", "5"]) == 0
-    with open(out / "results.csv") as f:
-        rows = {r["run"]: r for r in csv.DictReader(f)}
-    return out, rows
-
-
-def test_simbav2_scores_are_final_5pct_evals_normalised_by_the_dmc_range(simba_analysed):
-    _, rows = simba_analysed
-    assert len(rows) == 12
-    r = rows["simbav2__dog-run__hr__s2"]
-    assert (r["algo"], r["config"], r["game"]) == ("simbav2", "hr", "dog-run")
-    assert float(r["final_eval"]) == pytest.approx(simba_final("hr", "dog-run", 2))
-    assert float(r["task_normalized"]) == pytest.approx(simba_final("hr", "dog-run", 2) / 1000)
-
-
-def test_simbav2_iqm_and_table2_column(simba_analysed):
-    out, _ = simba_analysed
-    with open(out / "aggregates.csv") as f:
-        agg = {(r["algo"], r["config"], r["statistic"]): r for r in csv.DictReader(f)}
-    text = (out / "tables.md").read_text()
-    assert "### Table 2 (SIMBAV2): IQM `task_normalized` score, parameter-matched widen" in text
-    for config, label, paper in (("baseline", "Baseline", "0.71"), ("hr", "+ HR", "0.84"), ("widen", "+ Widen", "0.76")):
-        scores = [simba_final(config, t, s) / 1000 for t in ("humanoid-run", "dog-run") for s in (1, 2)]
-        iqm = agg[("simbav2", config, "iqm")]
-        assert float(iqm["value"]) == pytest.approx(trim_mean(scores, 0.25))  # IQM over (task, seed)
-        assert float(iqm["ci_low"]) <= float(iqm["value"]) <= float(iqm["ci_high"])
-        assert (f"| {label} | {float(iqm['value']):.3f} [{float(iqm['ci_low']):.3f}, {float(iqm['ci_high']):.3f}] "
-                f"| 2 | 4 | {paper} |") in text
-    assert "| task | published | baseline | hr | widen |" in text
-    assert "| humanoid-run | 195 | 125.0 (n=2) | 175.0 (n=2) | 145.0 (n=2) |" in text
-    assert "| dog-run | 563 | 425.0 (n=2) | 525.0 (n=2) | 445.0 (n=2) |" in text
-    path = out / "tasks_simbav2.png"
-    assert path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_simbav2_labels_and_algorithm():
     assert analyze.algorithm_of({"c_shift": 3.0, "hr": True}, "x") == "simbav2"
-    assert analyze.algorithm_of({"exp_name": "simbav2_dmc_hr"}, "x") == "simbav2"
+    assert analyze.algorithm_of({"enc_horizon": 5, "hr": True}, "x") == "mrq"
+    assert analyze.algorithm_of({"exp_name": "mrq_dmc_hr"}, "x") == "mrq"
+
+
+def test_simbav2_and_mrq_labels():
     label = analyze.config_label
     assert label({"exp_name": "simbav2_dmc_hr", "hr": True, "hr_networks": "both"}, "simbav2") == "hr"
     assert label({"widen": True, "hr_networks": "critic"}, "simbav2") == "widen_critic"
     assert label({"hr": True, "hr_networks": "critic", "hr_scaler": "shared"}, "simbav2") == "hr_critic_shared"
     assert label({"hr": False, "widen": False}, "simbav2") == "baseline"
+    assert label({"exp_name": "mrq_dmc_hr", "hr": True, "hr_layers": "zs"}, "mrq") == "hr"
+    assert label({"widen": True, "hr_layers": "zsa,convs"}, "mrq") == "widen_zsa_convs"
+    assert label({"hr": True, "hr_layers": "all"}, "mrq") == "hr_all"
+    assert label({"hr": False, "widen": False, "hr_layers": "all"}, "mrq") == "baseline"
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# SimbaV2 and MR.Q (HR v2 Table 2's other columns): scored on final-5% evaluation returns
+# ---------------------------------------------------------------------------------------------------------------
+SIMBA_BASE = {"baseline": {"humanoid-run": 100, "dog-run": 400}, "hr": {"humanoid-run": 150, "dog-run": 500},
+              "widen": {"humanoid-run": 120, "dog-run": 420}}
 MRQ_BASE = {"baseline": {"dog-run": 50.0, "humanoid-walk": 2.0, "walker-walk": 900.0},
             "hr": {"dog-run": 80.0, "humanoid-walk": 3.0, "walker-walk": 950.0},
             "widen": {"dog-run": 45.0, "humanoid-walk": 2.5, "walker-walk": 910.0}}
+
+
+def simba_final(config, task, seed):
+    return SIMBA_BASE[config][task] + 10 * seed + 10  # the mean of the evaluations at 960k and 1M frames
 
 
 def mrq_final(config, task, seed):
@@ -303,66 +445,74 @@ def mrq_final(config, task, seed):
 
 
 @pytest.fixture(scope="module")
-def mrq_analysed(tmp_path_factory):
-    """MR.Q runs: 2 hard tasks + walker-walk x {baseline, hr, widen} x 2 seeds, 1M frames; evaluations at 500k
-    (outside the final 5%: must not count), 960k and 1M frames."""
-    base = tmp_path_factory.mktemp("mrq")
+def dmc(tmp_path_factory):
+    """SimbaV2 (2 tasks) and MR.Q (2 hard tasks + walker-walk) x {baseline, hr, widen} x 2 seeds, 1M frames, in one
+    runs/; evaluations at 500k (outside the final 5%: must not count), 960k and 1M frames."""
+    base = tmp_path_factory.mktemp("dmc")
     runs = base / "runs"
-    for config in MRQ_BASE:
-        for task in MRQ_BASE[config]:
-            for seed in (1, 2):
-                v = mrq_final(config, task, seed)
-                args = {"enc_horizon": 5, "exp_name": config, "env_id": task, "seed": seed, "hr": config == "hr",
-                        "widen": config == "widen", "hr_layers": "zs", "total_timesteps": 1_000_000}
-                write_run(runs, f"mrq__{task}__{config}__s{seed}", args, [(s * 10, 1.0) for s in STEPS],
-                          {"representation/zs/srank": [(1_000_000, 300.0)]},
-                          finished=summary(seed, global_step=1_000_000),
-                          evals=[(500_000, 0.0), (960_000, v - 1), (1_000_000, v + 1)])
-    out = base / "results"
-    assert analyze.main([str(runs), "--out", str(out), "--reps", "200", "--curve-reps", "10",
-                         "--curve-points", "5"]) == 0
-    with open(out / "results.csv") as f:
-        rows = {r["run"]: r for r in csv.DictReader(f)}
-    return out, rows
+    for algo, table, key in (("simbav2", SIMBA_BASE, {"c_shift": 3.0}), ("mrq", MRQ_BASE, {"enc_horizon": 5})):
+        for config in table:
+            for task in table[config]:
+                for seed in (1, 2):
+                    if algo == "simbav2":
+                        v = SIMBA_BASE[config][task] + 10 * seed
+                        evals = [(500_000, 0.0), (960_000, v), (1_000_000, v + 20)]
+                    else:
+                        v = mrq_final(config, task, seed)
+                        evals = [(500_000, 0.0), (960_000, v - 1), (1_000_000, v + 1)]
+                    args = {**key, "exp_name": config, "env_id": task, "seed": seed, "hr": config == "hr",
+                            "widen": config == "widen", "hr_layers": "zs", "total_timesteps": 1_000_000}
+                    write_run(runs, f"{algo}__{task}__{config}__s{seed}", args, [(s * 10, 1.0) for s in STEPS],
+                              {"representation/latent/srank": [(1_000_000, 300.0)]},
+                              finished=summary(seed, global_step=1_000_000), evals=evals)
+    return run_analyze(runs, base / "results")
 
 
-def test_mrq_scores_are_final_evals_over_the_baseline_mean(mrq_analysed):
-    _, rows = mrq_analysed
-    assert len(rows) == 18
-    r = rows["mrq__dog-run__hr__s2"]
-    assert (r["algo"], r["config"], r["game"]) == ("mrq", "hr", "dog-run")
-    assert float(r["final_eval"]) == pytest.approx(mrq_final("hr", "dog-run", 2))
-    assert float(r["baseline_normalized"]) == pytest.approx(80 * 1.05 / 50)
+def test_simbav2_final_evals_iqm_and_table2_column(dmc):
+    out, rows, agg = dmc
+    r = rows["simbav2__dog-run__hr__s2"]
+    assert (r["algo"], r["config"], r["game"]) == ("simbav2", "hr", "dog-run")
+    assert float(r["final_eval"]) == pytest.approx(simba_final("hr", "dog-run", 2))
+    assert float(r["task_normalized"]) == pytest.approx(simba_final("hr", "dog-run", 2) / 1000)
+    text = (out / "tables.md").read_text()
+    assert "### Table 2 (SIMBAV2): IQM `task_normalized` score, parameter-matched widen" in text
+    for config, label, paper in (("baseline", "Baseline", "0.71"), ("hr", "+ HR", "0.84"), ("widen", "+ Widen", "0.76")):
+        matrix = [[simba_final(config, t, s) / 1000 for t in ("dog-run", "humanoid-run")] for s in (1, 2)]
+        points, cis = rliable_direct(matrix)
+        iqm = agg[("simbav2", config, "task_normalized", "iqm")]
+        assert float(iqm["value"]) == pytest.approx(trim_mean(np.ravel(matrix), 0.25)) == pytest.approx(points[1])
+        assert float(iqm["ci_low"]) == pytest.approx(cis[0][1]) and float(iqm["ci_high"]) == pytest.approx(cis[1][1])
+        assert (f"| {label} | {float(iqm['value']):.3f} [{float(iqm['ci_low']):.3f}, {float(iqm['ci_high']):.3f}] "
+                f"| 2 | 4 | {paper} |") in text
+    assert "| humanoid-run | 195 | 125.0 (n=2) | 175.0 (n=2) | 145.0 (n=2) |" in text
+    assert (out / "tasks_simbav2.png").read_bytes()[:8] == PNG
+
+
+def test_mrq_table2_column_equals_rliable(dmc):
+    from rliable import metrics
+
+    out, rows, _ = dmc
+    assert float(rows["mrq__dog-run__hr__s2"]["baseline_normalized"]) == pytest.approx(80 * 1.05 / 50)
     assert float(rows["mrq__walker-walk__baseline__s1"]["baseline_normalized"]) == pytest.approx(0.95)
-
-
-def test_mrq_table2_column_on_the_hard_tasks_and_published_returns(mrq_analysed):
-    out, _ = mrq_analysed
     text = (out / "tables.md").read_text()
     assert "### Table 2 (MR.Q): baseline-normalised final eval return on the 7 hard DMC-Visual tasks" in text
-    # seeds averaged per task (dog-run, humanoid-walk; walker-walk is not a hard task), then across the 2 tasks
-    for label, task_means, paper in (("Baseline", (1.0, 1.0), "1.00"), ("+ HR", (80 / 50, 3 / 2), "1.17"),
-                                     ("+ Widen", (45 / 50, 2.5 / 2), "0.97")):
-        line = [ln for ln in text.splitlines() if ln.startswith(f"| {label} | ") and ln.endswith(f"| {paper} |")]
-        assert len(line) == 1, label
-        cells = [c.strip() for c in line[0].strip("|").split("|")]
-        assert float(cells[1].split()[0]) == pytest.approx(np.mean(task_means), abs=1e-3)  # IQM of 2 = their mean
-        assert float(cells[2].split()[0]) == pytest.approx(np.mean(task_means), abs=1e-3)
-        lo, hi = (float(x) for x in cells[2].split("[")[1].rstrip("]").split(","))
-        assert lo <= np.mean(task_means) + 1e-3 and hi >= np.mean(task_means) - 1e-3
+    for config, label, paper in (("baseline", "Baseline", "1.00"), ("hr", "+ HR", "1.17"), ("widen", "+ Widen", "0.97")):
+        matrix = np.array([[mrq_final(config, t, s) / MRQ_BASE["baseline"][t] for t in ("dog-run", "humanoid-walk")]
+                           for s in (1, 2)])
+        from rliable import library as rly
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            pts, cis = rly.get_interval_estimates(
+                {"m": matrix}, lambda x: np.array([metrics.aggregate_iqm(x.mean(0)), x.mean(0).mean()]), reps=REPS,
+                random_state=np.random.RandomState(SEED))
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"| {label} | ") and ln.endswith(f"| {paper} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        for cell, i in ((cells[1], 0), (cells[2], 1)):  # IQM, mean: point [low, high]
+            got = [float(x) for x in cell.replace("[", "").replace("]", "").replace(",", "").split()]
+            assert got == pytest.approx([pts["m"][i], cis["m"][0][i], cis["m"][1][i]], abs=1.5e-3)
         assert cells[3:5] == ["2", "4"]
-    assert "### MR.Q per task: mean final eval return (seeds) and the published MR.Q return at 1M frames" in text
     assert "| dog-run | 60.2 | 50.0 (n=2) | 80.0 (n=2) | 45.0 (n=2) |" in text
-    assert "| walker-walk | 970.3 | 900.0 (n=2) | 950.0 (n=2) | 910.0 (n=2) |" in text
-    assert (out / "tasks_mrq.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    combined = (out / "table2_hr_v2.md").read_text()
+    assert "SimbaV2 (IQM)" in combined and "MR.Q (IQM, hard)" in combined
+    assert (out / "tasks_mrq.png").read_bytes()[:8] == PNG
     assert len(analyze.MRQ_PUBLISHED) == 28 and set(analyze.DMCV_HARD) <= set(analyze.MRQ_PUBLISHED)
-
-
-def test_mrq_labels_and_algorithm():
-    assert analyze.algorithm_of({"enc_horizon": 5, "hr": True}, "x") == "mrq"
-    assert analyze.algorithm_of({"exp_name": "mrq_dmc_hr"}, "x") == "mrq"
-    label = analyze.config_label
-    assert label({"exp_name": "mrq_dmc_hr", "hr": True, "hr_layers": "zs"}, "mrq") == "hr"
-    assert label({"widen": True, "hr_layers": "zsa,convs"}, "mrq") == "widen_zsa_convs"
-    assert label({"hr": True, "hr_layers": "all"}, "mrq") == "hr_all"
-    assert label({"hr": False, "widen": False, "hr_layers": "all"}, "mrq") == "baseline"

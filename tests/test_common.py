@@ -334,6 +334,22 @@ def test_bootstrap_ci_matches_slow_reference():
     assert (lo, hi) == pytest.approx(tuple(np.percentile(stats, [5, 95])))
 
 
+def test_iqm_and_bootstrap_ci_agree_with_rliable():
+    """common.iqm / bootstrap_ci stay public (CONVENTIONS) beside analyze.py's rliable: same point estimate as
+    rliable's aggregate_iqm on the same (runs x tasks) matrix, and a stratified-bootstrap interval that agrees with
+    rliable's (different random streams, so within a small fraction of the interval's width)."""
+    from rliable import library as rly, metrics
+    scores = np.random.default_rng(11).normal(loc=[0.0, 1.0, 3.0, 5.0], scale=1.0, size=(6, 4))  # 6 runs x 4 tasks
+    assert common.iqm(scores) == pytest.approx(metrics.aggregate_iqm(scores))
+    point, lo, hi = common.bootstrap_ci(scores, common.iqm, reps=4000, seed=0)
+    points, cis = rly.get_interval_estimates({"x": scores}, lambda x: np.array([metrics.aggregate_iqm(x)]),
+                                             reps=4000, random_state=np.random.RandomState(0))
+    assert point == pytest.approx(points["x"][0])
+    width = hi - lo
+    assert cis["x"][0, 0] == pytest.approx(lo, abs=0.1 * width)
+    assert cis["x"][1, 0] == pytest.approx(hi, abs=0.1 * width)
+
+
 def test_every_public_function_is_documented():
     for name in common.__all__:
         obj = getattr(common, name)
