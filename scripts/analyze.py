@@ -346,19 +346,34 @@ def aggregate_funcs(gamma: float = 1.0) -> Callable[[np.ndarray], np.ndarray]:
                                metrics.aggregate_optimality_gap(x, gamma)])
 
 
-def interval_estimates(matrix: np.ndarray, func, reps: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(points, lows, highs) of func's outputs: rliable.library.get_interval_estimates on the matrix with a 95%
-    percentile stratified bootstrap seeded by np.random.RandomState(seed). With fewer than two runs per task the
-    interval is not defined: lows/highs are NaN."""
+def rliable_intervals(scores, func, reps: int, seed: int):
+    """rliable.library.get_interval_estimates({"x": scores}, func) -> (points, cis), 95% percentile, reproducible:
+    rliable 1.2.0's stratified bootstraps draw their indices from numpy's GLOBAL generator (np.random.choice in
+    update_indices) and ignore the random_state they are given, so the global generator is seeded with `seed` for
+    the call and restored afterwards."""
     from rliable import library as rly
 
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        with warnings.catch_warnings():  # arch 7 deprecates random_state, which rliable 1.2.0 passes
+            warnings.simplefilter("ignore", FutureWarning)
+            points, cis = rly.get_interval_estimates({"x": scores}, func, reps=reps,
+                                                     random_state=np.random.RandomState(seed))
+    finally:
+        np.random.set_state(state)
+    return points["x"], cis["x"]
+
+
+def interval_estimates(matrix: np.ndarray, func, reps: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(points, lows, highs) of func's outputs: rliable's 95% percentile stratified bootstrap on the matrix, seeded
+    with `seed` (rliable_intervals). With fewer than two runs per task the interval is not defined: lows/highs are
+    NaN."""
     point = np.atleast_1d(np.asarray(func(matrix), dtype=float))
     if matrix.shape[0] < 2:
         return point, np.full_like(point, np.nan), np.full_like(point, np.nan)
-    with warnings.catch_warnings():  # arch 7 deprecates random_state, which rliable 1.2.0 passes
-        warnings.simplefilter("ignore", FutureWarning)
-        _, cis = rly.get_interval_estimates({"x": matrix}, func, reps=reps, random_state=np.random.RandomState(seed))
-    ci = np.asarray(cis["x"], dtype=float).reshape(2, -1)
+    _, cis = rliable_intervals(matrix, func, reps, seed)
+    ci = np.asarray(cis, dtype=float).reshape(2, -1)
     return point, ci[0], ci[1]
 
 
@@ -407,7 +422,7 @@ def parse_args(argv=None):
     p.add_argument("--curve-reps", type=int, default=200, help="stratified-bootstrap resamples per curve point")
     p.add_argument("--curve-points", type=int, default=50,
                    help="windows per learning curve: episode returns are averaged over windows of horizon/N steps")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (np.random.RandomState)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (rliable draws from numpy's global generator: seeded with it per call)")
     p.add_argument("--layer", default="latent",
                    help="layer whose metrics the Fig. 2 layout and the dormant tables show")
     p.add_argument("--dominance-layer", default=None,
@@ -611,7 +626,7 @@ def baseline_config(algo, configs) -> str | None:
 def improvement(matrices, algo, kind, reps, seed) -> list[dict]:
     """rliable's probability of improvement P(X > Y) of every configuration X over the algorithm's baseline Y
     (relu for DQN/PPO/PQN, baseline for SimbaV2/MR.Q, none for DrQ) on the tasks both have, with its 95% CI."""
-    from rliable import library as rly, metrics
+    from rliable import metrics
 
     base = baseline_config(algo, matrices)
     out = []
@@ -629,12 +644,9 @@ def improvement(matrices, algo, kind, reps, seed) -> list[dict]:
         point = float(metrics.probability_of_improvement(x, y))
         lo = hi = math.nan
         if min(x.shape[0], y.shape[0]) >= 2:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                _, cis = rly.get_interval_estimates(
-                    {"p": (x, y)}, lambda a, b: np.array([metrics.probability_of_improvement(a, b)]), reps=reps,
-                    random_state=np.random.RandomState(seed))
-            lo, hi = (float(v) for v in np.asarray(cis["p"]).ravel())
+            _, cis = rliable_intervals((x, y), lambda a, b: np.array([metrics.probability_of_improvement(a, b)]),
+                                       reps, seed)
+            lo, hi = (float(v) for v in np.asarray(cis).ravel())
         out.append({"algo": algo, "config": config, "baseline": base, "score": kind, "value": point,
                     "ci_low": lo, "ci_high": hi, "tasks": len(common_tasks),
                     "interval": "ok" if not math.isnan(lo) else NOT_DEFINED})
@@ -1006,11 +1018,8 @@ def plot_aggregates(estimates, matrices, poi, algo, kind, gamma, a, formats):
     for config, (m, _) in sorted(matrices.items()):
         func = lambda x: np.asarray(rly.score_distributions(x, taus))  # noqa: E731 - rliable's run score profile
         if m.shape[0] >= 2:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                pts, cis = rly.get_interval_estimates({"x": m}, func, reps=a.curve_reps,
-                                                      random_state=np.random.RandomState(a.seed))
-            profiles[config] = (pts["x"], cis["x"][0], cis["x"][1])
+            pts, cis = rliable_intervals(m, func, a.curve_reps, a.seed)
+            profiles[config] = (pts, cis[0], cis[1])
         else:
             profiles[config] = (func(m), None, None)
     fig, axes = plots.figure()

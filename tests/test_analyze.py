@@ -76,12 +76,29 @@ def rliable_direct(matrix, gamma=1.0, reps=REPS, seed=SEED):
 
     func = lambda x: np.array([metrics.aggregate_median(x), metrics.aggregate_iqm(x),  # noqa: E731
                                metrics.aggregate_mean(x), metrics.aggregate_optimality_gap(x, gamma)])
+    np.random.seed(seed)  # rliable 1.2.0 resamples with numpy's global generator, whatever random_state says
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         points, cis = rly.get_interval_estimates({"m": np.asarray(matrix, float)}, func, reps=reps,
                                                  random_state=np.random.RandomState(seed))
     return points["m"], cis["m"]
 
+
+
+def test_intervals_do_not_depend_on_numpys_global_generator():
+    """rliable 1.2.0 draws its bootstrap indices from numpy's global generator (its random_state is ignored): the
+    same --seed must give the same interval whatever that generator's state, and leave that state as it was."""
+    matrix = np.random.default_rng(1).normal(size=(5, 3))
+    func = analyze.aggregate_funcs()
+    got = []
+    for state in (1, 2):
+        np.random.seed(state)
+        before = np.random.get_state()[1].copy()
+        got.append(analyze.interval_estimates(matrix, func, REPS, SEED))
+        assert (np.random.get_state()[1] == before).all()
+    np.testing.assert_array_equal(got[0][1], got[1][1])
+    np.testing.assert_array_equal(got[0][2], got[1][2])
+    np.testing.assert_allclose(got[0][1:], rliable_direct(matrix)[1])
 
 # ---------------------------------------------------------------------------------------------------------------
 # The DQN sweep of the HR papers: 8 configurations x {Breakout, Pong} x seeds {1, 2}
@@ -194,6 +211,7 @@ def test_probability_of_improvement_equals_rliable(dqn):
     y = np.array([[normalised("relu", g, s) for g in GAMES] for s in (1, 2)])
     # hr_tanh beats relu on Breakout in 2 of 4 pairs (150, 160 vs 98, 196) and loses on Pong (0, 2 vs 21, 21)
     assert float(poi["hr_tanh"]["value"]) == pytest.approx((2 / 4 + 0) / 2)
+    np.random.seed(SEED)  # rliable's global-generator draws (see rliable_direct)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         _, cis = rly.get_interval_estimates({"p": (x, y)}, lambda a, b: np.array([
@@ -500,6 +518,7 @@ def test_mrq_table2_column_equals_rliable(dmc):
         matrix = np.array([[mrq_final(config, t, s) / MRQ_BASE["baseline"][t] for t in ("dog-run", "humanoid-walk")]
                            for s in (1, 2)])
         from rliable import library as rly
+        np.random.seed(SEED)  # rliable's global-generator draws (see rliable_direct)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             pts, cis = rly.get_interval_estimates(
