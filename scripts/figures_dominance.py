@@ -241,7 +241,8 @@ def dynamics_figure(runs, tasks, rows, out, stem, caption, vlines=None):
                     continue
                 y = y * scale
                 data[(t, tag)][r.name] = (x, y)
-                ax.plot(x, y, color=seed_color(k), label=f"seed {r.seed}")
+                ax.plot(x, y, color=seed_color(k), label=f"seed {r.seed}",  # one point: a marker, else invisible
+                        **({"marker": "o", "markersize": 3} if len(x) == 1 else {}))
             xmax = max((float(x[-1]) for x, _ in data[(t, tag)].values()), default=0.0)
             marks = sorted({m for r in rs for m in vlines(r)}) if vlines else []
             data[(t, "marks")] = []

@@ -55,7 +55,13 @@ def test_gallery_sweep_and_page(tmp_path):
 
     runs = make_gallery.sweep(quick=True, with_drq=True)
     names = [name for _, name, _ in runs]
-    assert len(names) == len(set(names)) == 2 * 2 * (3 + 2) + 2 * 2 * 2
+    # DQN 3 + PQN 2 configurations x 2 games x 2 seeds; DrQ 3 tasks x 3 mitigations x 2 seeds + 4 single runs
+    assert len(names) == len(set(names)) == 2 * 2 * (3 + 2) + 3 * 3 * 2 + 4
+    drq = {name: flags for _, name, flags in runs if name.startswith("drq")}
+    masked = drq["drq__reacher-easy_masked__ln_switch__s1"]  # LayerNorm on at the first update with the reward seen
+    learning_starts, mask = (int(masked[masked.index(f) + 1]) for f in ("--learning-starts", "--reward-mask-steps"))
+    assert int(masked[masked.index("--ln-from-step") + 1]) == learning_starts + mask
+    assert "--encoder" in drq["drq__cartpole-balance_sparse_narrow__resnet18__s1"]
     assert {n.split("__")[1] for n in names if n.startswith("dqn")} == set(make_gallery.GAMES)
     assert {n.split("__")[2] for n in names if n.startswith("pqn")} == {"relu", "hr_relu"}
     hadamax = [n for _, n, _ in make_gallery.sweep(False, False, hadamax=True) if n.startswith("pqn")]
