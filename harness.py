@@ -66,6 +66,49 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: a job's slice of a node), not the host's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity on this platform
+        return max(1, os.cpu_count() or 1)
+
+# ---------------------------------------------------------------------------------------------------------------
+# MuJoCo's renderer (dm_control picks it from MUJOCO_GL when it is first imported)
+RENDERER_HINT = ("try MUJOCO_GL=egl (a GPU's EGL; NVIDIA: __EGL_VENDOR_LIBRARY_FILENAMES=.../10_nvidia.json) or "
+                 "MUJOCO_GL=osmesa (software rendering: apt-get install libosmesa6)")
+
+
+def renderer_error(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return (f"MuJoCo's renderer MUJOCO_GL={os.environ.get('MUJOCO_GL', '')!r} cannot start ({type(e).__name__}: "
+            f"{first}); {RENDERER_HINT}")
+
+
+def dm_control_suite(pixels: bool):
+    """`dm_control.suite`, imported with a renderer only where the run needs pixels. State tasks never render:
+    MUJOCO_GL=disable, so a machine without a working EGL/OSMesa still runs them. Pixel tasks default to EGL (headless)
+    unless MUJOCO_GL is set; a renderer that cannot start ends the run with one line naming what to try."""
+    if pixels:
+        os.environ.setdefault("MUJOCO_GL", "egl")
+    else:
+        os.environ["MUJOCO_GL"] = "disable"
+    try:
+        from dm_control import suite
+    except Exception as e:  # noqa: BLE001 - EGL/OSMesa fail at import with ImportError, OSError or RuntimeError
+        fail(renderer_error(e))
+    return suite
+
+
+def first_frame(render: Callable):
+    """render() once, a renderer that cannot draw (it creates its context at the first frame) ending the run with
+    one line; later frames are rendered plainly."""
+    try:
+        return render()
+    except Exception as e:  # noqa: BLE001 - e.g. OSMesa without libOSMesa: AttributeError from PyOpenGL
+        fail(renderer_error(e))
+
 # ---------------------------------------------------------------------------------------------------------------
 # command line
 
