@@ -153,7 +153,7 @@ class Args:
     cuda: bool = True
     """if toggled, cuda will be used when available"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    """if toggled, repeatable on CUDA: cuDNN deterministic, torch.use_deterministic_algorithms (warn-only), cuBLAS workspace :4096:8 (harness.deterministic)"""
     compile: Literal["auto", "on", "off"] = "auto"
     """torch.compile the greedy acting step and the TD loss (auto: on with CUDA; on CPU compiling gains little)"""
     cudagraphs: Literal["auto", "on", "off"] = "auto"

@@ -438,6 +438,92 @@ class LastGood:
                 mine.copy_(t, non_blocking=True)
         self.step = step
 
+DETERMINISTIC_CUDA_NOTE = "has no deterministic CUDA implementation"
+
+
+def deterministic(on: bool, device: torch.device) -> None:
+    """--torch-deterministic. On CUDA: cuDNN's deterministic convolutions, torch's deterministic algorithms (scatter_add_,
+    index_put_, gather's backward... sum in a fixed order) and the cuBLAS workspace that makes matmuls repeatable
+    (CUBLAS_WORKSPACE_CONFIG, read when cuBLAS starts: set before the first matmul). An op with no deterministic CUDA
+    kernel warns once, as one `warning:` line, instead of stopping the run (warn_only): that run is not
+    bit-repeatable. On the CPU torch's kernels are deterministic already."""
+    torch.backends.cudnn.deterministic = on
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = False
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    if on:
+        _route_warnings()
+
+
+_SEEN_WARNINGS: set = set()
+SYNC_WARNING = "called a synchronizing CUDA operation"
+
+
+def _route_warnings() -> None:
+    """torch's nondeterminism warnings as one `warning:` line per op; sync-debug warnings to the SyncCounter (if any)."""
+    import warnings
+
+    if getattr(warnings.showwarning, "_harness", False):
+        return
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = str(message)
+        if SYNC_WARNING in text and SyncCounter.active is not None:
+            SyncCounter.active.count += 1
+            return
+        if "does not have a deterministic implementation" in text:
+            op = text.split(" does not have", 1)[0].strip()
+            if op not in _SEEN_WARNINGS:
+                _SEEN_WARNINGS.add(op)
+                warn(f"--torch-deterministic: {op} {DETERMINISTIC_CUDA_NOTE}; this run is not bit-repeatable")
+            return
+        previous(message, category, filename, lineno, file, line)
+
+    show._harness = True
+    warnings.showwarning = show
+
+
+class SyncCounter:
+    """Host syncs of a CUDA run, counted for scripts/gpu_check.py when HARNESS_COUNT_SYNCS=1: torch's sync debug mode
+    warns at every synchronizing CUDA call; the count is sampled at each loop iteration (Run.progress), and `finished`
+    reports the steady-state rate, the second half of the loop (set-up and compilation excluded; logging, probes and
+    checkpoints amortised in): syncs per loop iteration and per step."""
+    ENV = "HARNESS_COUNT_SYNCS"
+    active: Optional["SyncCounter"] = None
+
+    def __init__(self):
+        self.count = 0
+        self.samples: list = []  # (iteration, step, count)
+
+    @classmethod
+    def from_env(cls, device: torch.device) -> Optional["SyncCounter"]:
+        if os.environ.get(cls.ENV) != "1":
+            return None
+        import warnings
+
+        counter = cls.active = cls()
+        warnings.filterwarnings("always", message=f".*{SYNC_WARNING}.*")
+        _route_warnings()
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
+        return counter
+
+    def tick(self, step: int) -> None:
+        self.samples.append((len(self.samples), step, self.count))
+
+    def summary(self) -> dict:
+        out = {"total": self.count, "iterations": len(self.samples), "per_iteration": None, "per_step": None}
+        if len(self.samples) >= 4:
+            (i0, s0, c0), (i1, s1, c1) = self.samples[len(self.samples) // 2], self.samples[-1]
+            out["per_iteration"] = (c1 - c0) / max(i1 - i0, 1)
+            out["per_step"] = (c1 - c0) / max(s1 - s0, 1)
+        return out
+
+
 
 def param_checksum(*modules) -> float:
     """Sum of every float tensor of the modules' state_dicts in float64: printed on resume so tests can compare."""
@@ -491,8 +577,9 @@ class Run:
         random.seed(args.seed)
         np.random.seed(args.seed)
         torch.manual_seed(args.seed)
-        torch.backends.cudnn.deterministic = args.torch_deterministic
         self.device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        deterministic(args.torch_deterministic, self.device)
+        self.syncs = SyncCounter.from_env(self.device)
         self.start_time = time.time()
         self._progress_every, self._last_print = progress_every, self.start_time
         self.use_compile = self.use_graphs = False
@@ -640,7 +727,10 @@ class Run:
         return self.counters["wall_seconds"] + time.time() - self.start_time
 
     def progress(self, step: int, force: bool = False, **fields) -> None:
-        """At most one console line every `progress_every` seconds: step, SPS, ETA, last return, and `fields`."""
+        """At most one console line every `progress_every` seconds: step, SPS, ETA, last return, and `fields`.
+        Called once per loop iteration (the host-sync count samples there)."""
+        if self.syncs is not None:
+            self.syncs.tick(step)
         now = time.time()
         if not force and now - self._last_print < self._progress_every:
             return
@@ -717,6 +807,8 @@ class Run:
                    "peak_host_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                    "device": self.device.type, "compile": self.use_compile, "cudagraphs": self.use_graphs,
                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
+        if self.syncs is not None:
+            summary["host_syncs"] = self.syncs.summary()
         if self.device.type == "cuda":
             summary["peak_gpu_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
             summary["peak_gpu_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)

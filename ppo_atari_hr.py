@@ -45,7 +45,7 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    """if toggled, repeatable on CUDA: cuDNN deterministic, torch.use_deterministic_algorithms (warn-only), cuBLAS workspace :4096:8 (harness.deterministic)"""
     cuda: bool = True
     """if toggled, cuda will be used when available"""
     track: bool = False
@@ -149,6 +149,9 @@ class Args:
     """torch.compile the acting step, the PPO loss and GAE (auto: on with CUDA; on CPU compiling gains little)"""
     cudagraphs: Literal["auto", "on", "off"] = "auto"
     """replay the acting step and the whole minibatch update as CUDA graphs (auto: on with CUDA)"""
+    envpool_threads: int = 0
+    """envpool worker threads (0 = the CPUs this process may use, at most one per env; envpool's own default is the
+    host's CPU count)"""
 
     # filled in by resolve_defaults (in args.json, compared on --resume; not flags)
     batch_size: tyro.conf.Suppress[int] = 0
@@ -181,7 +184,7 @@ def validate(args: Args) -> None:
     if args.capture_video:
         harness.fail("--capture-video is not supported: envpool does not render frames")
     harness.at_least(args, {"num_envs": 1, "num_steps": 1, "num_minibatches": 1, "update_epochs": 1,
-                            "hidden_layers": 1, "hidden_dim": 1, "eval_episodes": 1})
+                            "hidden_layers": 1, "hidden_dim": 1, "eval_episodes": 1, "envpool_threads": 0})
     harness.finite(args, ["learning_rate", "clip_coef", "max_grad_norm", "kde_threshold"])
     harness.finite(args, ["ent_coef", "vf_coef", "redo_tau", "kde_noise_std"], positive=False)
     if args.target_kl is not None:
@@ -213,11 +216,12 @@ def validate(args: Args) -> None:
 # environment and rollout storage
 
 
-def make_env(env_id: str, num_envs: int, seed: int):
+def make_env(env_id: str, num_envs: int, seed: int, threads: int = 0):
     """envpool Atari with the standard preprocessing (noop 30, frame skip 4 with max-pool, 84x84 gray, stack 4,
-    fire reset), episodic life and reward clipping, as CleanRL's ppo_atari_envpool."""
+    fire reset), episodic life and reward clipping, as CleanRL's ppo_atari_envpool. threads 0: the CPUs this
+    process may use (envpool's own default is the host's count, over a hundred on a large node's slice)."""
     return envpool.make(env_id, env_type="gymnasium", num_envs=num_envs, episodic_life=True, reward_clip=True,
-                        seed=seed)
+                        seed=seed, num_threads=min(num_envs, threads or harness.available_cpus()))
 
 
 class EpisodeStats:
@@ -598,7 +602,8 @@ if __name__ == "__main__":
     run = harness.Run(args, resolve=resolve_defaults, log_at_steps_done=True, memory={} if on_gpu else {
         f"--num-envs {args.num_envs} x --num-steps {args.num_steps}": rollout_bytes(args)})
     device = run.device
-    envs = make_env(args.env_id, args.num_envs, args.seed + run.start_step)  # a resumed run starts fresh episodes
+    # a resumed run starts fresh episodes
+    envs = make_env(args.env_id, args.num_envs, args.seed + run.start_step, args.envpool_threads)
     obs_shape = envs.observation_space.shape
     agent = Agent(args, envs.action_space.n, obs_shape).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)

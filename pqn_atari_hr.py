@@ -140,11 +140,12 @@ class Args:
     cuda: bool = True
     """if toggled, cuda will be enabled when available"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    """if toggled, repeatable on CUDA: cuDNN deterministic, torch.use_deterministic_algorithms (warn-only), cuBLAS workspace :4096:8 (harness.deterministic)"""
     torch_threads: int = 0
     """torch intra-op CPU threads (0 = torch's default); 1 is much faster on a CPU shared with envpool/other jobs"""
     envpool_threads: int = 0
-    """envpool worker threads (0 = envpool's default)"""
+    """envpool worker threads (0 = the CPUs this process may use, at most one per env; envpool's own default is the
+    host's CPU count)"""
     compile: Literal["auto", "on", "off"] = "auto"
     """torch.compile the acting step, the TD loss and the Q(lambda) targets (auto: on with CUDA)"""
     cudagraphs: Literal["auto", "on", "off"] = "auto"
@@ -199,7 +200,8 @@ def make_env(args: Args, num_envs: int, seed: int):
     info["reward"] is the unclipped reward; a full game ends when info["terminated"] (lives reach 0) or truncation."""
     return envpool.make(args.env_id, env_type="gymnasium", num_envs=num_envs, seed=seed, episodic_life=True,
                         reward_clip=True, noop_max=30, frame_skip=4, repeat_action_probability=0.0,
-                        num_threads=args.envpool_threads, max_episode_steps=args.max_episode_steps)
+                        num_threads=min(num_envs, args.envpool_threads or harness.available_cpus()),
+                        max_episode_steps=args.max_episode_steps)
 
 
 class EpisodeStats:

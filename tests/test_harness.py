@@ -586,3 +586,105 @@ def test_timed_adds_wall_seconds_per_phase():
         with harness.Run.timed(run, "update"):
             time.sleep(0.02)
     assert set(run.timers) == {"update"} and 0.04 <= run.timers["update"] < 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MuJoCo's renderer, CPUs, determinism, host-sync counting
+
+
+BROKEN_EGL = {"MUJOCO_GL": "egl", "__EGL_VENDOR_LIBRARY_FILENAMES": "/nonexistent.json"}
+
+
+def test_dm_control_without_pixels_needs_no_renderer(tmp_path):
+    """A state task imports and steps with a broken EGL (MUJOCO_GL=disable); a pixel run gets one line naming what
+    to try (here EGL fails at import), and so does a renderer that fails at its first frame (OSMesa, not installed)."""
+    code = ("import harness; s = harness.dm_control_suite(pixels={}); e = s.load('cartpole', 'swingup'); "
+            "t = e.reset(); print(sorted(t.observation)); harness.first_frame(lambda: e.physics.render(8, 8))")
+    env = dict(os.environ, PYTHONPATH=REPO, **BROKEN_EGL)
+    state = subprocess.run([sys.executable, "-c", code.format(False).split("; harness.first_frame")[0]], env=env,
+                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert state.returncode == 0 and "['position', 'velocity']" in state.stdout, state.stderr
+    pixels = subprocess.run([sys.executable, "-c", code.format(True)], env=env, capture_output=True, text=True,
+                            cwd=tmp_path, timeout=120)
+    line = one_error_line(pixels)
+    assert "MUJOCO_GL='egl' cannot start" in line and "MUJOCO_GL=osmesa" in line and "Traceback" not in pixels.stderr
+    osmesa = subprocess.run([sys.executable, "-c", code.format(True)], capture_output=True, text=True, cwd=tmp_path,
+                            env=dict(os.environ, PYTHONPATH=REPO, MUJOCO_GL="osmesa"), timeout=120)
+    if osmesa.returncode == 0:
+        pytest.skip("OSMesa works on this machine: no failing renderer to test the first frame with")
+    assert "MUJOCO_GL='osmesa' cannot start" in one_error_line(osmesa)
+
+
+def test_available_cpus_follows_the_affinity_mask():
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no CPU affinity on this platform")
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(before)})
+        assert harness.available_cpus() == 1
+    finally:
+        os.sched_setaffinity(0, before)
+    assert harness.available_cpus() == len(before)
+
+
+def test_deterministic_touches_only_cudnn_on_the_cpu():
+    was = torch.are_deterministic_algorithms_enabled()
+    harness.deterministic(True, torch.device("cpu"))
+    assert torch.backends.cudnn.deterministic and torch.are_deterministic_algorithms_enabled() == was
+    harness.deterministic(False, torch.device("cpu"))
+    assert not torch.backends.cudnn.deterministic
+
+
+def test_nondeterminism_warning_becomes_one_line_per_op(capsys):
+    """What torch's warn_only mode says for an op without a deterministic CUDA kernel reaches the user once per op,
+    as one `warning:` line (the text below is torch's own, from alertNotDeterministic)."""
+    import warnings
+
+    saved = warnings.showwarning
+    try:
+        harness._route_warnings()
+        msg = ("cumsum_cuda_kernel does not have a deterministic implementation, but you set "
+               "'torch.use_deterministic_algorithms(True, warn_only=True)'. You can file an issue ...")
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = saved  # catch_warnings restored it: route again inside
+            harness._route_warnings()
+            for _ in range(3):
+                warnings.warn(msg, UserWarning)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ["warning: --torch-deterministic: cumsum_cuda_kernel has no deterministic CUDA implementation; "
+                       "this run is not bit-repeatable"]
+    finally:
+        warnings.showwarning = saved
+        harness._SEEN_WARNINGS.clear()
+
+
+def test_sync_counter_rate_is_the_steady_state_slope(monkeypatch):
+    """Counted syncs sampled per loop iteration: 50 set-up syncs, then 1 per iteration of 4 steps, plus 3 at every
+    10th iteration (logging): the second half's slope is (1 + 3/10) per iteration = 1.3, /4 per step."""
+    import warnings
+
+    monkeypatch.setenv(harness.SyncCounter.ENV, "1")
+    saved = warnings.showwarning
+    try:
+        with warnings.catch_warnings():
+            counter = harness.SyncCounter.from_env(torch.device("cpu"))
+
+            def sync(n):
+                for _ in range(n):
+                    warnings.warn(f"{harness.SYNC_WARNING}", UserWarning)
+
+            sync(50)
+            for it in range(1, 201):
+                sync(1 + (3 if it % 10 == 0 else 0))
+                counter.tick(4 * it)
+        s = counter.summary()
+        assert s["total"] == 50 + 200 + 60 and s["iterations"] == 200
+        assert s["per_iteration"] == pytest.approx(1.3, rel=0.02) and s["per_step"] == pytest.approx(1.3 / 4, rel=0.02)
+    finally:
+        warnings.showwarning = saved
+        harness.SyncCounter.active = None
+    assert harness.SyncCounter.from_env(torch.device("cpu")) is not None  # env still set by monkeypatch
+    harness.SyncCounter.active = None
+    monkeypatch.delenv(harness.SyncCounter.ENV)
+    assert harness.SyncCounter.from_env(torch.device("cpu")) is None

@@ -603,3 +603,17 @@ def test_non_finite_stops_with_the_last_good_state(case, tmp_path):
     agent = ppo.Agent(ppo.Args(**good["args"]), num_actions=4)
     agent.load_state_dict(good["state"]["agent"])
     assert not (tmp_path / "runs" / "nan" / "finished").exists()
+
+
+def test_envpool_threads_default_to_the_cpus_this_process_may_use(monkeypatch):
+    """envpool's own default (0) sizes its pool from the host's CPU count; ours is the affinity mask's, one per env
+    at most, and --envpool-threads N is passed as given."""
+    seen = {}
+    monkeypatch.setattr(ppo.envpool, "make", lambda *a, **kw: seen.update(kw))
+    monkeypatch.setattr(harness, "available_cpus", lambda: 3)
+    ppo.make_env("Breakout-v5", 8, 1)
+    assert seen["num_threads"] == 3
+    ppo.make_env("Breakout-v5", 2, 1)
+    assert seen["num_threads"] == 2
+    ppo.make_env("Breakout-v5", 8, 1, threads=5)
+    assert seen["num_threads"] == 5

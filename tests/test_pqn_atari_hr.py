@@ -576,3 +576,17 @@ def test_non_finite_loss_stops_with_last_good_state(flags, bad_step, good_step, 
     else:
         assert not (run_dir / "checkpoint.pt").exists()
     assert not (run_dir / "finished").exists()
+
+
+def test_envpool_threads_default_to_the_cpus_this_process_may_use(monkeypatch):
+    """As in PPO: envpool's default would take the host's CPU count; ours the affinity mask's, one per env at most."""
+    seen = {}
+    monkeypatch.setattr(pqn.envpool, "make", lambda *a, **kw: seen.update(kw))
+    monkeypatch.setattr(harness, "available_cpus", lambda: 3)
+    args = pqn.Args()
+    pqn.make_env(args, 128, 1)
+    assert seen["num_threads"] == 3
+    pqn.make_env(args, 2, 1)
+    assert seen["num_threads"] == 2
+    pqn.make_env(dataclasses.replace(args, envpool_threads=7), 128, 1)
+    assert seen["num_threads"] == 7
