@@ -26,7 +26,8 @@ parameter-matched baseline: expansion 6 instead of 4 in the same blocks adds exa
 
 Environments: dm_control state tasks by --env-id domain-task (humanoid-run, dog-trot, ...: observations flattened in
 dm_control's order), gymnasium MuJoCo ids (Humanoid-v5, ...) when gymnasium[mujoco] is installed. HumanoidBench (the
-paper's benchmark) has no installable distribution; make_env is the one place to add it.
+paper's benchmark) has no installable distribution; make_env is the one place to add it. Nothing is rendered: dm_control
+is imported with MUJOCO_GL=disable (harness.dm_control_suite), so no EGL/OSMesa is needed; --capture-video is refused.
 
 Step unit: environment frames, as DrQ and the DMC literature: --total-timesteps, --learning-starts, --eval-every,
 --log-every, --metrics-every and --checkpoint-every count frames; --buffer-size counts transitions (agent steps).
@@ -48,14 +49,11 @@ Usage:
   python simbav2_dmc_hr.py --env-id dog-trot --hr [--hr-networks critic] [--hr-scaler shared]
   python simbav2_dmc_hr.py --env-id dog-trot --widen
 """
-import os
-
-os.environ.setdefault("MUJOCO_GL", "egl")  # no window system: keeps glfw quiet (state tasks render nothing)
-
 import copy
 import dataclasses
 import functools
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Optional
@@ -64,10 +62,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from dm_control import suite
 
 import common
 import harness
+
+suite = harness.dm_control_suite(pixels=False)  # state tasks never render: no renderer (MUJOCO_GL=disable) to fail
 
 EXPANSION, WIDEN_EXPANSION = 4, 6  # the block's hidden width / h: official, and the widen that matches HR's weights
 REPLAY_CHUNK = 65_536  # replay slots per checkpoint chunk file (~120 MB of dog transitions)
@@ -92,7 +91,7 @@ class Args:
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
     capture_video: bool = False
-    """video capture is not supported by this script (gives an error)"""
+    """not supported: state tasks run without a renderer (gives an error)"""
     save_model: bool = False
     """save actor, critic and temperature to runs/{run_name}/ at the end"""
     run_name: Optional[str] = None
@@ -228,7 +227,8 @@ def validate(args: Args) -> None:
             harness.fail(f"--env-id {args.env_id} needs gymnasium[mujoco], which is not fully installed ({e}); "
                          f"pip install 'gymnasium[mujoco]'")
     if args.capture_video:
-        harness.fail("--capture-video is not supported by simbav2_dmc_hr.py")
+        harness.fail("--capture-video is not supported by simbav2_dmc_hr.py: state tasks run without a renderer "
+                     "(MUJOCO_GL=disable)")
     if args.cudagraphs == "on":
         harness.fail("--cudagraphs on: CUDA graphs are not implemented in simbav2_dmc_hr.py; use --cudagraphs auto "
                      "or off")

@@ -11,14 +11,27 @@ import dataclasses
 import functools
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 import harness
-import simbav2_dmc_hr as sv2
-from conftest import kill_after_checkpoint, read_scalars, resume_after_kill, run_script, steps_of
+from conftest import REPO, kill_after_checkpoint, read_scalars, resume_after_kill, run_script, steps_of
+
+_MUJOCO_GL = os.environ.get("MUJOCO_GL")
+import simbav2_dmc_hr as sv2  # noqa: E402 - sets MUJOCO_GL=disable (its dm_control needs no renderer)
+
+# the pixel scripts' tests start subprocesses with this process's environment: they must not inherit "disable"
+if _MUJOCO_GL is None:
+    os.environ.pop("MUJOCO_GL", None)
+else:
+    os.environ["MUJOCO_GL"] = _MUJOCO_GL
 
 SCRIPT = "simbav2_dmc_hr.py"
 OBS, ACT = 7, 3
@@ -357,6 +370,7 @@ def test_resolved_defaults_follow_the_official_configs():
     (["--action-repeat", "0"], "--action-repeat must be >= 1, got 0"),
     (["--updates-per-step", "0"], "--updates-per-step must be >= 1, got 0"),
     (["--c-shift", "inf"], "--c-shift must be a finite number, got inf"),
+    (["--capture-video"], "--capture-video is not supported by simbav2_dmc_hr.py: state tasks run without a renderer"),
 ])
 def test_bad_input_is_one_line(argv, message):
     with pytest.raises(SystemExit) as e:
@@ -380,6 +394,23 @@ def test_gymnasium_mujoco_ids_run():
         raise AssertionError("Humanoid-v5 did not terminate in 200 steps of full torque")
 
 
+BROKEN_EGL = {"MUJOCO_GL": "egl", "__EGL_VENDOR_LIBRARY_FILENAMES": "/nonexistent.json"}  # EGL fails at import
+
+
+def test_no_renderer_needed_help_and_gymnasium_mujoco_with_a_broken_egl(tmp_path):
+    """State tasks never render: with an EGL that cannot start (a machine without one), --help works and a gymnasium
+    MuJoCo task builds and steps (the smoke runs below train a dm_control task under the same environment)."""
+    env = {"OMP_NUM_THREADS": "1", **BROKEN_EGL}
+    proc = run_script(SCRIPT, ["--help"], cwd=tmp_path, timeout=120, env=env)
+    assert proc.returncode == 0 and "--env-id" in proc.stdout and proc.stderr == "", proc.stderr[-3000:]
+    code = ("import os, numpy as np, harness, simbav2_dmc_hr as s; assert os.environ['MUJOCO_GL'] == 'disable'; "
+            "a = s.resolve_defaults(harness.cli(s.Args, ['--env-id', 'Humanoid-v5'])); s.validate(a); "
+            "e = s.make_env(a, 0); print(e.obs_dim, e.step(np.zeros(17, np.float32))[0].shape)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": REPO, **env})
+    assert proc.returncode == 0 and proc.stdout.strip() == "348 (348,)", proc.stderr[-3000:]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The real script
 
@@ -400,7 +431,7 @@ def smoke_runs(tmp_path_factory):
     def go(name):
         cwd = tmp_path_factory.mktemp(name)
         proc = run_script(SCRIPT, TINY + SMOKE_COMMON + SMOKE[name] + ["--run-name", name], cwd=cwd, timeout=300,
-                          env={"OMP_NUM_THREADS": "1"})
+                          env={"OMP_NUM_THREADS": "1", **BROKEN_EGL})  # no renderer needed
         return name, (proc, cwd / "runs" / name)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
