@@ -1,7 +1,10 @@
 """Tests of simbav2_dmc_hr.py: HyperDense re-projection, the C51 projection, reward scaling and observation
-normalisation against hand/numpy references, one update against an independent slow formulation, HR's branches and
-parameter arithmetic (HR and widen add the same weights), the environment wrapper, input validation, a smoke run of the
-real script on a dm_control state task (every tag read back), and kill/resume through the shared helper.
+normalisation against hand/numpy references (the projection also against hand-worked targets and C51's per-atom loop),
+the ops of the update and of acting against those torch cannot make deterministic on CUDA, one update against an
+independent slow formulation, HR's branches and parameter arithmetic (HR and widen add the same weights), the
+environment wrapper, input validation, no renderer needed (--help, gymnasium MuJoCo and the smoke runs under an EGL that
+cannot start), a smoke run of the real script on a dm_control state task (every tag read back), and kill/resume through
+the shared helper.
 
 Everything is tiny (widths 8-16, batches 16-32, a few hundred frames of cartpole): the file runs in well under two
 minutes on the 2-core CPU box."""
@@ -140,7 +143,116 @@ def test_c51_projection_matches_the_slow_reference(case):
     torch.testing.assert_close((got * support).sum(1)[inside], (probs * atoms).sum(1)[inside])
 
 
-def test_reward_scaler_matches_a_hand_computation_over_an_episode_with_a_done():
+def per_atom_projection(probs, atoms, vmin, vmax):
+    """C51's Algorithm 1 (Bellemare et al. 2017), one atom at a time: b = (clip(t) - vmin) / dz, its mass split
+    between floor(b) and ceil(b) in proportion to closeness, all of it to b when b is a support point."""
+    n = len(probs)
+    dz = (vmax - vmin) / (n - 1)
+    out = [0.0] * n
+    for p, t in zip(probs, atoms):
+        b = (min(max(t, vmin), vmax) - vmin) / dz
+        lo, hi = math.floor(b), math.ceil(b)
+        if lo == hi:
+            out[lo] += p
+        else:
+            out[lo] += p * (hi - b)
+            out[hi] += p * (b - lo)
+    return out
+
+
+# support [-2, -1, 0, 1, 2] (dz = 1), probs p = [0.1, 0.2, 0.3, 0.15, 0.25]; the targets worked out by hand
+HAND_CASES = [
+    # on bins (-2, 1, 2) and two atoms colliding half-way between bins -1 and 0: 0.1 + 0.15 to each
+    ([-2.0, -0.5, -0.5, 1.0, 2.0], [0.1, 0.25, 0.25, 0.15, 0.25]),
+    # a terminal transition: every atom at r = 0.25, three quarters of all mass to z = 0, a quarter to z = 1
+    ([0.25] * 5, [0.0, 0.0, 0.75, 0.25, 0.0]),
+    # colliding on bins: z = 0 takes p0 + p1 + p2, z = -1 takes p3 + p4
+    ([0.0, 0.0, 0.0, -1.0, -1.0], [0.0, 0.4, 0.6, 0.0, 0.0]),
+    # beyond the support (clipped by the caller): all at the edges
+    ([-2.0, -2.0, 2.0, 2.0, 2.0], [0.3, 0.0, 0.0, 0.0, 0.7]),
+    # the support shifted by 0.75 with gamma 0.5: atoms -0.25, 0.25, 0.75, 1.25, 1.75
+    ([-0.25, 0.25, 0.75, 1.25, 1.75], [0.0, 0.025, 0.075 + 0.15 + 0.075, 0.05 + 0.225 + 0.1125 + 0.0625,
+                                       0.0375 + 0.1875]),
+]
+
+
+@pytest.mark.parametrize("atoms, want", HAND_CASES)
+def test_c51_projection_matches_hand_worked_targets_and_the_per_atom_loop(atoms, want):
+    probs = [0.1, 0.2, 0.3, 0.15, 0.25]
+    assert per_atom_projection(probs, atoms, -2.0, 2.0) == pytest.approx(want, abs=1e-12)
+    for dtype in (torch.float32, torch.float64):  # float32 is what training uses
+        got = sv2.c51_project(torch.tensor([probs], dtype=dtype), torch.tensor([atoms], dtype=dtype), -2.0, 2.0)
+        np.testing.assert_allclose(got[0].numpy(), want, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-12)
+
+
+def test_c51_projection_matches_the_per_atom_loop_on_a_batch():
+    """Rows of three kinds: the support shifted by whole bins (gamma 1: every atom on a bin, colliding where clipped),
+    terminal (gamma 0: all atoms at r, one or two bins), and a random shift and gamma."""
+    g = torch.Generator().manual_seed(0)
+    rows, n = 60, 21  # dz = 0.5 on [-5, 5]
+    p = torch.softmax(torch.randn(rows, n, generator=g, dtype=torch.float64) * 2, 1)
+    z = torch.linspace(-5, 5, n, dtype=torch.float64)
+    kind = torch.arange(rows)[:, None] % 3
+    r = torch.where(kind == 0, torch.randint(-25, 26, (rows, 1), generator=g) * 0.5,
+                    torch.randn(rows, 1, generator=g, dtype=torch.float64) * 4)
+    gamma = torch.where(kind == 0, 1.0, torch.where(kind == 1, 0.0, torch.rand(rows, 1, generator=g,
+                                                                                dtype=torch.float64)))
+    t = (r + gamma * z).clamp(-5, 5)
+    got = sv2.c51_project(p, t, -5.0, 5.0)
+    assert ((got[1::3] > 0).sum(1) <= 2).all() and ((got[0::3] > 0).sum(1) < n).any()  # the kinds are what they say
+    for i in range(rows):
+        np.testing.assert_allclose(got[i].numpy(), per_atom_projection(p[i].tolist(), t[i].tolist(), -5.0, 5.0),
+                                   rtol=0, atol=1e-12)
+
+
+# ops that torch.use_deterministic_algorithms(True) (--torch-deterministic on CUDA) cannot make deterministic: they
+# raise, or with warn_only stay nondeterministic (torch.use_deterministic_algorithms.__doc__, the "throw" list)
+CUDA_NONDETERMINISTIC = ("nll_loss", "cumsum", "histc", "bincount", "median", "nanmedian", "put", "ctc_loss",
+                         "grid_sampler", "embedding_bag", "max_unpool", "reflection_pad", "upsample",
+                         "adaptive_avg_pool", "adaptive_max_pool", "fractional_max_pool", "avg_pool3d",
+                         "scatter_reduce")
+
+
+class OpRecorder(TorchDispatchMode):
+    """Every aten op that runs (forward and backward), by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.overloadpacket.__name__.strip("_"))  # scatter_add_ -> scatter_add
+        return func(*args, **(kwargs or {}))
+
+
+def flagged(ops) -> set:
+    return {op for op in ops if op.startswith(CUDA_NONDETERMINISTIC)}
+
+
+@pytest.mark.parametrize("flags", [dict(), dict(cdq="on", hr=True)])
+def test_update_and_acting_use_only_ops_deterministic_on_cuda(flags):
+    """The update (C51 projection included), acting and the probe batch's normalisation run under
+    torch.use_deterministic_algorithms(True) and call none of the ops it cannot make deterministic on CUDA; the
+    projection's scatter_add_ is one it can. The recorder itself is checked on two ops it must flag."""
+    agent = tiny_agent(**flags)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with OpRecorder() as rec:
+            script_step(agent, a_batch(0, terminated=True))
+            obs = (a_batch(1)[0] - AFFINE[0]) * AFFINE[1]
+            sv2.make_act(agent["actor"])(obs[:1])
+            sv2.make_act(agent["actor"], deterministic=True)(obs[:1])
+        with OpRecorder() as bad:
+            logits = torch.randn(4, 3, requires_grad=True)
+            torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 0])).backward()  # class-index targets
+            torch.randn(5).cumsum(0)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert {"scatter_add", "mm", "log_softmax_backward_data"} <= rec.ops, sorted(rec.ops)
+    assert flagged(rec.ops) == set(), sorted(rec.ops)
+    assert {"nll_loss_forward", "cumsum"} <= flagged(bad.ops)
+
     rewards, dones = [1.0, 2.0, 3.0, 4.0, 5.0], [False, False, True, False, False]
     # G = gamma (1 - done) G + r with the transition's own done (official RewardNormalizer), gamma 0.9:
     G = [1.0, 0.9 * 1.0 + 2.0, 3.0, 0.9 * 3.0 + 4.0, 0.9 * (0.9 * 3.0 + 4.0) + 5.0]
