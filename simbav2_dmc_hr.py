@@ -899,27 +899,37 @@ if __name__ == "__main__":
                                  target_entropy, use_compile)
     act, act_eval = make_act(actor), make_act(actor, deterministic=True)
     sampler = BatchSampler(rb, args.batch_size, device)
-    obs_affine = torch.tensor(np.stack([np.zeros(obs_dim), np.ones(obs_dim)]), dtype=torch.float32, device=device)
-    reward_scale_t = torch.ones((), device=device)
+    # per-step uploads through pinned buffers (non-blocking on CUDA): the acting observation, and the observation
+    # statistics (mean, 1/std) the updates read from one fixed device tensor; reading the action back is the step's sync
+    act_obs = harness.Staging((1, obs_dim), torch.float32, device)
+    affine = harness.Staging((2, obs_dim), torch.float32, device)
+    affine.wait()[:] = np.stack([np.zeros(obs_dim), np.ones(obs_dim)])
+    obs_affine = affine.upload()
+    reward_scale_t = torch.ones((), device=device)  # fill_ with a Python number: a kernel argument, no copy
     last_good = harness.LastGood()
     last_good.update(run.start_step, training_state())
     timed, timers = run.timed, run.timers  # wall seconds per phase (on CUDA, update time is launch time only)
 
     def policy_action(fn, obs: np.ndarray) -> np.ndarray:
         """fn (act or act_eval) on one observation, normalised with the current statistics."""
-        x = obs_norm.normalize(obs) if args.normalize_observation else obs
-        return fn(torch.as_tensor(x, device=device)[None])[0].cpu().numpy()
+        x = act_obs.wait()
+        x[0] = obs_norm.normalize(obs) if args.normalize_observation else obs
+        return fn(act_obs.upload())[0].cpu().numpy()
 
-    def keep_if_finite(step: int, stats: dict) -> None:
-        """Where the host syncs anyway (logging, probing, checkpointing): stop on a non-finite loss or parameter,
-        else the current state becomes the last good one."""
+    def keep_if_finite(step: int, stats_t: torch.Tensor) -> dict:
+        """Where the host syncs anyway (logging, probing, checkpointing): the update's stats and whether every
+        parameter is finite, read back in one transfer; stop on a non-finite loss or parameter, else the current state
+        becomes the last good one. Returns the stats by name."""
+        finite = harness.all_finite([*actor.parameters(), *critic.parameters(), *target_critic.parameters(), log_alpha])
+        *values, params_finite = torch.cat([stats_t, finite.to(stats_t.dtype)[None]]).tolist()
+        stats = dict(zip(STAT_NAMES, values))
         bad = [k for k, v in stats.items() if not math.isfinite(v)]
         if bad:
             run.stop_nonfinite(step, f"loss ({', '.join(bad)})", last_good)
-        if not harness.all_finite([*actor.parameters(), *critic.parameters(), *target_critic.parameters(),
-                                   log_alpha]).item():
+        if not params_finite:
             run.stop_nonfinite(step, "parameters", last_good)
         last_good.update(step, training_state())
+        return stats
 
     global_step = run.start_step
     obs = env.reset()  # a resumed run starts a fresh episode
@@ -953,8 +963,10 @@ if __name__ == "__main__":
         if global_step >= args.learning_starts:
             # ALGO LOGIC: updates per agent step (= action repeat), batches normalised with the current statistics
             if args.normalize_observation:
-                obs_affine.copy_(torch.from_numpy(obs_norm.affine()))
-            reward_scale_t.fill_(reward_scaler.scale() if args.normalize_reward else 1.0)
+                affine.wait()[:] = obs_norm.affine()
+                affine.upload()  # into obs_affine, after the updates already queued
+            reward_scale = reward_scaler.scale() if args.normalize_reward else 1.0
+            reward_scale_t.fill_(reward_scale)
             for _ in range(args.updates_per_step):
                 with timed("replay"):
                     batch = sampler.sample(rng)
@@ -971,9 +983,9 @@ if __name__ == "__main__":
                       f"--metrics-batch {args.metrics_batch}", flush=True)
                 probe_now = False
             if probe_now or log_now or checkpoint_now:
-                stats = dict(zip(STAT_NAMES, stats_t.tolist()))  # the host sync of this step
-                stats.update({"charts/learning_rate": lr, "charts/reward_scale": float(reward_scale_t)})
-                keep_if_finite(global_step, stats)  # what is about to be probed, logged or saved is finite
+                # the host sync of this step; what is about to be probed, logged or saved is finite
+                stats = keep_if_finite(global_step, stats_t)
+                stats.update({"charts/learning_rate": lr, "charts/reward_scale": reward_scale})
             if probe_now:
                 with timed("metrics"), run.probing():
                     if probe_batch is None:
