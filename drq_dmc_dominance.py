@@ -84,14 +84,11 @@ Usage:
   python drq_dmc_dominance.py --env-id cartpole-swingup_sparse --encoder resnet18                          # Fig. 12
   python drq_dmc_dominance.py --env-id finger-spin_fast --run-name fs1 --resume   # continue a killed run
 """
-import os
-
-os.environ.setdefault("MUJOCO_GL", "egl")  # must precede the dm_control import: headless rendering
-
 import collections
 import copy
 import functools
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Optional, get_args
@@ -100,11 +97,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from dm_control import suite
-from dm_control.suite import finger as dmc_finger
 
 import common
 import harness
+
+suite = harness.dm_control_suite(pixels=True)  # MUJOCO_GL=egl unless set; a renderer that cannot start: one line
+from dm_control.suite import finger as dmc_finger  # noqa: E402 - after the renderer is chosen
 
 Mitigation = Literal["none", "ln", "lnwd", "hlgauss", "reset", "redo", "prune"]
 MITIGATIONS = get_args(Mitigation)
@@ -338,10 +336,14 @@ class DMCPixels:
         self.frames = collections.deque(maxlen=frame_stack)
         self.obs_shape = (3 * frame_stack, image_size, image_size)
         self.time_physics = self.time_render = 0.0  # seconds, for the speed report
+        self.rendered = False
 
     def render(self):
         t = time.perf_counter()
-        frame = self.env.physics.render(self.image_size, self.image_size, camera_id=self.camera_id)
+        draw = functools.partial(self.env.physics.render, self.image_size, self.image_size, camera_id=self.camera_id)
+        # a renderer can import fine and fail when its context is made, at the first frame (e.g. GLFW without a display)
+        frame = draw() if self.rendered else harness.first_frame(draw)
+        self.rendered = True
         self.time_render += time.perf_counter() - t
         return np.ascontiguousarray(frame.transpose(2, 0, 1))
 

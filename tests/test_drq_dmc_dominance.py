@@ -701,6 +701,45 @@ def test_compiled_paths_match_eager(monkeypatch):
         torch.testing.assert_close(act(batch[0][i:i + 1]), eager_act(batch[0][i:i + 1]), rtol=1e-5, atol=1e-6)
 
 
+def _one_error_line(proc, gl):
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: MuJoCo's renderer MUJOCO_GL='{gl}' cannot start"), lines
+    assert "MUJOCO_GL=osmesa" in lines[0]  # what to try
+
+
+@pytest.mark.parametrize("gl, env, flags", [
+    ("egl", {"__EGL_VENDOR_LIBRARY_FILENAMES": "/nonexistent.json"}, ["--help"]),
+    # a tiny real run: OSMesa fails at the import on this box (no libOSMesa); where it imports, at the first frame
+    ("osmesa", {}, ["--env-id", "cartpole-swingup", "--batch-size", "8", "--buffer-size", "50", "--learning-starts",
+                    "5", "--total-timesteps", "80", "--eval-every", "0", "--metrics-every", "0"]),
+])
+def test_a_renderer_that_cannot_start_ends_with_one_line(run_script, tmp_path, gl, env, flags):
+    _one_error_line(run_script(SCRIPT, flags, cwd=tmp_path, timeout=120, env={"MUJOCO_GL": gl, **env}), gl)
+
+
+def test_the_first_frame_of_an_env_is_rendered_under_first_frame(monkeypatch):
+    """A renderer that imports but cannot draw (its context is made at the first frame) ends the run with one line;
+    once an env has drawn, a later render error is an ordinary exception."""
+    env = drq.DMCPixels("cartpole-swingup", 0, image_size=16)
+
+    def broken(*a, **k):
+        raise AttributeError("'NoneType' object has no attribute 'glGetError'")
+
+    real = env.env.physics.render
+    monkeypatch.setattr(env.env.physics, "render", broken)
+    with pytest.raises(SystemExit) as e:
+        env.reset()
+    assert str(e.value.code).startswith("error: MuJoCo's renderer MUJOCO_GL=") and "glGetError" in str(e.value.code)
+    monkeypatch.setattr(env.env.physics, "render", real)
+    obs, _ = env.reset()
+    assert obs.shape == (9, 16, 16)
+    monkeypatch.setattr(env.env.physics, "render", broken)
+    with pytest.raises(AttributeError):
+        env.step(np.zeros(1))
+
+
 def test_mitigation_is_a_choice_and_the_probe_batch_must_fit_the_replay():
     with pytest.raises(SystemExit) as e:
         harness.cli(drq.Args, ["--mitigation", "dropout"])
