@@ -73,8 +73,9 @@ parameter or action stops the run; losses and parameters are checked where the h
 frames, before probes and checkpoints).
 
 GPU fast paths (README "GPU fast paths"): torch.compile of the two losses and the acting step; CUDA graphs of the
-whole update (critic, target lerp, actor, temperature, capturable Adam) and of the acting step; pinned batch uploads.
-Per agent step the only host sync is the action MuJoCo needs.
+whole update (critic, target lerp, actor, temperature, capturable Adam) and of the acting step; the frame ring
+mirrored on the GPU when it fits in half its free memory, so a batch is gathered there by index (BatchSampler; else on
+the host into a pinned buffer). Per agent step the only host sync is the action MuJoCo needs.
 
 Usage:
   python drq_dmc_dominance.py --env-id cartpole-swingup_sparse --mitigation lnwd
@@ -128,7 +129,12 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    """if toggled, `torch.backends.cudnn.deterministic=True`; on CUDA also torch.use_deterministic_algorithms(True,
+    warn_only=True) and CUBLAS_WORKSPACE_CONFIG (harness.deterministic). Every op of the update, the augmentation and
+    the batch gather has a deterministic CUDA kernel (convolutions and max_pool2d backward, matmuls, LayerNorm, the
+    uint8 index gathers, which take no gradient; the HL-Gauss cross-entropy is written out, not NLLLoss); pruning's and
+    ReDo's index writes take torch's deterministic path. The probe's srank (a float cumsum, common.effective_rank)
+    warns once on CUDA: it has no deterministic CUDA kernel (a metric, not training)"""
     cuda: bool = True
     """if toggled, cuda will be enabled when available"""
     track: bool = False
@@ -438,7 +444,9 @@ class FrameReplay:
     an episode's reset frame is a slot of its own marked `first`. A transition is any non-first slot p: obs = stack
     ending at p-1, next_obs = stack ending at p, where frames before the episode start are replaced by the episode's
     first frame (as the env's reset fills its stack). Positions are absolute counters; slot = position % capacity.
-    `store` checkpoints the ring incrementally (harness.ChunkStore): every write marks its slot's chunk changed."""
+    `store` checkpoints the ring incrementally (harness.ChunkStore): every write marks its slot's chunk changed.
+    The host arrays are the truth (checkpoints, ReDo's and the probe's batches); mirror() keeps the frames on the
+    device too, where BatchSampler gathers the stacks."""
 
     def __init__(self, capacity, frame_shape, action_dim, frame_stack, chunk: int = REPLAY_CHUNK):
         self.capacity, self.stack = capacity, frame_stack
@@ -452,6 +460,8 @@ class FrameReplay:
         self.episode_start = 0
         self.store = harness.ChunkStore({k: getattr(self, k) for k in
                                          ("frames", "actions", "rewards", "terminated", "first", "start")}, chunk)
+        self.frames_dev: Optional[torch.Tensor] = None  # mirror(): the frames where the update runs
+        self.frame_in: list = []  # CUDA mirror: pinned buffers the written frames go up through
 
     @staticmethod
     def bytes_needed(capacity: int, image_size: int) -> int:
@@ -460,6 +470,16 @@ class FrameReplay:
     @property
     def filled(self) -> int:
         return min(self.pos, self.capacity)
+
+    def mirror(self, device: torch.device) -> None:
+        """Keep the frames on `device` as well: copied whole now (after a restore: what was restored), then each
+        written frame follows. On the CPU the "device" frames are the host array itself (no second copy)."""
+        if device.type == "cpu":
+            self.frames_dev = torch.from_numpy(self.frames)
+            return
+        self.frames_dev = torch.from_numpy(self.frames).to(device)
+        # two buffers, alternating: a frame is copied into one while the other's upload may still be in flight
+        self.frame_in = [harness.Staging(self.frames.shape[1:], torch.uint8, device) for _ in range(2)]
 
     def add_first(self, frame):
         self.episode_start = self.pos
@@ -477,6 +497,10 @@ class FrameReplay:
         self.terminated[i] = terminated
         self.first[i] = first
         self.start[i] = self.episode_start
+        if self.frame_in:  # non-blocking, and on the stream, so before any later gather that reads slot i
+            staging = self.frame_in[self.pos % 2]
+            staging.wait()[...] = frame
+            self.frames_dev[i].copy_(staging.upload(), non_blocking=True)
         self.pos += 1
 
     def num_transitions(self):
@@ -520,38 +544,70 @@ class FrameReplay:
         return Batch(obs, self.actions[slot], self.rewards[slot], self.terminated[slot], next_obs)
 
 
-class BatchSampler:
-    """FrameReplay.sample(batch_size, rng) into persistent tensors, with batched transfers: the obs and next_obs
-    stacks are gathered straight into one uint8 host buffer (2B, stack*C, H, W) (np.take with out=, no intermediate
-    copy) and actions, rewards, terminated into one float32 buffer (A + 2, B); on CUDA both are pinned and go up in
-    one non-blocking copy each. sample() returns a Batch of views of the same device memory at every call (CUDA-graph
-    inputs: use them before the next sample()); terminated is 0./1. float.
-    Same RNG draws and same values as FrameReplay.sample."""
+def frames_fit_on(device: torch.device, nbytes: int) -> bool:
+    """Whether BatchSampler keeps the frame ring on `device`: on CUDA when it takes at most half the free memory (the
+    update's activations need the rest: ~1 GB at batch 512, several with --encoder resnet18); on the CPU always (the
+    ring is already there: torch's gather reads it in place)."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= free // 2
 
-    def __init__(self, rb: FrameReplay, batch_size: int, device: torch.device):
+
+class BatchSampler:
+    """FrameReplay.sample(batch_size, rng) into persistent tensors: obs and next_obs stacks in one uint8 buffer
+    (2B, stack*C, H, W), actions, rewards, terminated in one float32 buffer (A + 2, B) (pinned on CUDA, one
+    non-blocking copy). sample() returns a Batch of views of the same device memory at every call (CUDA-graph
+    inputs: use them before the next sample()); terminated is 0./1. float. Same RNG draws and same values as
+    FrameReplay.sample.
+
+    Frames, two ways (`on_device`; None: frames_fit_on):
+      device  the ring is mirrored where the update runs (FrameReplay.mirror); only the (2, B, stack) slot indices go
+              up (24 KB at the recipe's sizes) and the stacks are gathered there by index_select, queued behind the
+              previous update: nothing of a batch is copied on the host. On the CPU it reads the host ring in place.
+      host    the ring stays on the host (it does not fit beside the update): the stacks are gathered with np.take
+              into a pinned buffer (~65 MB at the recipe's sizes) and go up in one non-blocking copy; that gather
+              waits for the previous upload and runs while the GPU idles after the action sync."""
+
+    def __init__(self, rb: FrameReplay, batch_size: int, device: torch.device, on_device: Optional[bool] = None):
         self.rb, self.batch_size = rb, batch_size
         c, h, w = rb.frames.shape[1:]
         self.a = a = rb.actions.shape[1]
-        self.frames = harness.Staging((2 * batch_size, rb.stack * c, h, w), torch.uint8, device)
-        self.frames_np = self.frames.np.reshape(2, batch_size, rb.stack, c, h, w)  # a view: [0] obs, [1] next_obs
+        shape = (2 * batch_size, rb.stack * c, h, w)
+        self.on_device = frames_fit_on(device, rb.frames.nbytes) if on_device is None else on_device
+        if self.on_device:
+            if rb.frames_dev is None:
+                rb.mirror(device)
+            self.slots = harness.Staging((2, batch_size, rb.stack), torch.int64, device)
+            f = torch.empty(shape, dtype=torch.uint8, device=device)
+            self.frames_out = f.view(2 * batch_size * rb.stack, c, h, w)  # a view: index_select writes the batch
+        else:
+            self.frames = harness.Staging(shape, torch.uint8, device)
+            self.frames_np = self.frames.np.reshape(2, batch_size, rb.stack, c, h, w)  # a view: [0] obs, [1] next
+            f = self.frames.device
         # rows: actions (transposed), reward, terminated. Every view is dense, so the clones cuda_graphed captures on
         # keep its strides (a column of a (B, A + 2) buffer would come back contiguous and make dynamo recompile)
         self.scalars = harness.Staging((a + 2, batch_size), torch.float32, device)
-        f, x = self.frames.device, self.scalars.device
+        x = self.scalars.device
         self.batch = Batch(f[:batch_size], x[:a].t(), x[a], x[a + 1], f[batch_size:])
 
     def sample(self, rng: np.random.Generator) -> Batch:
         rb, a = self.rb, self.a
         p = rb.sample_positions(self.batch_size, rng)
         q = rb.stack_slots(p)
-        self.frames.wait()
-        np.take(rb.frames, np.stack([q[:, :-1], q[:, 1:]]), axis=0, out=self.frames_np, mode="clip")  # valid slots
+        if self.on_device:
+            slots = self.slots.wait()
+            slots[0], slots[1] = q[:, :-1], q[:, 1:]
+            torch.index_select(rb.frames_dev, 0, self.slots.upload().view(-1), out=self.frames_out)
+        else:
+            self.frames.wait()
+            np.take(rb.frames, np.stack([q[:, :-1], q[:, 1:]]), axis=0, out=self.frames_np, mode="clip")  # valid slots
+            self.frames.upload()
         slot = p % rb.capacity
         scalars = self.scalars.wait()
         scalars[:a] = rb.actions[slot].T
         scalars[a] = rb.rewards[slot]
         scalars[a + 1] = rb.terminated[slot]
-        self.frames.upload()
         self.scalars.upload()
         return self.batch
 
@@ -1160,7 +1216,10 @@ if __name__ == "__main__":
     act_eval = harness.compiled(make_act(critic, actor, deterministic=True), use_compile)
     if use_graphs:
         train_step, act, act_eval = map(harness.cuda_graphed, (train_step, act, act_eval))
-    sampler = BatchSampler(rb, args.batch_size, device)
+    sampler = BatchSampler(rb, args.batch_size, device)  # after the restore: a mirror starts from the restored frames
+    if device.type == "cuda":
+        where = "on the GPU" if sampler.on_device else "on the host (a GPU copy would take over half the free memory)"
+        print(f"replay frames gathered {where}", flush=True)
     obs_in = harness.Staging((1, *obs_shape), torch.uint8, device) if device.type == "cuda" else None
     reward_scale_t = torch.ones((), device=device)  # the critic's reward scale, filled in place when it changes
     reward_scale = 1.0

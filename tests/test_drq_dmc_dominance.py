@@ -431,10 +431,11 @@ def scripted_replay(capacity=40, size=20, action_dim=2, episodes=12, seed=0):
     return rb
 
 
-def test_batched_sampler_returns_what_frame_replay_sample_returned():
+@pytest.mark.parametrize("on_device", [False, True])
+def test_batched_sampler_returns_what_frame_replay_sample_returned(on_device):
     rb = scripted_replay()
     assert rb.pos > rb.capacity  # wrapped: stacks reaching overwritten frames are rejected
-    sampler = drq.BatchSampler(rb, 32, torch.device("cpu"))
+    sampler = drq.BatchSampler(rb, 32, torch.device("cpu"), on_device=on_device)
     rng, ptrs, n_term = np.random.default_rng(7), None, 0
     for _ in range(5):
         state = rng.bit_generator.state
@@ -455,6 +456,53 @@ def test_batched_sampler_returns_what_frame_replay_sample_returned():
         assert ptrs is None or now == ptrs
         ptrs = now
     assert n_term > 0  # terminal transitions were among the samples
+
+
+def test_device_gather_samples_the_batches_of_the_host_gather_as_the_ring_keeps_changing(tmp_path):
+    """The ring gathered by index where the update runs (forced on the CPU: the host ring itself, no second copy) and
+    the old np.take into a staging buffer give identical batches for the same RNG, while frames keep being written
+    (wrapping) between batches; a ring restored from its checkpoint chunks, then mirrored, gives them too."""
+    rb = scripted_replay(capacity=30, episodes=6, seed=1)
+    host = drq.BatchSampler(rb, 16, torch.device("cpu"), on_device=False)
+    dev = drq.BatchSampler(rb, 16, torch.device("cpu"))  # the CPU default: gathered by torch from the ring in place
+    assert dev.on_device and not host.on_device
+    assert rb.frames_dev.data_ptr() == rb.frames.ctypes.data  # the mirror on the CPU is the host array
+    rng_h, rng_d, gen = np.random.default_rng(11), np.random.default_rng(11), np.random.default_rng(2)
+    for i in range(12):
+        for t in range(5):  # 60 writes in all: the 30-slot ring wraps twice
+            frame = gen.integers(0, 256, rb.frames.shape[1:], dtype=np.uint8)
+            rb.add_first(frame) if (i * 5 + t) % 9 == 0 else rb.add(frame, gen.uniform(-1, 1, 2), float(t), t == 3)
+        want = [t.clone() for t in host.sample(rng_h)]
+        got = dev.sample(rng_d)
+        assert all(torch.equal(g, w) for g, w in zip(got, want)), i
+    assert rng_h.bit_generator.state == rng_d.bit_generator.state
+    manifest, _ = rb.store.save(str(tmp_path), "1", rb.filled)
+    restored = drq.FrameReplay(30, rb.frames.shape[1:], 2, 3)
+    restored.store.load(str(tmp_path), manifest)
+    restored.pos, restored.episode_start = rb.pos, rb.episode_start
+    again = drq.BatchSampler(restored, 16, torch.device("cpu"), on_device=True)
+    want = [t.clone() for t in host.sample(np.random.default_rng(4))]
+    assert all(torch.equal(g, w) for g, w in zip(again.sample(np.random.default_rng(4)), want))
+
+
+def test_frames_stay_on_the_host_when_the_gpu_copy_would_not_fit(monkeypatch):
+    """On CUDA the ring is mirrored only when it takes at most half the free GPU memory (mem_get_info mocked)."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2 ** 30, 80 * 2 ** 30))
+    cuda = torch.device("cuda")
+    assert drq.frames_fit_on(cuda, 5 * 2 ** 30) and not drq.frames_fit_on(cuda, 5 * 2 ** 30 + 1)
+    assert drq.frames_fit_on(torch.device("cpu"), 10 ** 15)  # on the CPU the ring is where the update runs
+
+
+def test_bench_drq_replay_quick_prints_both_paths(run_script, tmp_path):
+    proc = run_script("scripts/bench_drq_replay.py", ["--quick", "--no-cuda"], cwd=tmp_path, timeout=120,
+                      env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("device cpu") and "batch 128, stack 3" in lines[0]
+    rows = {r.split("|")[1].strip(): [float(x) for x in r.split("|")[2:5]] for r in lines[3:]}
+    assert sorted(rows) == ["device", "host"]
+    for write, batch, ready in rows.values():
+        assert 0 < write and 0 < batch <= ready
 
 
 def test_random_shift_on_uint8_equals_shift_of_the_float_stack():
