@@ -65,14 +65,11 @@ Usage:
   python mrq_dmc_hr.py --env-id walker-walk --hr --total-timesteps 20000 --batch-size 32 --buffer-size 20000 \\
       --learning-starts 2000 --no-cuda                       # a CPU try-out
 """
-import os
-
-os.environ.setdefault("MUJOCO_GL", "egl")  # must precede the dm_control import: headless rendering
-
 import collections
 import copy
 import functools
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Optional
@@ -81,10 +78,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from dm_control import suite
 
 import common
 import harness
+
+suite = harness.dm_control_suite(pixels=True)  # MUJOCO_GL=egl (headless) unless set; one line if it cannot start
 
 # DMC-Visual (MR.Q's 28 tasks); the paper's 7 hard ones are the dog and humanoid tasks
 DMC_VISUAL = ("acrobot-swingup", "ball_in_cup-catch", "cartpole-balance", "cartpole-balance_sparse", "cartpole-swingup",
@@ -351,11 +349,15 @@ class DMCPixels:
         self.frames = collections.deque(maxlen=frame_stack)
         self.obs_shape = (3 * frame_stack, image_size, image_size)
         self.time_physics = self.time_render = 0.0  # seconds, for the speed report
+        self.drawn = False  # a first frame rendered
         self.elapsed = 0
 
     def render(self):
         t = time.perf_counter()
-        frame = self.env.physics.render(self.image_size, self.image_size, camera_id=self.camera_id)
+        draw = functools.partial(self.env.physics.render, self.image_size, self.image_size, camera_id=self.camera_id)
+        # the renderer's context starts at the first frame: one that cannot draw ends the run with one line
+        frame = draw() if self.drawn else harness.first_frame(draw)
+        self.drawn = True
         self.time_render += time.perf_counter() - t
         return np.ascontiguousarray(frame.transpose(2, 0, 1))
 

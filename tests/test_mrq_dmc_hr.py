@@ -463,6 +463,32 @@ def test_smoke_run_logs_every_tag(smoke_runs, read_scalars, name):
         assert "Widths(conv=" in out and "--widen" in out
 
 
+RENDERER_RUN = TINY + ["--image-size", "36", "--buffer-size", "40", "--learning-starts", "20", "--total-timesteps",
+                       "40", "--eval-every", "0", "--metrics-every", "0", "--checkpoint-every", "0", "--no-cuda"]
+RENDERERS = {  # name -> (environment, command): a renderer that fails at the import, or at the first frame
+    "egl_broken": ({"MUJOCO_GL": "egl", "__EGL_VENDOR_LIBRARY_FILENAMES": "/nonexistent.json"}, ["--help"]),
+    "osmesa": ({"MUJOCO_GL": "osmesa"}, RENDERER_RUN),  # no libOSMesa here: PyOpenGL fails
+    "disable": ({"MUJOCO_GL": "disable"}, RENDERER_RUN),  # dm_control imports, the first frame raises
+}
+
+
+@pytest.mark.parametrize("name", list(RENDERERS))
+def test_a_renderer_that_cannot_start_ends_with_one_line(run_script, tmp_path, name):
+    import ctypes.util
+
+    if name == "osmesa" and ctypes.util.find_library("OSMesa"):
+        pytest.skip("libOSMesa is installed: software rendering works here")
+    env, flags = RENDERERS[name]
+    proc = run_script(SCRIPT, flags + ["--run-name", name] * (flags is RENDERER_RUN), cwd=tmp_path, timeout=300,
+                      env={"OMP_NUM_THREADS": "1", **env})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert lines[0].startswith(f"error: MuJoCo's renderer MUJOCO_GL='{env['MUJOCO_GL']}' cannot start ("), lines[0]
+    assert "try MUJOCO_GL=egl" in lines[0] and "Traceback" not in proc.stdout + proc.stderr
+    if name == "disable":  # the run was set up before its first frame failed
+        assert "fast paths: torch.compile off" in proc.stdout and "No OpenGL rendering backend" in lines[0]
+
+
 def _checksum(state):
     """Independent of the script: float64 sum of every float tensor of the trained networks in the checkpoint."""
     return sum(float(t.double().sum()) for key in ("encoder", "value", "policy")
