@@ -103,7 +103,11 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    """if toggled, on CUDA: torch's deterministic algorithms (warn-only), a fixed cuBLAS workspace
+    (CUBLAS_WORKSPACE_CONFIG=:4096:8), cuDNN's deterministic convolutions, and the LAP sampler's prefix sum by matmuls
+    (torch.cumsum has no deterministic CUDA kernel): every op of the updates and of sampling is then deterministic,
+    --compile included. Not the probes' effective rank (common.py's cumsum: a logged metric; it warns once). On the
+    CPU torch is deterministic anyway"""
     cuda: bool = True
     """if toggled, cuda will be enabled when available"""
     track: bool = False
@@ -414,6 +418,25 @@ def evaluate(env: DMCPixels, policy, episodes: int) -> float:
 # Replay: one uint8 frame per agent step, stacks rebuilt by index, LAP priorities
 
 
+def prefix_sum(x: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """Inclusive prefix sum of a 1-D tensor in float64 by matmuls: torch.cumsum has no deterministic CUDA kernel for
+    floats (its scan adds in an order that can change from run to run), while matmuls are deterministic under
+    --torch-deterministic. Each block of `block` entries is summed by a matmul with an upper-triangular matrix of
+    ones, then offset by the prefix of the block totals (the same way, recursively). Nondecreasing, and flat across
+    zero entries (a zero-weight slot is never drawn), whatever order the matmul adds in, given x >= 0."""
+    n = x.shape[0]
+    m = -(-n // block)
+    xb = F.pad(x.to(torch.float64), (0, m * block - n)).view(m, block)
+    tri = torch.ones(block, block, dtype=torch.float64, device=x.device).triu_()
+    out = xb @ tri  # out[i, j] = sum_{k <= j} xb[i, k]
+    if m > 1:
+        out = out + F.pad(prefix_sum(out[:, -1], block)[:-1], (1, 0))[:, None]
+    out = out.flatten()[:n]
+    # rounding may differ between a block's end and the next block's offset: zero entries repeat the last positive
+    # prefix, and the max-scan (exact in any order) keeps the whole sequence nondecreasing
+    return torch.cummax(torch.where(x > 0, out, 0.0), 0).values
+
+
 class Batch(NamedTuple):
     """Rollouts starting at `slots`: obs (B, S, stack*3, H, W) uint8, the stacks s_0..s_h (S = h + 1) or s_0 and s_h
     (S = 2); actions (B, h, A), rewards (B, h), not_done (B, h) float of transitions 0..h-1; slots (B,) int64."""
@@ -440,7 +463,7 @@ class FrameReplay:
     of the host arrays."""
 
     def __init__(self, capacity, frame_shape, action_dim, frame_stack, horizon, device="cpu",
-                 chunk: int = REPLAY_CHUNK, min_priority: float = 1.0):
+                 chunk: int = REPLAY_CHUNK, min_priority: float = 1.0, mirror: Optional[bool] = None):
         self.capacity, self.stack, self.horizon = capacity, frame_stack, horizon
         self.device = torch.device(device)
         self.frames = np.zeros((capacity, *frame_shape), np.uint8)
@@ -451,10 +474,15 @@ class FrameReplay:
         self.start = np.zeros(capacity, np.int64)  # absolute position of the slot's episode start
         names = ("frames", "actions", "rewards", "terminated", "first", "start")
         self.store = harness.ChunkStore({k: getattr(self, k) for k in names}, chunk)
-        self.mirror = self.device.type != "cpu"
+        self.mirror = self.device.type != "cpu" if mirror is None else mirror  # (mirror=True on CPU: tests)
         host = {k: torch.from_numpy(getattr(self, k)) for k in ("frames", "actions", "rewards", "terminated", "start")}
         self.dev = {k: torch.zeros(t.shape, dtype=t.dtype, device=self.device) for k, t in host.items()} \
             if self.mirror else host
+        # a new slot reaches the mirror through pinned rows (harness.Staging): a copy from pageable memory would
+        # synchronise the stream at every agent step
+        self.rows = {k: harness.Staging((1, *t.shape[1:]), t.dtype, self.device) for k, t in self.dev.items()} \
+            if self.mirror else None
+        self.stack_index = {}  # (horizon, all_stacks) -> the stack-building index of batch(), made once on the device
         self.priority = torch.zeros(capacity, device=self.device)
         self.valid = torch.zeros(capacity, dtype=torch.bool, device=self.device)
         self.max_priority = torch.tensor(float(min_priority), device=self.device)
@@ -496,7 +524,8 @@ class FrameReplay:
         self.start[i] = self.episode_start
         if self.mirror:
             for k, t in self.dev.items():
-                t[i].copy_(torch.from_numpy(np.asarray(getattr(self, k)[i])))
+                self.rows[k].wait()[0] = getattr(self, k)[i]  # waits for the row's previous copy, if still in flight
+                t[i:i + 1].copy_(self.rows[k].upload())  # device to device, queued after the upload
         self.priority[i] = self.max_priority
         self.valid[i] = False
         if self.pos >= self.capacity:  # position pos - capacity is gone: starts whose stack reached it go too
@@ -517,9 +546,14 @@ class FrameReplay:
         r = np.abs(self.rewards[:n][~self.first[:n]])
         return max(float(r.mean()) if r.size else 0.0, eps)
 
-    def sample_slots(self, batch_size: int) -> torch.Tensor:
-        """Start slots drawn proportionally to priority over the valid starts (LAP), on the device; torch's RNG."""
-        csum = torch.cumsum(self.priority * self.valid, 0, dtype=torch.float64)
+    def sample_slots(self, batch_size: int, deterministic: Optional[bool] = None) -> torch.Tensor:
+        """Start slots drawn proportionally to priority over the valid starts (LAP), on the device; torch's RNG.
+        The prefix sum is torch.cumsum, or prefix_sum where deterministic (None: on CUDA under torch's deterministic
+        algorithms, where cumsum would only warn and stay nondeterministic)."""
+        weights = self.priority * self.valid
+        if deterministic is None:
+            deterministic = weights.is_cuda and torch.are_deterministic_algorithms_enabled()
+        csum = prefix_sum(weights) if deterministic else torch.cumsum(weights, 0, dtype=torch.float64)
         u = torch.rand(batch_size, device=self.device, dtype=torch.float64) * csum[-1]
         return torch.searchsorted(csum, u, right=True).clamp_(max=self.capacity - 1)
 
@@ -531,13 +565,19 @@ class FrameReplay:
         window = p[:, None] + torch.arange(-stack, horizon, device=self.device)[None, :]  # frames p-stack..p+h-1
         window = torch.maximum(window, self.dev["start"][slots][:, None]).clamp_(max=last) % cap
         frames = self.dev["frames"][window]  # (B, stack + h, 3, H, W)
-        firsts = torch.arange(horizon + 1, device=self.device) if all_stacks else \
-            torch.tensor([0, horizon], device=self.device)
-        obs = frames[:, firsts[:, None] + torch.arange(stack, device=self.device)[None, :]]  # (B, S, stack, 3, H, W)
-        obs = obs.flatten(2, 3)
+        obs = frames[:, self._stack_index(horizon, all_stacks)].flatten(2, 3)  # (B, S, stack * 3, H, W)
         trans = (p[:, None] + torch.arange(horizon, device=self.device)[None, :]).clamp_(max=last) % cap
         not_done = 1.0 - self.dev["terminated"][trans].float()
         return Batch(obs, self.dev["actions"][trans], self.dev["rewards"][trans], not_done, slots)
+
+    def _stack_index(self, horizon: int, all_stacks: bool) -> torch.Tensor:
+        """(S, stack) window offsets of the stacks ending at p-1 .. p+h-1 (or p-1 and p+h-1); built once per shape,
+        so no batch waits on a host-to-device copy of it."""
+        key = (horizon, all_stacks)
+        if key not in self.stack_index:
+            firsts = torch.arange(horizon + 1) if all_stacks else torch.tensor([0, horizon])
+            self.stack_index[key] = (firsts[:, None] + torch.arange(self.stack)[None, :]).to(self.device)
+        return self.stack_index[key]
 
     def sample(self, batch_size: int, horizon: int, all_stacks: bool) -> Batch:
         return self.batch(self.sample_slots(batch_size), horizon, all_stacks)
@@ -1027,7 +1067,8 @@ if __name__ == "__main__":
             if training_steps % args.target_update_freq == 0:
                 for key in ("encoder", "value", "policy"):
                     networks[f"{key}_target"].load_state_dict(networks[key].state_dict())
-                scales.copy_(torch.tensor([rb.reward_scale(), float(scales[0])]))  # the target takes the old scale
+                scales[1] = scales[0]  # the target takes the old scale; on the device: no sync
+                scales[0] = rb.reward_scale()
                 for _ in range(args.target_update_freq):
                     with timed("replay"):
                         batch = rb.sample(args.batch_size, args.enc_horizon, all_stacks=True)

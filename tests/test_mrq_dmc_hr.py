@@ -130,14 +130,58 @@ def test_lap_priority_formula_and_sampling_frequencies():
     assert torch.allclose(counts[1:12], expected.double(), rtol=0.06)
 
 
+def test_prefix_sum_equals_cumsum_at_and_off_block_multiples():
+    """The deterministic (matmul) prefix sum against torch.cumsum in float64: sizes that are and are not multiples of
+    the block, one to three levels of block totals; nondecreasing and flat across zero weights, as the draw needs."""
+    gen = torch.Generator().manual_seed(0)
+    for n, block in [(1, 256), (255, 256), (256, 256), (257, 256), (768, 256), (773, 256), (65_537, 256),
+                     (1000, 7), (343, 7), (4097, 4)]:
+        x = torch.exp(torch.randn(n, generator=gen, dtype=torch.float64) * 4)  # wide range: rounding happens
+        x[torch.rand(n, generator=gen) < 0.3] = 0.0
+        got, want = mrq.prefix_sum(x, block), torch.cumsum(x, 0)
+        assert got.dtype == torch.float64 and got.shape == (n,)
+        assert torch.allclose(got, want, rtol=1e-12, atol=0), (n, block, ((got - want) / want).abs().max())
+        assert torch.all(got.diff() >= 0) and torch.all(got[1:][x[1:] == 0] == got[:-1][x[1:] == 0]), (n, block)
+    # float32 priorities of a bounded range: float64 sums of them are exact, so both formulations agree bit for bit
+    x = torch.rand(100_003, generator=gen) * 3 + 1
+    x[::5] = 0.0
+    assert torch.equal(mrq.prefix_sum(x), torch.cumsum(x, 0, dtype=torch.float64))
+
+
+def test_lap_sampler_draws_the_same_slots_with_either_prefix_sum():
+    """sample_slots(deterministic=True), the CUDA path under torch's deterministic mode, draws what torch.cumsum
+    draws for the same generator state, on a wrapped replay whose ring (1000 slots) is no multiple of the block."""
+    rb = mrq.FrameReplay(1000, (3, 2, 2), 1, 3, 3)
+    frame, gen = np.zeros((3, 2, 2), np.uint8), torch.Generator().manual_seed(0)
+    for episode in range(30):  # 1200 positions: the ring wraps
+        rb.add_first(frame)
+        for t in range(39):
+            rb.add(frame, 0.0, 0.0, t == 38 and episode % 3 == 0)
+        slots = torch.randint(0, 1000, (64,), generator=gen)
+        rb.update_priority(slots, torch.rand(64, generator=gen) * 5 + 1)
+    valid = set(rb.valid.nonzero().flatten().tolist())
+    assert 0 < len(valid) < 1000
+    draws = {}
+    for deterministic in (False, True, None):  # None: the CPU picks torch.cumsum
+        torch.manual_seed(7)
+        draws[deterministic] = torch.cat([rb.sample_slots(4096, deterministic=deterministic) for _ in range(4)])
+    assert torch.equal(draws[False], draws[True]) and torch.equal(draws[False], draws[None])
+    assert set(draws[True].tolist()) <= valid and len(set(draws[True].tolist())) > len(valid) // 2
+    torch.manual_seed(7)  # an independent draw: inverse CDF of priority * valid by hand
+    w = (rb.priority * rb.valid).double()
+    u = torch.rand(4096, dtype=torch.float64) * w.sum()
+    cdf = torch.cumsum(w, 0)
+    assert draws[True][:4096].tolist() == [int((cdf <= v).sum()) for v in u.tolist()]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Replay
 
 
-def scripted_replay(capacity=40, horizon=3):
+def scripted_replay(capacity=40, horizon=3, mirror=None):
     """Episodes of frames with ids (frame f is filled with f % 256), some terminated, some truncated, written into a
     ring that wraps. Returns (replay, {start position: reference rollout})."""
-    rb = mrq.FrameReplay(capacity, (3, 2, 2), 1, 3, horizon, chunk=8)
+    rb = mrq.FrameReplay(capacity, (3, 2, 2), 1, 3, horizon, chunk=8, mirror=mirror)
     episodes, fid = [], 0
     for n, terminated in [(7, False), (2, True), (9, True), (4, False), (3, True), (12, False), (6, True),
                           (1, True), (8, False)]:
@@ -217,6 +261,25 @@ def test_frame_replay_matches_the_real_env_stacks_across_episode_boundaries():
     for j, p in enumerate(slots.tolist()):
         for k in range(3):
             assert np.array_equal(b.obs[j, k].numpy(), expected[p][k]), (p, k)
+
+
+def test_device_mirror_written_through_staging_rows_equals_the_host_arrays():
+    """The CUDA write path (each slot through a harness.Staging row into the device mirror), run on the CPU with
+    mirror=True: after a wrapped scripted stream the mirror equals the host arrays without sharing their memory, and
+    batches equal those of the unmirrored replay."""
+    mirrored, _ = scripted_replay(mirror=True)
+    plain, _ = scripted_replay()
+    assert mirrored.mirror and not plain.mirror and mirrored.pos > mirrored.capacity
+    for k, t in mirrored.dev.items():
+        host = torch.from_numpy(getattr(mirrored, k))
+        assert t.data_ptr() != host.data_ptr() and torch.equal(t, host), k
+        assert torch.equal(t, plain.dev[k]), k
+    for all_stacks, horizon in ((True, 3), (False, 3), (False, 1)):
+        torch.manual_seed(3)
+        a = mirrored.sample(32, horizon, all_stacks)
+        torch.manual_seed(3)
+        b = plain.sample(32, horizon, all_stacks)
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), (all_stacks, horizon)
 
 
 def test_replay_checkpoint_restores_frames_priorities_and_valid_starts(tmp_path):
