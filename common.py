@@ -80,7 +80,8 @@ def effective_rank(features, delta: float = 0.01) -> int:
     if not 0.0 <= delta < 1.0:
         raise ValueError(f"delta must be in [0, 1), got {delta}")
     x = _neurons(features, "features").double()
-    sigma = torch.linalg.svdvals(x)  # descending
+    # descending; on the host: the answer is read there anyway, and torch's cumsum on CUDA floats is nondeterministic
+    sigma = torch.linalg.svdvals(x).cpu()
     total = sigma.sum()
     if total <= 0:
         return 0

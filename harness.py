@@ -90,14 +90,21 @@ def dm_control_suite(pixels: bool):
     """`dm_control.suite`, imported with a renderer only where the run needs pixels. State tasks never render:
     MUJOCO_GL=disable, so a machine without a working EGL/OSMesa still runs them. Pixel tasks default to EGL (headless)
     unless MUJOCO_GL is set; a renderer that cannot start ends the run with one line naming what to try."""
+    previous = os.environ.get("MUJOCO_GL")
     if pixels:
         os.environ.setdefault("MUJOCO_GL", "egl")
-    else:
+    elif "dm_control.suite" not in sys.modules:  # dm_control reads MUJOCO_GL once, at its first import
         os.environ["MUJOCO_GL"] = "disable"
     try:
         from dm_control import suite
     except Exception as e:  # noqa: BLE001 - EGL/OSMesa fail at import with ImportError, OSError or RuntimeError
         fail(renderer_error(e))
+    finally:
+        if not pixels:  # read: leave the user's setting to child processes (a pixel script started from here)
+            if previous is None:
+                os.environ.pop("MUJOCO_GL", None)
+            else:
+                os.environ["MUJOCO_GL"] = previous
     return suite
 
 
