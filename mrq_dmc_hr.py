@@ -504,14 +504,15 @@ class FrameReplay:
         self._write(frame, 0.0, 0.0, False, True)
 
     def add(self, frame, action, reward, terminated):
+        """Flags are set by fill_ / index_fill_: `t[i] = True` on a CUDA tensor copies a host scalar and syncs."""
         p = self.pos
         self._write(frame, action, reward, terminated, False)
         if p - self.horizon > self.episode_start:  # start p - horizon now has its whole rollout stored
-            self.valid[(p - self.horizon) % self.capacity] = True
+            self.valid[(p - self.horizon) % self.capacity].fill_(True)
         if terminated:  # the last starts, whose rollouts run into the termination, are valid too
             self.env_terminates = True
             lo = max(self.episode_start + 1, p - self.horizon + 1)
-            self.valid[torch.arange(lo, p + 1, device=self.device) % self.capacity] = True
+            self.valid.index_fill_(0, torch.arange(lo, p + 1, device=self.device) % self.capacity, True)
 
     def _write(self, frame, action, reward, terminated, first):
         i = self.pos % self.capacity
@@ -527,10 +528,11 @@ class FrameReplay:
                 self.rows[k].wait()[0] = getattr(self, k)[i]  # waits for the row's previous copy, if still in flight
                 t[i:i + 1].copy_(self.rows[k].upload())  # device to device, queued after the upload
         self.priority[i] = self.max_priority
-        self.valid[i] = False
+        self.valid[i].fill_(False)
         if self.pos >= self.capacity:  # position pos - capacity is gone: starts whose stack reached it go too
             gone = self.pos - self.capacity
-            self.valid[torch.arange(gone + 1, gone + self.stack + 1, device=self.device) % self.capacity] = False
+            self.valid.index_fill_(0, torch.arange(gone + 1, gone + self.stack + 1, device=self.device) % self.capacity,
+                                   False)
         self.pos += 1
 
     def upload(self) -> None:
@@ -1067,8 +1069,8 @@ if __name__ == "__main__":
             if training_steps % args.target_update_freq == 0:
                 for key in ("encoder", "value", "policy"):
                     networks[f"{key}_target"].load_state_dict(networks[key].state_dict())
-                scales[1] = scales[0]  # the target takes the old scale; on the device: no sync
-                scales[0] = rb.reward_scale()
+                scales[1] = scales[0]  # the target takes the old scale (a device copy)
+                scales[0].fill_(rb.reward_scale())  # fill_, not `scales[0] = x`: that copies a host scalar and syncs
                 for _ in range(args.target_update_freq):
                     with timed("replay"):
                         batch = rb.sample(args.batch_size, args.enc_horizon, all_stacks=True)
