@@ -53,10 +53,13 @@ layers; latent feeds its head) and representation/hidden_bias, live_contribution
 test: MR.Q's dormant rates are already negligible and HR raises the effective rank.
 
 Cost: an encoder update at batch 256 takes ~8.5 s on one CPU core and rendering ~50 ms per agent step, so the recipe
-needs a GPU; on CUDA the frames are mirrored in GPU memory (as the official buffer keeps them) and a batch is drawn,
-gathered and augmented on the device. Checkpoints (harness.py): networks, optimisers, scales, priorities, probe batch,
-RNG states; the frames go to runs/NAME/replay/ in chunks and a checkpoint rewrites only the chunks written since the
-previous one. A resumed run starts fresh episodes. A non-finite loss, parameter or action stops the run.
+needs a GPU; on CUDA the frames are mirrored in GPU memory (as the official buffer keeps them; each new frame goes up
+through a pinned buffer, non-blocking) and a batch is drawn, gathered and augmented on the device, so that an agent
+step waits on the GPU only to read its action back (logging, probes and checkpoints sync too). A renderer that cannot
+start (EGL, OSMesa) ends the run with one line naming what to try. Checkpoints (harness.py): networks, optimisers,
+scales, priorities, probe batch, RNG states; the frames go to runs/NAME/replay/ in chunks and a checkpoint rewrites only
+the chunks written since the previous one. A resumed run starts fresh episodes. A non-finite loss, parameter or
+action stops the run.
 
 Usage:
   python mrq_dmc_hr.py --env-id dog-run                      # the baseline
