@@ -113,7 +113,7 @@ def first_frame(render: Callable):
     one line; later frames are rendered plainly."""
     try:
         return render()
-    except Exception as e:  # noqa: BLE001 - e.g. OSMesa without libOSMesa: AttributeError from PyOpenGL
+    except Exception as e:  # noqa: BLE001 - e.g. a GL context that cannot be made (GLFW without a display)
         fail(renderer_error(e))
 
 # ---------------------------------------------------------------------------------------------------------------
