@@ -109,7 +109,7 @@ SPECS = {
         # cartpole (action repeat 8): the probe needs --metrics-batch (256) transitions in the replay, so learning
         # starts after 2,080 frames (260 agent steps) of random actions; then 1 update of batch 512 (~7 s on the
         # 2-core CPU) warms up and 3 are measured, with charts/SPS logged at every agent step
-        quick=Budget(8, 24, ["--learning-starts", "2080", "--buffer-size", "10000", "--log-every", "8",
+        quick=Budget(8, 24, ["--learning-starts", "260", "--buffer-size", "10000", "--log-every", "8",
                              "--eval-every", "0", "--checkpoint-every", "0"]),
         full=Budget(4000, 40_000, ["--eval-every", "0", "--checkpoint-every", "0"])),
 }
@@ -118,6 +118,9 @@ VARIANT_SCALE = {"quick": {"hadamax": 0.25}, "full": {"hadamax": 0.5}}
 
 
 LEARNING_STARTS = {"dqn": 80_000, "drq": 1000}  # the scripts' defaults (ppo and pqn learn from the first rollout)
+# DrQ counts --learning-starts in agent steps (jaxrl) and its budgets in frames: cartpole-swingup, the default and
+# the benchmark's task, repeats each action 8 times
+DRQ_ACTION_REPEAT = 8
 
 
 def flag(args: list, name: str, default: int) -> int:
@@ -584,6 +587,8 @@ def resolve_budget(spec: Spec, b: Budget, scale: float = 1.0, extra: Optional[li
     args = list(b.args) + list(extra or [])
     g = spec.gran(args)
     starts = flag(args, "--learning-starts", LEARNING_STARTS.get(spec.key, 0))
+    if spec.key == "drq":
+        starts *= flag(args, "--action-repeat", DRQ_ACTION_REPEAT)
     warmup = round_up(starts + max(int(b.warmup * scale), 1), g)
     return Budget(warmup, max(round_up(int(b.measure * scale), g), g), args,
                   max(10, int(b.ceiling_steps * scale)) if b.ceiling_steps else 0)

@@ -115,18 +115,52 @@ class Check:
     hadamax: bool = False  # also time --encoder hadamax (metrics off) against the default (the Hadamax target)
     graphs: bool = True  # the script has CUDA graphs (the fast run must report cudagraphs on), else compile only
     unit: str = "steps"  # what --total-timesteps counts
+    # items 2-6 run on `dry`'s tiny budgets, on the device:
+    ckpt: str = ""  # resume: the checkpoint cadence of the killed-and-resumed run (two checkpoints before the end)
+    variants: tuple = ()  # every-variant: flag sets, each run once (their flags, with every value of a choice flag,
+    #                       must cover the script's switches: tests/test_gpu_check.py reads them from its Args)
+    same_data: bool = False  # CPU vs CUDA: True when both see the same data (the host RNG drives every draw)
+    reads: str = "1"  # host syncs: action reads per loop iteration, "1" or the flag that gives them (--num-steps)
+    more: tuple = ()  # equivalence on `dry`'s budgets too: (label, flags) pairs, fast vs plain with those flags (the
+    #                   Hadamax encoder, greedy acting, the evaluation functions); "graphs" (CUDA graphs without
+    #                   compile) is added for every script with graphs
 
 
 # One line per training script. Keys: the file names `*_hr.py` / `drq_*.py` in the repository root.
 # fmt: off
 SCRIPTS = {  # noqa: E501
-    "dqn_atari_hr.py": Check("atari", "--total-timesteps 2600 --learning-starts 1000 --buffer-size 10000 --start-e 1 --end-e 1 --metrics-every 0 --checkpoint-every 0 --eval-episodes 0", "init:--total-timesteps 1", "--total-timesteps 400 --learning-starts 100 --buffer-size 1000 --batch-size 8 --start-e 1 --end-e 1 --metrics-every 0 --checkpoint-every 0 --eval-episodes 0", "1 100 --learning-starts 100 --buffer-size 1000 --batch-size 8 --metrics-batch 64", losses="losses/td_loss losses/q_values", sps="--learning-starts 5000"),  # noqa: E501
-    "ppo_atari_hr.py": Check("atari", "--total-timesteps 20480 --checkpoint-every 0 --metrics-every 0 --eval-episodes 1", "init:--num-envs 1 --num-steps 2 --num-minibatches 1 --update-epochs 1 --total-timesteps 2 --learning-rate 1e-30", "--num-envs 2 --num-steps 16 --num-minibatches 2 --update-epochs 2 --total-timesteps 128 --checkpoint-every 0 --metrics-every 0 --eval-episodes 1", "32 64 --num-envs 2 --num-steps 16 --num-minibatches 2 --update-epochs 1 --metrics-batch 32", losses="losses/value_loss losses/policy_loss losses/entropy", param_tol=0.15, loss_tol=0.05),  # noqa: E501
-    "pqn_atari_hr.py": Check("atari", "--total-timesteps 32768 --start-e 1 --end-e 1 --checkpoint-every 0 --metrics-every 0", "init:--num-envs 1 --num-steps 1 --num-minibatches 1 --update-epochs 1 --total-timesteps 1 --learning-rate 1e-30", "--num-envs 8 --num-test-envs 2 --num-steps 16 --num-minibatches 4 --update-epochs 1 --total-timesteps 512 --start-e 1 --end-e 1 --checkpoint-every 0 --metrics-every 0 --torch-threads 1", "128 256 --num-envs 8 --num-test-envs 2 --num-steps 16 --num-minibatches 4 --update-epochs 1 --metrics-batch 64 --torch-threads 1", losses="losses/td_loss losses/q_values", param_tol=0.15, hadamax=True),  # noqa: E501
-    "drq_dmc_dominance.py": Check("dmc", "--env-id cartpole-swingup --total-timesteps 3400 --learning-starts 1000 --buffer-size 10000 --log-every 200 --eval-every 0 --metrics-every 0 --checkpoint-every 0", "init:--total-timesteps 8", "--env-id cartpole-swingup --total-timesteps 240 --learning-starts 160 --batch-size 8 --buffer-size 500 --log-every 16 --eval-every 0 --metrics-every 0 --checkpoint-every 0", "8 32 --env-id cartpole-swingup --learning-starts 160 --batch-size 8 --buffer-size 500 --log-every 8 --eval-every 0 --checkpoint-every 0 --metrics-batch 16", losses="losses/qf_loss losses/actor_loss losses/qf1_values", param_tol=0.15, loss_tol=0.05, sps_scale=0.25, unit="frames"),  # noqa: E501
-    # written while this was: flags as their Args had them then; a `?` flag is dropped if it disappears
-    "simbav2_dmc_hr.py": Check("dmc", "--env-id cartpole-swingup --total-timesteps 1400 --learning-starts 1000 --buffer-size 10000 --log-every 50 --eval-every 0 --metrics-every 0 --checkpoint-every 0", "init:--total-timesteps 2", "--env-id cartpole-swingup ?--critic-hidden-dim 16 ?--actor-hidden-dim 8 --batch-size 16 --total-timesteps 240 --learning-starts 200 --buffer-size 1000 --log-every 10 --eval-every 0 --metrics-every 0 --checkpoint-every 0", "20 40 --env-id cartpole-swingup ?--critic-hidden-dim 16 ?--actor-hidden-dim 8 --batch-size 16 --learning-starts 200 --buffer-size 1000 --log-every 10 --eval-every 0 --checkpoint-every 0 --metrics-batch 32", losses="losses/qf_loss losses/actor_loss losses/qf1_values", param_tol=0.15, loss_tol=0.05, sps="--learning-starts 2000 --log-every 100 --eval-every 0 --checkpoint-every 0", sps_scale=1.0, sps_budget="500 3000", graphs=False, unit="frames"),  # noqa: E501
-    "mrq_dmc_hr.py": Check("dmc", "--env-id cartpole-swingup --total-timesteps 1600 --learning-starts 1000 --buffer-size 10000 ?--target-update-freq 100 --log-every 50 --eval-every 0 --metrics-every 0 --checkpoint-every 0", "init:--total-timesteps 2", "--env-id cartpole-swingup --batch-size 8 ?--target-update-freq 5 ?--zs-dim 32 ?--za-dim 16 ?--zsa-dim 32 ?--enc-hdim 32 ?--value-hdim 32 ?--policy-hdim 32 --buffer-size 200 --learning-starts 60 --total-timesteps 120 --log-every 20 --eval-every 0 --metrics-every 0 --checkpoint-every 0", "20 40 --env-id cartpole-swingup --batch-size 8 ?--target-update-freq 5 ?--zs-dim 32 ?--za-dim 16 ?--zsa-dim 32 ?--enc-hdim 32 ?--value-hdim 32 ?--policy-hdim 32 --buffer-size 200 --learning-starts 60 --log-every 20 --eval-every 0 --checkpoint-every 0 --metrics-batch 8", losses="losses/value_loss losses/policy_loss losses/encoder_loss", param_tol=0.15, loss_tol=0.05, sps="--learning-starts 2000 --log-every 100 --eval-every 0 --checkpoint-every 0", sps_scale=1.0, sps_budget="300 1500", graphs=False, unit="frames"),  # noqa: E501
+    "dqn_atari_hr.py": Check("atari", "--total-timesteps 2600 --learning-starts 1000 --buffer-size 10000 --start-e 1 --end-e 1 --metrics-every 0 --checkpoint-every 0 --eval-episodes 0", "init:--total-timesteps 1", "--total-timesteps 400 --learning-starts 100 --buffer-size 1000 --batch-size 8 --start-e 1 --end-e 1 --metrics-every 0 --checkpoint-every 0 --eval-episodes 0", "1 100 --learning-starts 100 --buffer-size 1000 --batch-size 8 --metrics-batch 64", losses="losses/td_loss losses/q_values", sps="--learning-starts 5000",
+                             ckpt="--checkpoint-every 150", same_data=True,
+                             more=(("hadamax", "--encoder hadamax"), ("greedy", "--start-e 0 --end-e 0 --save-model --eval-episodes 1 --eval-epsilon 0")),
+                             variants=("--metrics-every 150 --metrics-batch 32 --activation tanh --hr --hr-layers all --hr-branches 3 --combine sum --hidden-layers 2 --layernorm --conv-activation gelu --save-model --eval-episodes 1 --eval-epsilon 0.0",
+                                       "--activation crelu", "--encoder hadamax --activation sigmoid --hr")),
+    "ppo_atari_hr.py": Check("atari", "--total-timesteps 20480 --checkpoint-every 0 --metrics-every 0 --eval-episodes 1", "init:--num-envs 1 --num-steps 2 --num-minibatches 1 --update-epochs 1 --total-timesteps 2 --learning-rate 1e-30", "--num-envs 2 --num-steps 16 --num-minibatches 2 --update-epochs 2 --total-timesteps 128 --checkpoint-every 0 --metrics-every 0 --eval-episodes 1", "32 64 --num-envs 2 --num-steps 16 --num-minibatches 2 --update-epochs 1 --metrics-batch 32", losses="losses/value_loss losses/policy_loss losses/entropy", param_tol=0.15, loss_tol=0.05,
+                             ckpt="--checkpoint-every 32", reads="--num-steps",
+                             more=(("hadamax", "--encoder hadamax"), ("eval", "--save-model --eval-episodes 1")),
+                             variants=("--metrics-every 64 --metrics-batch 16 --activation tanh --hr --hr-layers all --hr-branches 3 --combine sum --hidden-layers 2 --layernorm --conv-activation gelu --no-anneal-lr --no-norm-adv --no-clip-vloss --target-kl 0.5",
+                                       "--activation crelu", "--encoder hadamax --activation sigmoid --hr")),
+    "pqn_atari_hr.py": Check("atari", "--total-timesteps 32768 --start-e 1 --end-e 1 --checkpoint-every 0 --metrics-every 0", "init:--num-envs 1 --num-steps 1 --num-minibatches 1 --update-epochs 1 --total-timesteps 1 --learning-rate 1e-30", "--num-envs 8 --num-test-envs 2 --num-steps 16 --num-minibatches 4 --update-epochs 1 --total-timesteps 512 --start-e 1 --end-e 1 --checkpoint-every 0 --metrics-every 0 --torch-threads 1", "128 256 --num-envs 8 --num-test-envs 2 --num-steps 16 --num-minibatches 4 --update-epochs 1 --metrics-batch 64 --torch-threads 1", losses="losses/td_loss losses/q_values", param_tol=0.15, hadamax=True,
+                             ckpt="--checkpoint-every 128", reads="--num-steps",
+                             more=(("hadamax", "--encoder hadamax"), ("greedy", "--start-e 0 --end-e 0")),
+                             variants=("--metrics-every 256 --metrics-batch 32 --activation tanh --hr --hr-layers last --hr-branches 3 --combine sum --hidden-layers 2 --no-layernorm --conv-activation gelu --no-anneal-lr --save-model",
+                                       "--activation crelu --redo --redo-interval 1 --no-redo-reset-optimizer", "--encoder hadamax --hr")),
+    "drq_dmc_dominance.py": Check("dmc", "--env-id cartpole-swingup --total-timesteps 6400 --learning-starts 200 --buffer-size 10000 --log-every 200 --eval-every 0 --metrics-every 0 --checkpoint-every 0", "init:--total-timesteps 8", "--env-id cartpole-swingup --total-timesteps 320 --learning-starts 10 --batch-size 8 --buffer-size 500 --log-every 16 --eval-every 0 --metrics-every 0 --checkpoint-every 0", "8 32 --env-id cartpole-swingup --learning-starts 10 --batch-size 8 --buffer-size 500 --log-every 8 --eval-every 0 --checkpoint-every 0 --metrics-batch 16", losses="losses/qf_loss losses/actor_loss losses/qf1_values", param_tol=0.15, loss_tol=0.05, sps_scale=0.25, unit="frames",
+                             ckpt="--checkpoint-every 104", more=(("eval", "--eval-every 160 --eval-episodes 1"),),
+                             variants=("--metrics-every 160 --metrics-batch 16 --mitigation ln --hr --eval-every 160 --eval-episodes 1 --save-model",
+                                       "--mitigation lnwd --ln-from-step 20", "--mitigation hlgauss --hl-target-entropy",
+                                       "--mitigation reset --reset-every 20", "--mitigation redo --redo-every 5",
+                                       "--mitigation prune --prune-every 5 --prune-distribution uniform",
+                                       "--encoder resnet18 --image-size 64")),
+    "simbav2_dmc_hr.py": Check("dmc", "--env-id cartpole-swingup --total-timesteps 1400 --learning-starts 1000 --buffer-size 10000 --log-every 50 --eval-every 0 --metrics-every 0 --checkpoint-every 0", "init:--total-timesteps 2", "--env-id cartpole-swingup ?--critic-hidden-dim 16 ?--actor-hidden-dim 8 --batch-size 16 --total-timesteps 240 --learning-starts 200 --buffer-size 1000 --log-every 10 --eval-every 0 --metrics-every 0 --checkpoint-every 0", "20 40 --env-id cartpole-swingup ?--critic-hidden-dim 16 ?--actor-hidden-dim 8 --batch-size 16 --learning-starts 200 --buffer-size 1000 --log-every 10 --eval-every 0 --checkpoint-every 0 --metrics-batch 32", losses="losses/qf_loss losses/actor_loss losses/qf1_values", param_tol=0.15, loss_tol=0.05, sps="--learning-starts 2000 --log-every 100 --eval-every 0 --checkpoint-every 0", sps_scale=1.0, sps_budget="500 3000", graphs=False, unit="frames",
+                             ckpt="--total-timesteps 360 --learning-starts 100 --checkpoint-every 120",
+                             more=(("eval", "--eval-every 240 --eval-episodes 1"),),
+                             variants=("--metrics-every 240 --metrics-batch 16 --hr --hr-networks critic --hr-scaler shared --kde-scale raw --cdq on --no-normalize-observation --no-normalize-reward --eval-every 240 --eval-episodes 1 --save-model",
+                                       "--widen --hr-networks both --cdq off")),
+    "mrq_dmc_hr.py": Check("dmc", "--env-id cartpole-swingup --total-timesteps 1600 --learning-starts 1000 --buffer-size 10000 ?--target-update-freq 100 --log-every 50 --eval-every 0 --metrics-every 0 --checkpoint-every 0", "init:--total-timesteps 2", "--env-id cartpole-swingup --batch-size 8 ?--target-update-freq 5 ?--zs-dim 32 ?--za-dim 16 ?--zsa-dim 32 ?--enc-hdim 32 ?--value-hdim 32 ?--policy-hdim 32 --buffer-size 200 --learning-starts 60 --total-timesteps 120 --log-every 20 --eval-every 0 --metrics-every 0 --checkpoint-every 0", "20 40 --env-id cartpole-swingup --batch-size 8 ?--target-update-freq 5 ?--zs-dim 32 ?--za-dim 16 ?--zsa-dim 32 ?--enc-hdim 32 ?--value-hdim 32 ?--policy-hdim 32 --buffer-size 200 --learning-starts 60 --log-every 20 --eval-every 0 --checkpoint-every 0 --metrics-batch 8", losses="losses/value_loss losses/policy_loss losses/encoder_loss", param_tol=0.15, loss_tol=0.05, sps="--learning-starts 2000 --log-every 100 --eval-every 0 --checkpoint-every 0", sps_scale=1.0, sps_budget="300 1500", graphs=False, unit="frames",
+                             ckpt="--total-timesteps 180 --learning-starts 40 --checkpoint-every 60",
+                             more=(("eval", "--eval-every 120 --eval-episodes 1"),),
+                             variants=("--metrics-every 120 --metrics-batch 8 --hr --hr-layers all --eval-every 120 --eval-episodes 1 --save-model",
+                                       "--widen")),
 }
 # fmt: on
 SCRIPT_GLOBS = ("*_hr.py", "drq_*.py")
@@ -166,10 +200,10 @@ TARGETS = [
 
 # per part: seconds from start to the report (the device command's timeout_s leaves ~30 s above it), the share the
 # equivalence phase (with the probe beside it) may take, and the probe's wall-clock time
-PARTS = {"atari": {"deadline": 450, "equiv": 170, "probe": 120},
-         "dmc": {"deadline": 270, "equiv": 140, "probe": 0},
-         "all": {"deadline": 570, "equiv": 200, "probe": 150}}
-DRY = {"deadline": 420, "equiv": 200, "probe": 25}  # a safety net: the rehearsal runs everything
+PARTS = {"atari": {"deadline": 420, "equiv": 250, "probe": 150},
+         "dmc": {"deadline": 300, "equiv": 220, "probe": 0},
+         "all": {"deadline": 570, "equiv": 330, "probe": 150}}
+DRY = {"deadline": 900, "equiv": 700, "probe": 25}  # a safety net: the rehearsal runs everything
 SPS_RUN_ESTIMATE = {"gpu": 40.0, "dry": 12.0}  # seconds one speed run takes (start-up and compile included)
 REPORT_RESERVE = 15.0  # seconds kept for the report and the log archive
 
@@ -181,9 +215,9 @@ EGL = ("(ldconfig -p | grep -q libEGL.so.1 && ldconfig -p | grep -q libOpenGL.so
        "export __EGL_VENDOR_LIBRARY_FILENAMES=$v; export MUJOCO_GL=egl; ")
 CHECK = "PYTHONUNBUFFERED=1 python3 scripts/gpu_check.py --part {part} --out-dir $OUT"
 DEVICE_CALLS = {
-    "atari": {"carry": [".whl/atari"], "timeout_s": 480, "command": INSTALL.format(part="atari") +
+    "atari": {"carry": [".whl/atari"], "timeout_s": 450, "command": INSTALL.format(part="atari") +
               CHECK.format(part="atari")},
-    "dmc": {"carry": [".whl/dmc", ".gl"], "timeout_s": 300, "command": EGL + INSTALL.format(part="dmc") +
+    "dmc": {"carry": [".whl/dmc", ".gl"], "timeout_s": 330, "command": EGL + INSTALL.format(part="dmc") +
             CHECK.format(part="dmc")},
 }
 
@@ -367,16 +401,27 @@ def last_line(text: str) -> str:
     return lines[-1][:300] if lines else ""
 
 
+CHECKPOINT_LINE = re.compile(r"^checkpoint: step \d+", re.M)  # the harness prints it once the file is in place
+
+
 def run_proc(cmd: list, cwd: str, log_path: str, timeout: float, env: Optional[dict] = None,
-             term_after: Optional[float] = None) -> dict:
+             term_after: Optional[float] = None, kill_after_checkpoints: int = 0) -> dict:
     """Run cmd in its own session with stdout+stderr to log_path. term_after: SIGTERM then (the scripts stop with their
-    events written); past `timeout` (or 60 s after the SIGTERM): SIGKILL."""
+    events written); past `timeout` (or 60 s after the SIGTERM): SIGKILL. kill_after_checkpoints N: SIGKILL (a
+    pre-empted job: no clean-up) as soon as the run has printed N checkpoint lines."""
     start = time.monotonic()
-    terminated_at, timed_out = None, False
+    terminated_at, timed_out, killed = None, False, False
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         while proc.poll() is None:
             elapsed = time.monotonic() - start
+            if kill_after_checkpoints:
+                with open(log_path, errors="replace") as f:
+                    if len(CHECKPOINT_LINE.findall(f.read())) >= kill_after_checkpoints:
+                        _signal_group(proc.pid, signal.SIGKILL)
+                        proc.wait()
+                        killed = True
+                        break
             if term_after is not None and terminated_at is None and elapsed > term_after:
                 _signal_group(proc.pid, signal.SIGTERM)
                 terminated_at = elapsed
@@ -389,7 +434,7 @@ def run_proc(cmd: list, cwd: str, log_path: str, timeout: float, env: Optional[d
     with open(log_path, errors="replace") as f:
         text = f.read()
     return {"cmd": cmd, "rc": proc.returncode, "text": text, "wall": time.monotonic() - start, "timed_out": timed_out,
-            "terminated": terminated_at is not None, "log": log_path}
+            "terminated": terminated_at is not None, "killed": killed, "log": log_path}
 
 
 def _signal_group(pid: int, sig) -> None:
@@ -539,6 +584,251 @@ def judge_equivalence(cfg: Check, runs: dict, losses: Optional[dict], params: Op
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Items 2-6: every other path a user runs on the device, on `dry`'s tiny budgets. Each item is a job builder (the
+# runs it needs, which go beside the equivalence runs in phase A) and a judge of their results; ITEMS lists them in
+# the order they run and are reported, the most important first.
+
+
+@dataclasses.dataclass
+class Job:
+    """One run of a script (several stages for a killed-and-resumed run: the same run name, one after the other)."""
+    item: str
+    file: str
+    tag: str
+    stages: list  # [(argv, kills)]: kills N > 0: SIGKILL the stage once it has printed N checkpoint lines
+    env: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.item}_{key_of(self.file)}_{self.tag}"
+
+
+SYNC_ENV = {"HARNESS_COUNT_SYNCS": "1"}  # harness.SyncCounter: the eq fast run counts its host syncs
+CPU_TOL = {"same": 1e-2, "other": 1.0}  # CPU vs CUDA, first logged loss: same data (rounding, TF32 convs) / not
+RESUME_TOL = 1e-5  # resume: losses before the first kill against the uninterrupted run (same process history)
+SYNC_SLACK = (1.25, 2.0)  # host syncs per loop iteration allowed: reads x 1.25 + 2 (logging, probes amortised)
+
+
+def more_pairs(cfg: Check, fast: str) -> list:
+    """[(label, flags, fast-side flags)] of a script's smaller equivalence pairs."""
+    pairs = [(label, flags, fast) for label, flags in cfg.more]
+    if cfg.graphs:  # CUDA graphs of the eager code (auto: on with CUDA)
+        pairs.append(("graphs", "", "--compile off --cudagraphs auto"))
+    return pairs
+
+
+def judge_more(cfg: Check, fast: dict, plain: dict) -> dict:
+    """A smaller pair: the losses as in item 1 (first within FIRST_LOSS_TOL, median within the script's loss_tol), and
+    evaluation returns, where logged, within loss_tol of each other (greedy acting on both paths)."""
+    res = compare_losses(fast, plain, cfg.losses.split() or None)
+    bad = [f"losses missing: {', '.join(res['missing'])}"] if res["missing"] or not res["tags"] else []
+    if not bad:
+        if res["first"] > FIRST_LOSS_TOL:
+            bad.append(f"first logged loss differs by {res['first']:.2e} > {FIRST_LOSS_TOL:.0e}")
+        if res["median"] > cfg.loss_tol:
+            bad.append(f"losses differ by {res['median']:.2e} (median) > {cfg.loss_tol}")
+    ev = compare_losses(fast, plain, ["eval/episodic_return"]) if "eval/episodic_return" in plain else None
+    if ev is not None and (ev["missing"] or ev["median"] > cfg.loss_tol):
+        bad.append("evaluation returns differ" + (f" by {ev['median']:.2e}" if not ev["missing"] else
+                                                   ": logged by one run only"))
+    return {"reasons": bad, "first": res["first"], "median": res["median"],
+            "eval": None if ev is None or ev["missing"] else ev["median"]}
+
+def loss_tags(scalars: dict, cfg: Check) -> list:
+    return cfg.losses.split() or sorted(t for t in scalars if t.startswith("losses/"))
+
+
+def finite_losses(scalars: dict) -> bool:
+    return all(math.isfinite(v) for t, pts in scalars.items() if t.startswith("losses/") for _, _, v in pts)
+
+
+def run_failures(runs: dict) -> list:
+    """Exit codes and fallback lines of finished runs ({tag: run_proc result or [stage results]})."""
+    bad = []
+    for tag, r in runs.items():
+        for i, stage in enumerate(r if isinstance(r, list) else [r]):
+            label = tag if not isinstance(r, list) else f"{tag} stage {i + 1}"
+            if stage is None:
+                bad.append(f"{label}: not run")
+                continue
+            if stage["rc"] != 0 and not stage.get("killed"):
+                bad.append(f"{label} exit {stage['rc']}{' (timeout)' if stage['timed_out'] else ''}: "
+                           f"{last_line(stage['text'])}")
+            bad += [f"{label}: {w}" for w in warnings_in(stage["text"])]
+    return bad
+
+
+def judge_cpu(cfg: Check, dev: dict, cpu: dict) -> dict:
+    """CPU vs CUDA: the plain device run's first logged losses against the CPU's, same flags and seed."""
+    res = compare_losses(dev, cpu, cfg.losses.split() or None)
+    tol = CPU_TOL["same" if cfg.same_data else "other"]
+    bad = [f"losses missing: {', '.join(res['missing'])}"] if res["missing"] or not res["tags"] else []
+    if not bad and res["first"] > tol:
+        bad.append(f"first logged loss differs by {res['first']:.2e} > {tol:g}")
+    if not finite_losses(dev) or not finite_losses(cpu):
+        bad.append("non-finite loss")
+    return {"reasons": bad, "first": res["first"], "median": res["median"], "tol": tol,
+            "same_data": cfg.same_data}
+
+
+def judge_determinism(a: dict, b: dict) -> dict:
+    """Two identical runs: every logged loss equal, bit for bit."""
+    tags = sorted(t for t in a if t.startswith("losses/"))
+    worst, points = 0.0, 0
+    missing = [t for t in tags if t not in b] + [t for t in b if t.startswith("losses/") and t not in a]
+    for t in tags:
+        va, vb = {s: v for _, s, v in a[t]}, {s: v for _, s, v in b.get(t, [])}
+        if set(va) != set(vb):
+            missing.append(t)
+        for s in set(va) & set(vb):
+            points += 1
+            if va[s] != vb[s]:
+                worst = max(worst, abs(va[s] - vb[s]) / max(abs(va[s]), 1e-12))
+    bad = [f"losses logged at other steps: {', '.join(sorted(set(missing)))}"] if missing else []
+    if not tags or not points:
+        bad.append("no loss logged")
+    if worst:
+        bad.append(f"losses differ (max relative {worst:.2e})")
+    return {"reasons": bad, "points": points, "max_rel": worst}
+
+
+def judge_resume(full: dict, resumed: dict, first_ckpt: Optional[int], stages: list, cfg: Check) -> dict:
+    """A run killed after a checkpoint, resumed on the device, killed again, resumed on the CPU: it ends at the
+    uninterrupted run's last step, every loss at the same steps (none lost, none twice), the losses before the first
+    kill equal to the uninterrupted run's."""
+    bad = []
+    if len(stages) < 3 or not all(st.get("killed") for st in stages[:2]):
+        bad.append("the run ended before both kills (the checkpoint cadence leaves no two checkpoints before the "
+                   "end)" if stages and stages[-1]["rc"] == 0 else "a stage did not reach its kill")
+    for i, st in enumerate(stages[1:], 2):
+        if "resumed runs/" not in st["text"]:
+            bad.append(f"stage {i} did not resume")
+    worst = 0.0
+    for t in loss_tags(full, cfg):
+        f_steps = [s for _, s, _ in full.get(t, [])]
+        r_steps = [s for _, s, _ in resumed.get(t, [])]
+        if sorted(set(r_steps)) != sorted(f_steps) or len(r_steps) != len(set(r_steps)):
+            gap = sorted(set(f_steps) - set(r_steps))[:3]
+            dup = sorted({s for s in r_steps if r_steps.count(s) > 1})[:3]
+            bad.append(f"{t}: steps differ from the uninterrupted run (lost {gap}, twice {dup})")
+        fv = {s: v for _, s, v in full.get(t, [])}
+        for _, s, v in resumed.get(t, []):
+            if first_ckpt is not None and s <= first_ckpt and s in fv:
+                worst = max(worst, abs(v - fv[s]) / max(abs(fv[s]), 1e-12))
+    if worst > RESUME_TOL:
+        bad.append(f"losses before the first kill differ from the uninterrupted run by {worst:.2e}")
+    if not finite_losses(resumed):
+        bad.append("non-finite loss")
+    return {"reasons": bad, "before_kill_max_rel": worst, "first_checkpoint": first_ckpt,
+            "kills": sum(1 for st in stages if st.get("killed"))}
+
+
+def judge_syncs(summary: Optional[dict], expected: float, device: str) -> dict:
+    """Host syncs per loop iteration of the fast run (steady state) against the action reads it needs."""
+    syncs = (summary or {}).get("host_syncs")
+    if not syncs:
+        return {"reasons": ["no host_syncs in the run's finished summary"], "status": "FAIL"}
+    limit = expected * SYNC_SLACK[0] + SYNC_SLACK[1]
+    out = {"per_iteration": syncs["per_iteration"], "per_step": syncs["per_step"], "expected": expected,
+           "limit": limit, "reasons": []}
+    if device != "cuda":
+        out["status"] = "n/a"  # the CPU has no host syncs to count
+    elif syncs["per_iteration"] is None:
+        out["reasons"].append("too few loop iterations to measure")
+    elif syncs["per_iteration"] > limit:
+        out["reasons"].append(f"{syncs['per_iteration']:.2f} syncs per loop iteration > {limit:g} (the action reads: "
+                              f"{expected:g})")
+    return out
+
+
+def expected_reads(cfg: Check, argv: list) -> float:
+    if cfg.reads.startswith("--"):
+        vals = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == cfg.reads]
+        return float(vals[-1]) if vals else float(bench.flag([], cfg.reads, 128))
+    return float(cfg.reads)
+
+
+# Switches no variant run needs: the run's plumbing, or what another item covers (cuda: cpu and resume;
+# torch_deterministic: determinism; compile/cudagraphs/save_model: equivalence; resume: resume)
+NOT_VARIANTS = {"exp_name", "env_id", "run_name", "track", "wandb_project_name", "wandb_entity", "capture_video",
+                "cuda", "torch_deterministic", "compile", "cudagraphs", "save_model", "resume"}
+# choice flags where one value other than the default proves the path (elementwise functions; --activation crelu,
+# which doubles widths, is run on its own)
+ANY_VALUE = {"conv_activation"}
+
+
+def switch_flags(file: str, repo: str = REPO) -> dict:
+    """{field: values} of a script's switches, read from its Args: bool fields ([True, False]), Literal fields and
+    aliases of one (their values), str fields (None: any value). Numbers (sizes, rates, cadences) are not switches."""
+    import ast
+
+    with open(os.path.join(repo, file)) as f:
+        tree = ast.parse(f.read())
+    aliases = {}
+    for node in tree.body:  # Mitigation = Literal["none", ...]
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            if isinstance(node.value, ast.Subscript) and ast.unparse(node.value.value) == "Literal":
+                aliases[node.targets[0].id] = node.value
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "Args":
+            for st in node.body:
+                if not (isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name)):
+                    continue
+                ann = aliases.get(ast.unparse(st.annotation), st.annotation)
+                text = ast.unparse(ann)
+                if text == "bool":
+                    out[st.target.id] = [True, False]
+                elif text.startswith("Literal["):
+                    out[st.target.id] = list(ast.literal_eval(ann.slice) if isinstance(ann.slice, ast.Tuple)
+                                             else [ast.literal_eval(ann.slice)])
+                elif text in ("str", "Optional[str]"):
+                    out[st.target.id] = None
+    return out
+
+
+def uncovered_switches(file: str, repo: str = REPO) -> list:
+    """The switches of a script no variant run sets: a bool flag set either way, a Literal flag at every value other
+    than its default (the other runs use the default), a str flag at all."""
+    cfg = SCRIPTS[file]
+    defaults = {k[2:].replace("-", "_"): v for k, v in script_flags(file, repo).items()}
+    used: dict = {}
+    for text in cfg.variants:
+        for name, values, _ in split_flags(text):
+            field = name[2:].replace("-", "_")
+            if field.startswith("no_") and field[3:] in defaults:
+                used.setdefault(field[3:], set()).add(False)
+            else:
+                used.setdefault(field, set()).update(values or [True])
+    missing = []
+    for field, values in switch_flags(file, repo).items():
+        if field in NOT_VARIANTS:
+            continue
+        if field not in used:
+            missing.append(flag_name(field))
+        elif values and not isinstance(values[0], bool) and field not in ANY_VALUE:
+            missing += [f"{flag_name(field)} {v}" for v in values if v != defaults.get(field) and v not in used[field]]
+    return missing
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+# What each item proves, in the order they run and are reported (README "Checking a GPU")
+ITEMS = {
+    "equivalence": "the fast paths (torch.compile, CUDA graphs) compute what the plain path computes",
+    "equivalence+": "the same for the Hadamax encoder, CUDA graphs without compile, greedy acting and evaluation",
+    "cpu": "the plain CUDA path's first losses agree with the CPU's on the same flags and seed (pinned uploads)",
+    "resume": "killed after a checkpoint, resumed on CUDA, killed, resumed on the CPU: the same steps, to the end",
+    "variants": "every variant flag of every script runs on CUDA (a few updates each, metrics and evaluation on once)",
+    "syncs": "host syncs per loop iteration in the steady state (the action reads only)",
+    "determinism": "two identical runs give identical losses (--torch-deterministic), and what it costs",
+    "speed": "steady-state SPS against the GPU targets",
+    "probe": "PQN learns Breakout within the probe's minutes",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The check
 
 
@@ -561,7 +851,7 @@ class GpuCheck:
         os.makedirs(self.workdir, exist_ok=True)
         self.results: dict = {"part": self.part, "dry_run": self.dry, "equivalence": {}, "speed": {"rows": {}},
                               "targets": [], "probe": None, "warnings": [], "other_warnings": [], "compile_notes": {},
-                              "runs": [], "skipped": [], "notes": []}
+                              "runs": [], "skipped": [], "notes": [], "items": {}}
         self.lock = threading.Lock()
 
     # -- bookkeeping ---------------------------------------------------------------------------------------------
@@ -672,33 +962,74 @@ class GpuCheck:
 
     # -- phase A: equivalence runs (and the probe beside them) ---------------------------------------------------
     def equivalence_jobs(self, files: list) -> list:
-        """[(script, tag, argv)] of every equivalence run: fast, plain and (init references) ref."""
+        """Every equivalence run: fast (counting its host syncs: item syncs), plain and (init references) ref."""
         jobs = []
         for file in files:
             cfg = SCRIPTS[file]
             base = cfg.dry if self.dry else cfg.equiv
-            key = key_of(file)
-            fast = self.a.fast or FAST
-            jobs.append((file, "fast", self.flags_for(file, base, f"--seed 1 --save-model --run-name eq_{key}_fast",
-                                                      fast)))
-            jobs.append((file, "plain", self.flags_for(file, base, f"--seed 1 --save-model --run-name eq_{key}_plain",
-                                                       PLAIN)))
+            jobs.append(Job("eq", file, "fast", [(self.flags_for(file, base, "--seed 1 --save-model",
+                                                                 self.a.fast or FAST), 0)], dict(SYNC_ENV)))
+            jobs.append(Job("eq", file, "plain", [(self.flags_for(file, base, "--seed 1 --save-model", PLAIN), 0)]))
             if cfg.ref.startswith("init:"):
-                jobs.append((file, "ref", self.flags_for(file, base, f"--seed 1 --save-model --run-name eq_{key}_ref",
-                                                         PLAIN, cfg.ref[len("init:"):])))
+                jobs.append(Job("eq", file, "ref", [(self.flags_for(file, base, "--seed 1 --save-model", PLAIN,
+                                                                    cfg.ref[len("init:"):]), 0)]))
+        for file in files:  # then the smaller pairs: Hadamax, graphs without compile, greedy acting, evaluation
+            for label, flags, fast in more_pairs(SCRIPTS[file], self.a.fast or FAST):
+                # --dry-run: auto is off on the CPU, both sides would compute the same thing: one run stands for both
+                for side, paths in (("plain", PLAIN),) if self.dry else (("fast", fast), ("plain", PLAIN)):
+                    jobs.append(Job("eqx", file, f"{label}_{side}", [(self.flags_for(
+                        file, SCRIPTS[file].dry, "--seed 1", flags, paths), 0)]))
         return jobs
+
+    def item_jobs(self, files: list) -> list:
+        """The runs of items cpu, resume, variants and determinism (syncs reads the eq fast runs), on `dry`'s tiny
+        budgets, in ITEMS order."""
+        small = (lambda f, *over: self.flags_for(f, SCRIPTS[f].dry, "--seed 1", *over))
+        cpu, resume, variants, det = [], [], [], []
+        for f in files:
+            cfg = SCRIPTS[f]
+            plain = small(f, "--save-model", PLAIN)  # --dry-run: the eq plain run's flags, so that run is det's "a"
+            if not self.dry:  # --dry-run: the CPU is the device, det's "a" stands for both sides
+                cpu.append(Job("cpu", f, "cpu", [(plain + ["--no-cuda"], 0)]))  # against det's "a", same flags
+            ckpt = small(f, cfg.ckpt)
+            resume.append(Job("resume", f, "full", [(ckpt, 0)]))
+            resume.append(Job("resume", f, "killed", [(ckpt, 1), (ckpt + ["--resume"], 1),
+                                                      (ckpt + ["--resume", "--no-cuda"], 0)]))
+            variants += [Job("variants", f, f"v{i}", [(small(f, v), 0)]) for i, v in enumerate(cfg.variants, 1)]
+            det += [Job("det", f, t, [(plain, 0)]) for t in (("b",) if self.dry else ("a", "b"))]
+            if not self.dry:  # the cost of --torch-deterministic: the same run without it
+                det.append(Job("det", f, "off", [(plain + ["--no-torch-deterministic"], 0)]))
+        return cpu + resume + variants + det
 
     def probe_argv(self) -> list:
         return self.flags_for(PROBE_SCRIPT, PROBE_DRY if self.dry else PROBE, "--seed 1 --run-name probe_pqn")
 
-    def phase_a(self, files: list, probe: bool) -> None:
-        """The equivalence runs of `files`, several at a time, and (probe) the learning probe beside them."""
-        jobs = self.equivalence_jobs(files)
+    def run_job(self, job: Job, cap: float, env_extra: dict) -> list:
+        """The job's stages one after the other (a stage that fails ends the job); [run_proc result] per stage."""
+        out = []
+        for i, (argv, kills) in enumerate(job.stages):
+            cmd = [sys.executable, os.path.join(REPO, job.file), *argv, "--run-name", job.name]
+            label = job.name + (f"_{i + 1}" if len(job.stages) > 1 else "")
+            self.log(f"  start {label}: {shlex.join(cmd[1:])}")
+            res = run_proc(cmd, self.workdir, os.path.join(self.workdir, f"{label}.log"), cap,
+                           self.env({**env_extra, **job.env}), kill_after_checkpoints=kills)
+            self.log(f"  done  {label}: exit {res['rc']}{' (killed after a checkpoint)' if res['killed'] else ''}"
+                     f"{' TIMEOUT' if res['timed_out'] else ''} in {res['wall']:.0f}s")
+            out.append(self.record(label, res))
+            if (res["rc"] != 0 and not res["killed"]) or (kills and not res["killed"]):
+                break
+        return out
+
+    def phase_a(self, files: list, probe: bool, items: bool = True) -> None:
+        """The equivalence runs of `files` and the runs of the other items, several at a time, most important
+        first, and (probe) the learning probe beside them; a run that would start too late is skipped (reported)."""
+        jobs = self.equivalence_jobs(files) + (self.item_jobs(files) if items else [])
         n = len(jobs) + int(probe)
         if not n:
             return
-        cap = max(30.0, min(self.equiv_s, self.left() - REPORT_RESERVE))
-        par = self.a.jobs or (2 if self.dry else max(1, min(n, 10)))
+        share = min(self.equiv_s, self.left() - REPORT_RESERVE)
+        end = time.monotonic() + share
+        par = self.a.jobs or (2 if self.dry else max(1, min(n, 12)))
         site = os.path.join(self.workdir, "equiv_site")
         os.makedirs(site, exist_ok=True)
         with open(os.path.join(site, "sitecustomize.py"), "w") as f:
@@ -707,22 +1038,22 @@ class GpuCheck:
         env_extra = {"PYTHONPATH": os.pathsep.join([site] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
         if not self.dry:
             env_extra.update(TORCHINDUCTOR_COMPILE_THREADS=threads, OMP_NUM_THREADS=threads)
-        self.log(f"phase A: {len(jobs)} equivalence runs{' + the learning probe' if probe else ''}, {par} at a time, "
-                 f"cap {cap:.0f}s")
+        self.log(f"phase A: {len(jobs)} runs (equivalence, then items {', '.join(i for i in ITEMS if i not in ('equivalence', 'speed', 'probe'))})"
+                 f"{' + the learning probe' if probe else ''}, {par} at a time, {share:.0f}s")
 
         def one(job):
-            file, tag, argv = job
-            name = f"eq_{key_of(file)}_{tag}"
-            cmd = [sys.executable, os.path.join(REPO, file), *argv]
-            self.log(f"  start {name}: {shlex.join(cmd[1:])}")
-            res = run_proc(cmd, self.workdir, os.path.join(self.workdir, f"{name}.log"), cap, self.env(env_extra))
-            self.log(f"  done  {name}: exit {res['rc']}{' TIMEOUT' if res['timed_out'] else ''} in {res['wall']:.0f}s")
-            return job, self.record(name, res)
+            left = end - time.monotonic()
+            if left < 20 * len(job.stages):
+                with self.lock:
+                    self.results["skipped"].append(f"{job.item} {job.name}: not started, {left:.0f}s left of phase A")
+                self.log(f"  skip {job.name}: {left:.0f}s left of phase A")
+                return job, None
+            return job, self.run_job(job, max(20.0, left), env_extra)
 
         def the_probe():
             argv = self.probe_argv()
             cmd = [sys.executable, os.path.join(REPO, PROBE_SCRIPT), *argv]
-            seconds = min(self.probe_s, cap - 10)
+            seconds = min(self.probe_s, share - 10)
             self.log(f"  start probe ({seconds:.0f}s): {shlex.join(cmd[1:])}")
             res = run_proc(cmd, self.workdir, os.path.join(self.workdir, "probe_pqn.log"), seconds + 90, self.env(),
                            term_after=seconds)
@@ -735,13 +1066,105 @@ class GpuCheck:
             with ThreadPoolExecutor(max_workers=par) as eq_pool:
                 done = list(eq_pool.map(one, jobs))
             probe_res = probe_future.result() if probe_future else None
-        by_file: dict = {}
-        for (file, tag, _), res in done:
-            by_file.setdefault(file, {})[tag] = res
+        by: dict = {}
+        for job, res in done:
+            by.setdefault(job.item, {}).setdefault(job.file, {})[job.tag] = res
         for file in files:
-            self.results["equivalence"][file] = self.evaluate_equivalence(file, by_file.get(file, {}))
+            runs = {t: r[0] for t, r in by.get("eq", {}).get(file, {}).items() if r}
+            self.results["equivalence"][file] = self.evaluate_equivalence(file, runs)
+        if items:
+            self.evaluate_items(files, by)
         if probe_res is not None:
             self.results["probe"] = self.evaluate_probe(probe_res)
+
+    def run_dir(self, job_name: str) -> str:
+        return os.path.join(self.workdir, "runs", job_name)
+
+    def scalars_of(self, job_name: str) -> dict:
+        try:
+            return bench.read_scalars(self.run_dir(job_name))
+        except Exception:  # noqa: BLE001 - no events: judged as missing losses
+            return {}
+
+    def evaluate_items(self, files: list, by: dict) -> None:
+        """Judge items cpu, resume, variants, syncs and determinism per script into results['items']."""
+        items = self.results["items"]
+        for file in files:
+            cfg, key = SCRIPTS[file], key_of(file)
+            got = (lambda item: by.get(item, {}).get(file, {}))
+            det = dict(got("det"))
+            if self.dry:  # det's "a" is the eq plain run: the same flags on the CPU
+                det["a"] = got("eq").get("plain")
+            det_a = f"eq_{key}_plain" if self.dry else f"det_{key}_a"
+
+            def entry(item, runs, judge):
+                if any(r is None for r in runs.values()) or not runs:
+                    return {"status": "skipped", "reasons": ["not run (no time left)"]}
+                bad = run_failures(runs)
+                out = judge() if not bad else {"reasons": []}
+                out["reasons"] = bad + out["reasons"]
+                out.setdefault("status", "FAIL" if out["reasons"] else "PASS")
+                return out
+
+            a = (det.get("a") or [None])[0]
+            items.setdefault("cpu", {})[file] = entry(
+                "cpu", {"device": a, "cpu": a if self.dry else (got("cpu").get("cpu") or [None])[0]},
+                lambda: judge_cpu(cfg, self.scalars_of(det_a), self.scalars_of(det_a if self.dry else f"cpu_{key}_cpu")))
+            res = got("resume")
+            killed = res.get("killed") or []
+            first = None
+            if killed:
+                m = re.search(r"^checkpoint: step (\d+)", killed[0]["text"], re.M)
+                first = int(m.group(1)) if m else None
+            items.setdefault("resume", {})[file] = entry(
+                "resume", {"full": (res.get("full") or [None])[0], "killed": killed or None},
+                lambda: judge_resume(self.scalars_of(f"resume_{key}_full"), self.scalars_of(f"resume_{key}_killed"),
+                                     first, killed, cfg))
+            var = got("variants")
+
+            def judge_variants():
+                bad = []
+                for tag, r in sorted(var.items()):
+                    sc = self.scalars_of(f"variants_{key}_{tag}")
+                    if not any(t.startswith("losses/") for t in sc):
+                        bad.append(f"{tag}: no loss logged")
+                    elif not finite_losses(sc):
+                        bad.append(f"{tag}: non-finite loss")
+                return {"reasons": bad, "runs": {t: shlex.join(r[-1]["cmd"][2:]) for t, r in var.items() if r}}
+
+            items.setdefault("variants", {})[file] = entry("variants", {t: r[-1] if r else None
+                                                                        for t, r in var.items()}, judge_variants)
+            fast = (got("eq").get("fast") or [None])[0]
+            syncs = judge_syncs(bench.read_finished(self.run_dir(f"eq_{key}_fast")), expected_reads(
+                cfg, self.flags_for(file, cfg.dry if self.dry else cfg.equiv)), self.device) if fast else None
+            items.setdefault("syncs", {})[file] = syncs or {"status": "skipped", "reasons": ["the eq fast run "
+                                                                                             "did not run"]}
+            if syncs is not None:
+                syncs.setdefault("status", "FAIL" if syncs["reasons"] else "PASS")
+
+            def judge_det():
+                out = judge_determinism(self.scalars_of(det_a), self.scalars_of(f"det_{key}_b"))
+                sps = {t: (bench.read_finished(self.run_dir(det_a if t == "a" else f"det_{key}_{t}")) or {}).get("sps")
+                       for t in det}
+                if sps.get("a") and sps.get("off"):
+                    out["cost"] = sps["off"] / sps["a"] - 1  # the share of time --torch-deterministic adds
+                out["nondeterministic_ops"] = [w for r in det.values() if r for w in
+                                               other_warnings_in(r[0]["text"]) if "deterministic" in w]
+                return out
+
+            items.setdefault("determinism", {})[file] = entry("determinism", {t: r[0] if r else None
+                                                                              for t, r in det.items()}, judge_det)
+            for label, _, _ in more_pairs(cfg, FAST):
+                fast_side = "plain" if self.dry else "fast"  # --dry-run: one run stands for both
+                pair = {side: (got("eqx").get(f"{label}_{side}") or [None])[0] for side in (fast_side, "plain")}
+                items.setdefault("equivalence+", {})[f"{file} {label}"] = entry(
+                    "equivalence+", pair, lambda label=label, fs=fast_side: judge_more(
+                        cfg, self.scalars_of(f"eqx_{key}_{label}_{fs}"), self.scalars_of(f"eqx_{key}_{label}_plain")))
+        if "equivalence+" in items:  # reported right after item 1
+            items = self.results["items"] = {"equivalence+": items.pop("equivalence+"), **items}
+        for item in ("equivalence+", "cpu", "resume", "variants", "syncs", "determinism"):
+            for file, e in items.get(item, {}).items():
+                self.log(f"{item} {file}: {e['status']}" + (f" ({'; '.join(e['reasons'])})" if e["reasons"] else ""))
 
     def evaluate_equivalence(self, file: str, runs: dict) -> dict:
         cfg = SCRIPTS[file]
@@ -941,7 +1364,7 @@ class GpuCheck:
         try:
             probe = "probe" in self.a.phases and self.probe_s > 0 and PROBE_SCRIPT in files
             if "equiv" in self.a.phases or probe:
-                self.phase_a(files if "equiv" in self.a.phases else [], probe)
+                self.phase_a(files if "equiv" in self.a.phases else [], probe, items="items" in self.a.phases)
                 self.write_report(final=False)
             if "speed" in self.a.phases:
                 self.phase_b(files)
@@ -1057,6 +1480,8 @@ def evaluate_targets(rows: dict, dry: bool, files: list) -> list:
 def overall(results: dict) -> str:
     """'PASS' or 'FAIL: reasons' over every item (n/a and skipped items do not fail; unconfigured scripts do)."""
     bad = [f"equivalence {f}" for f, e in results["equivalence"].items() if e["status"] != "PASS"]
+    bad += [f"{item} {f}" for item, per in results.get("items", {}).items() for f, e in per.items()
+            if e["status"] == "FAIL"]
     bad += [f"no SCRIPTS line for {f}" for f in results.get("scripts", {}).get("unconfigured", [])]
     bad += [f"target '{t['target']}'" for t in results["targets"] if t["status"] == "FAIL"]
     bad += [f"speed {n}: {'; '.join(r['errors'])}" for n, r in results["speed"]["rows"].items() if r.get("errors")]
@@ -1071,6 +1496,31 @@ def overall(results: dict) -> str:
 
 def _fmt(x, spec: str = ".2e") -> str:
     return "—" if x is None else format(x, spec)
+
+
+def item_detail(item: str, e: dict) -> str:
+    """One cell: why an item failed, else its measurement."""
+    if e.get("reasons"):
+        return "; ".join(e["reasons"])[:400]
+    if item == "equivalence+":
+        return (f"losses first {_fmt(e.get('first'), '.1e')} / median {_fmt(e.get('median'), '.1e')}"
+                + (f"; evaluation returns {_fmt(e['eval'], '.1e')}" if e.get("eval") is not None else ""))
+    if item == "cpu":
+        return (f"first loss {_fmt(e.get('first'), '.1e')} / median {_fmt(e.get('median'), '.1e')} (tol {e['tol']:g}; "
+                + ("same data" if e.get("same_data") else "device RNG draws differ: bounds the gap only") + ")")
+    if item == "resume":
+        return (f"{e.get('kills')} kills, losses before the first kill {_fmt(e.get('before_kill_max_rel'), '.1e')} "
+                f"from the uninterrupted run; same steps to the end")
+    if item == "variants":
+        return f"{len(e.get('runs', {}))} runs: " + " / ".join(f"`{r}`" for r in e.get("runs", {}).values())[:300]
+    if item == "syncs":
+        return (f"{_fmt(e.get('per_iteration'), '.2f')} per loop iteration (action reads {e.get('expected', 0):g}, "
+                f"limit {e.get('limit', 0):g}), {_fmt(e.get('per_step'), '.3f')} per step")
+    if item == "determinism":
+        cost = f", cost {e['cost']:+.1%} SPS without it" if e.get("cost") is not None else ""
+        ops = f"; no deterministic kernel: {e['nondeterministic_ops']}" if e.get("nondeterministic_ops") else ""
+        return f"{e.get('points')} loss points identical{cost}{ops}"
+    return ""
 
 
 def render_report(res: dict, header: dict, final: bool = True) -> str:
@@ -1096,20 +1546,23 @@ def render_report(res: dict, header: dict, final: bool = True) -> str:
         lines.append(f"| 1. equivalence `{f}` | {e['status']} | {detail} |")
     for f in res.get("scripts", {}).get("unconfigured", []):
         lines.append(f"| 1. equivalence `{f}` | FAIL | no line in SCRIPTS (scripts/gpu_check.py): not checked |")
+    for n, (item, per) in enumerate(res.get("items", {}).items(), 2):
+        for f, e in per.items():
+            lines.append(f"| {n}. {item} `{f}` | {e['status']} | {item_detail(item, e)} |")
     for f in res.get("scripts", {}).get("absent", []):
         lines.append(f"| 1. equivalence `{f}` | absent | configured, not in this checkout |")
     for t in res["targets"]:
         val = _fmt(t["value"], ".0%" if t["goal"] < 1 else ",.2f" if t["goal"] < 10 else ",.0f")
-        lines.append(f"| 2. {t['target']} | {t['status']} | measured {val}, ratio to target "
+        lines.append(f"| speed: {t['target']} | {t['status']} | measured {val}, ratio to target "
                      f"{_fmt(t['ratio'], '.2f')} |")
     for n, r in res["speed"]["rows"].items():
         if r.get("errors"):
-            lines.append(f"| 2. speed {n} | FAIL | {'; '.join(r['errors'])} |")
+            lines.append(f"| speed {n} | FAIL | {'; '.join(r['errors'])} |")
     for s in res["skipped"]:
-        lines.append(f"| 2. {s.split(':')[0]} | skipped | {s.split(':', 1)[1].strip()} |")
+        lines.append(f"| {s.split(':')[0]} | skipped | {s.split(':', 1)[1].strip()} |")
     if res.get("probe"):
         p = res["probe"]
-        lines.append(f"| 3. learning probe (PQN Breakout) | {p['status']} | {p['why']}; {p['points']} point(s) up to "
+        lines.append(f"| probe: learning (PQN Breakout) | {p['status']} | {p['why']}; {p['points']} point(s) up to "
                      f"step {p['last_step']:,} |")
     lines.append(f"| fallback `warning:` lines | {'FAIL' if res['warnings'] else 'PASS'} | "
                  f"{len(res['warnings'])} |")
@@ -1185,7 +1638,9 @@ def parse_args(argv=None):
                    "the report (speed targets and the probe are not judged)")
     p.add_argument("--scripts", nargs="+", metavar="KEY", default=None,
                    help="only these scripts (dqn ppo pqn drq simbav2 mrq: the file name up to its first '_')")
-    p.add_argument("--phases", nargs="+", choices=["equiv", "speed", "probe"], default=["equiv", "speed", "probe"])
+    p.add_argument("--phases", nargs="+", choices=["equiv", "items", "speed", "probe"],
+                   default=["equiv", "items", "speed", "probe"], help="items: cpu, resume, variants, syncs and "
+                   "determinism (with equiv)")
     p.add_argument("--out-dir", default=os.environ.get("OUT") or os.path.join(REPO, "gpu_check_out"),
                    help="where the report, the JSON results and the logs go (default $OUT, else gpu_check_out/)")
     p.add_argument("--workdir", default=None, help="keep the runs here (default: a temporary directory, removed)")
@@ -1217,8 +1672,12 @@ def print_plan(check: GpuCheck) -> None:
         print(f"# {f}: no line in SCRIPTS, not checked")
     for f in scripts["absent"]:
         print(f"# {f}: configured, absent")
-    for file, tag, argv in check.equivalence_jobs(scripts["check"]):
-        print(f"equiv {tag:5s} python {file} {shlex.join(argv)}")
+    for job in check.equivalence_jobs(scripts["check"]) + check.item_jobs(scripts["check"]):
+        for argv, kills in job.stages:
+            print(f"{job.item:8s} {job.tag:6s} python {job.file} {shlex.join(argv)} --run-name {job.name}"
+                  + (f"  # SIGKILL after checkpoint {kills}" if kills else "")
+                  + ("  # + " + " ".join(f"{k}={v}" for k, v in job.env.items()) if job.env else ""))
+    print("syncs    (the eq fast runs count their host syncs: HARNESS_COUNT_SYNCS=1)")
     if check.part in ("atari", "all") and PROBE_SCRIPT in scripts["check"]:
         print(f"probe       python {PROBE_SCRIPT} {shlex.join(check.probe_argv())}")
     for file, spec, variant, budget, tags in check.speed_plan(scripts["check"]):

@@ -2,6 +2,7 @@
 (flags, losses, parameters against a reference, checkpoint matching, fallback lines, targets, the probe), the
 configuration table against the scripts' real flags, the device commands against their limits, and one end-to-end
 --dry-run on the CPU (pqn: equivalence, speed with the envpool ceiling and Hadamax, the probe, the report)."""
+import dataclasses
 import json
 import os
 import re
@@ -84,14 +85,124 @@ def test_plan_lists_every_run_of_the_gpu_check(capsys):
     out = capsys.readouterr().out
     for file in gc.plan_scripts("all", None)["check"]:
         cfg = gc.SCRIPTS[file]
-        assert re.search(rf"^equiv fast .*{re.escape(file)} .*--compile auto --cudagraphs auto$", out, re.M)
-        assert re.search(rf"^equiv plain .*{re.escape(file)} .*--compile off --cudagraphs off$", out, re.M)
-        assert (re.search(rf"^equiv ref .*{re.escape(file)} ", out, re.M) is not None) == cfg.ref.startswith("init")
-        assert re.search(rf"^speed on/off python {re.escape(file)} ", out, re.M)
+        f, key = re.escape(file), gc.key_of(file)
+        assert re.search(rf"^eq +fast +python {f} .*--compile auto --cudagraphs auto --run-name eq_{key}_fast  # \+ "
+                         rf"HARNESS_COUNT_SYNCS=1$", out, re.M)  # item syncs: the fast run counts its host syncs
+        assert re.search(rf"^eq +plain +python {f} .*--compile off --cudagraphs off --run-name eq_{key}_plain$", out,
+                         re.M)
+        assert (re.search(rf"^eq +ref +python {f} ", out, re.M) is not None) == cfg.ref.startswith("init")
+        assert re.search(rf"^cpu +cpu +python {f} .*--compile off --cudagraphs off --no-cuda --run-name", out, re.M)
+        # resume: killed after its first checkpoint, resumed and killed again, resumed on the CPU to the end
+        assert re.search(rf"^resume +killed python {f} .*--run-name resume_{key}_killed  # SIGKILL after checkpoint 1$",
+                         out, re.M)
+        assert re.search(rf"^resume +killed python {f} .* --resume --run-name resume_{key}_killed  # SIGKILL after",
+                         out, re.M)
+        assert re.search(rf"^resume +killed python {f} .* --resume --no-cuda --run-name resume_{key}_killed$", out, re.M)
+        assert re.search(rf"^resume +full +python {f} ", out, re.M)
+        assert len(re.findall(rf"^variants +v\d+ +python {f} ", out, re.M)) == len(cfg.variants) >= 2
+        for tag in ("a", "b", "off"):  # determinism: two identical runs, and one without it (its cost)
+            assert re.search(rf"^det +{tag} +python {f} .*--run-name det_{key}_{tag}$", out, re.M)
+        assert re.search(rf"^speed on/off python {f} ", out, re.M)
     assert "--learning-rate 1e-30" in out  # PPO's and PQN's reference runs
     assert re.search(r"^probe .*pqn_atari_hr.py --env-id Breakout-v5 ", out, re.M)
     assert "speed off    python pqn_atari_hr.py --encoder hadamax" in out
 
+
+
+@pytest.mark.parametrize("file", sorted(gc.SCRIPTS))
+def test_every_switch_of_every_script_has_a_variant_run(file):
+    """A flag added later that switches the network or the algorithm (bool, choice or string) fails here until a
+    variant run of SCRIPTS sets it (or it joins NOT_VARIANTS with the item that covers it)."""
+    assert gc.uncovered_switches(file) == [], f"add them to the variants of {file} in scripts/gpu_check.py"
+
+
+def test_switches_are_read_from_the_args_dataclass(tmp_path):
+    (tmp_path / "toy_hr.py").write_text(
+        "from dataclasses import dataclass\nfrom typing import Literal, Optional\nKind = Literal['a', 'b', 'c']\n\n"
+        "@dataclass\nclass Args:\n    cuda: bool = True\n    hr: bool = False\n    kind: Kind = 'a'\n"
+        "    enc: Literal['x', 'y'] = 'x'\n    act: str = 'relu'\n    note: Optional[str] = None\n    lr: float = 1e-3\n")
+    assert gc.switch_flags("toy_hr.py", repo=str(tmp_path)) == {
+        "cuda": [True, False], "hr": [True, False], "kind": ["a", "b", "c"], "enc": ["x", "y"], "act": None,
+        "note": None}
+    cfg = gc.Check("atari", "", "", "", "", variants=("--hr --kind b --act tanh", "--enc y --note n"))
+    gc.SCRIPTS["toy_hr.py"] = cfg
+    try:
+        assert gc.uncovered_switches("toy_hr.py", repo=str(tmp_path)) == ["--kind c"]  # cuda: NOT_VARIANTS
+        gc.SCRIPTS["toy_hr.py"] = dataclasses.replace(cfg, variants=("--hr --kind b --kind c", "--no-hr"))
+        assert gc.uncovered_switches("toy_hr.py", repo=str(tmp_path)) == ["--enc", "--act", "--note"]
+    finally:
+        del gc.SCRIPTS["toy_hr.py"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# items 2-6: the judges, on synthetic results with known answers
+
+
+def _tb(**tags):
+    """{tag: [(wall, step, value)]} from tag=[(step, value), ...] (tags spelled with __ for /)."""
+    return {t.replace("__", "/"): [(0.0, s, v) for s, v in pts] for t, pts in tags.items()}
+
+
+def test_judge_cpu_same_data_is_tight_other_data_bounded():
+    cfg_same = gc.Check("atari", "", "", "", "", losses="losses/td_loss", same_data=True)
+    dev = _tb(losses__td_loss=[(10, 1.0), (20, 2.0)])
+    assert gc.judge_cpu(cfg_same, dev, _tb(losses__td_loss=[(10, 1.005), (20, 2.0)]))["reasons"] == []
+    bad = gc.judge_cpu(cfg_same, dev, _tb(losses__td_loss=[(10, 1.05), (20, 2.0)]))["reasons"]
+    assert bad and "first logged loss differs" in bad[0]  # 0.05 / median 1.5 = 3.3e-2 > 1e-2
+    cfg_other = dataclasses.replace(cfg_same, same_data=False)
+    assert gc.judge_cpu(cfg_other, dev, _tb(losses__td_loss=[(10, 1.5), (20, 2.0)]))["reasons"] == []
+    assert gc.judge_cpu(cfg_other, dev, _tb(losses__td_loss=[(10, 1.0), (20, float("nan"))]))["reasons"] == [
+        "non-finite loss"]
+    assert gc.judge_cpu(cfg_same, dev, {})["reasons"] == ["losses missing: losses/td_loss"]
+
+
+def test_judge_determinism_bit_for_bit():
+    a = _tb(losses__q=[(1, 0.5), (2, 0.25)], losses__v=[(1, 3.0)])
+    assert gc.judge_determinism(a, a) == {"reasons": [], "points": 3, "max_rel": 0.0}
+    b = _tb(losses__q=[(1, 0.5), (2, 0.25 + 2.5e-8)], losses__v=[(1, 3.0)])
+    out = gc.judge_determinism(a, b)
+    assert out["max_rel"] == pytest.approx(1e-7) and out["reasons"] == ["losses differ (max relative 1.00e-07)"]
+    c = _tb(losses__q=[(1, 0.5)], losses__v=[(1, 3.0)])
+    assert "losses logged at other steps: losses/q" in gc.judge_determinism(a, c)["reasons"]
+    assert "no loss logged" in gc.judge_determinism({}, {})["reasons"]
+
+
+def test_judge_resume_steps_and_values_before_the_kill():
+    cfg = gc.Check("atari", "", "", "", "", losses="losses/td_loss")
+    full = _tb(losses__td_loss=[(100, 1.0), (200, 2.0), (300, 3.0), (400, 4.0)])
+    stages = [{"killed": True, "rc": -9, "text": "checkpoint: step 150"},
+              {"killed": True, "rc": -9, "text": "resumed runs/x from step 150\ncheckpoint: step 300"},
+              {"killed": False, "rc": 0, "text": "resumed runs/x from step 300"}]
+    same_steps = _tb(losses__td_loss=[(100, 1.0), (200, 2.5), (300, 2.9), (400, 4.4)])  # fresh episodes later
+    out = gc.judge_resume(full, same_steps, 150, stages, cfg)
+    assert out["reasons"] == [] and out["kills"] == 2 and out["before_kill_max_rel"] == 0.0
+    lost = _tb(losses__td_loss=[(100, 1.0), (300, 3.0), (400, 4.0)])
+    assert "lost [200]" in gc.judge_resume(full, lost, 150, stages, cfg)["reasons"][0]
+    changed = _tb(losses__td_loss=[(100, 1.1), (200, 2.0), (300, 3.0), (400, 4.0)])
+    assert "before the first kill differ" in gc.judge_resume(full, changed, 150, stages, cfg)["reasons"][0]
+    ran_through = [{"killed": False, "rc": 0, "text": ""}]
+    assert "ended before both kills" in gc.judge_resume(full, full, None, ran_through, cfg)["reasons"][0]
+    no_resume = stages[:1] + [dict(stages[1], text="checkpoint: step 300"), stages[2]]
+    assert gc.judge_resume(full, full, 150, no_resume, cfg)["reasons"] == ["stage 2 did not resume"]
+
+
+def test_judge_syncs_against_the_action_reads():
+    finished = {"host_syncs": {"total": 900, "iterations": 100, "per_iteration": 17.5, "per_step": 17.5 / 128}}
+    assert gc.judge_syncs(finished, 16, "cuda")["reasons"] == []  # 16 reads x 1.25 + 2 = 22
+    assert "syncs per loop iteration > 3.25" in gc.judge_syncs(finished, 1, "cuda")["reasons"][0]
+    assert gc.judge_syncs(finished, 1, "cpu")["status"] == "n/a"
+    assert gc.judge_syncs({}, 1, "cuda")["reasons"] == ["no host_syncs in the run's finished summary"]
+    cfg = gc.Check("atari", "", "", "", "", reads="--num-steps")
+    assert gc.expected_reads(cfg, ["--num-envs", "8", "--num-steps", "16"]) == 16.0
+    assert gc.expected_reads(gc.Check("atari", "", "", "", ""), []) == 1.0
+
+
+def test_kill_after_checkpoints(tmp_path):
+    """run_proc's SIGKILL after the N-th checkpoint line (the resume item's pre-emption)."""
+    code = "import time\nfor i in range(1, 50):\n    print(f'checkpoint: step {i}', flush=True)\n    time.sleep(0.05)\n"
+    res = gc.run_proc([sys.executable, "-c", code], str(tmp_path), str(tmp_path / "k.log"), 60,
+                      kill_after_checkpoints=3)
+    assert res["killed"] and res["rc"] == -9 and 3 <= len(gc.CHECKPOINT_LINE.findall(res["text"])) < 49
 
 # ---------------------------------------------------------------------------------------------------------------
 # item 1: the comparisons
@@ -296,31 +407,48 @@ def test_readme_section_matches_the_device_commands():
 
 
 def test_dry_run_end_to_end(tmp_path):
-    """The rehearsal of the atari part on pqn: two equivalence runs and the probe side by side, the envpool ceiling,
-    metrics on/off and Hadamax, the report, the JSON and the log archive."""
+    """The CPU rehearsal of the whole check, every script and every item, as CI runs it: equivalence (fast vs plain,
+    eager both on the CPU: bit for bit), cpu, resume (two SIGKILLs and two resumes per script), the variant runs, the
+    host-sync counts, determinism, the speed runs with the envpool ceilings and Hadamax, the probe, the report, the
+    JSON and the log archive. Any failed or skipped item fails CI."""
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "gpu_check.py"), "--dry-run", "--part",
-                           "atari", "--scripts", "pqn", "--out-dir", str(out), "--deadline", "240",
-                           "--probe-seconds", "12"],  # the probe is stopped by SIGTERM
-                          capture_output=True, text=True, timeout=400,
+                           "all", "--out-dir", str(out), "--probe-seconds", "12"],  # the probe is stopped by SIGTERM
+                          capture_output=True, text=True, timeout=1500,
                           env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    report = (out / "GPU_RESULTS_atari_dry.md").read_text()
-    res = json.loads((out / "gpu_check_atari_dry.json").read_text())
-    eq = res["equivalence"]["pqn_atari_hr.py"]
-    assert eq["status"] == "PASS" and eq["params"]["ratio"] == 0.0 and eq["params"]["movement"] > 0
-    assert eq["losses"]["points"] >= 2 and eq["losses"]["max"] == 0.0  # eager both: bit for bit on the CPU
-    assert eq["walls"].keys() == {"fast", "plain", "ref"}
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    report = (out / "GPU_RESULTS_all_dry.md").read_text()
+    res = json.loads((out / "gpu_check_all_dry.json").read_text())
+    files = sorted(gc.SCRIPTS)
+    assert sorted(res["equivalence"]) == files and not res["skipped"] and res["warnings"] == []
+    for file, eq in res["equivalence"].items():
+        assert eq["status"] == "PASS" and eq["params"]["ratio"] == 0.0 and eq["params"]["movement"] > 0, file
+        assert eq["losses"]["points"] >= 2 and eq["losses"]["max"] == 0.0, file  # eager both: bit for bit
+    items = res["items"]
+    assert list(items) == ["equivalence+", "cpu", "resume", "variants", "syncs", "determinism"]
+    pairs = [f"{f} {label}" for f in files for label, _, _ in gc.more_pairs(gc.SCRIPTS[f], gc.FAST)]
+    assert sorted(items["equivalence+"]) == sorted(pairs) and len(pairs) == 13
+    assert all(e["status"] == "PASS" and e["first"] == 0.0 for e in items["equivalence+"].values())
+    assert items["equivalence+"]["dqn_atari_hr.py greedy"]["eval"] == 0.0  # DQN's greedy evaluation ran
+    for item, per in list(items.items())[1:]:
+        assert sorted(per) == files, item
+        for file, e in per.items():
+            assert e["status"] == ("n/a" if item == "syncs" else "PASS"), (item, file, e)
+    for file in files:
+        assert items["cpu"][file]["first"] == 0.0  # the dry run's "device" is the CPU: the same computation
+        assert items["resume"][file]["kills"] == 2 and items["resume"][file]["before_kill_max_rel"] == 0.0
+        assert len(items["variants"][file]["runs"]) == len(gc.SCRIPTS[file].variants)
+        assert items["determinism"][file]["points"] >= 2 and items["determinism"][file]["max_rel"] == 0.0
+        assert items["syncs"][file]["per_iteration"] == 0.0  # counted, and the CPU has none
     rows = res["speed"]["rows"]
-    assert set(rows) == {"pqn", "pqn/hadamax"} and rows["pqn"]["sps_on"] and rows["pqn"]["sps_off"]
-    assert rows["pqn/hadamax"]["sps_off"] and res["speed"]["ceilings"]["pqn"]["sps"]
-    assert [t["status"] for t in res["targets"]] == ["n/a", "n/a"] and not res["skipped"]
-    assert res["probe"]["status"] == "n/a" and res["probe"]["stopped"] and res["warnings"] == []
-    for heading in ("**Overall: PASS**", "### 1. Equivalence", "### 2. Speed", "### 3. Learning probe"):
+    assert {"dqn", "ppo", "pqn", "pqn/hadamax", "drq"} <= set(rows) and rows["pqn"]["sps_on"]
+    assert res["speed"]["ceilings"]["pqn"]["sps"] and all(t["status"] == "n/a" for t in res["targets"])
+    assert res["probe"]["status"] == "n/a" and res["probe"]["stopped"]
+    for heading in ("**Overall: PASS**", "| 3. resume `mrq_dmc_hr.py` | PASS |", "### 1. Equivalence", "### 2. Speed",
+                    "### 3. Learning probe"):
         assert heading in report
-    assert report in proc.stdout and "gpu_check part atari: PASS" in proc.stdout
-    with tarfile.open(out / "logs_atari_dry.tar.gz") as tar:
+    assert report in proc.stdout and "gpu_check part all: PASS" in proc.stdout
+    with tarfile.open(out / "logs_all_dry.tar.gz") as tar:
         names = tar.getnames()
-    assert "eq_pqn_fast.log" in names and "runs/eq_pqn_plain/finished" in names and "eq_pqn_ref.log" in names
-    assert sorted(os.listdir(out)) == ["GPU_RESULTS_atari_dry.md", "gpu_check_atari_dry.json", "logs_atari_dry.tar.gz"]
-    assert bench.read_finished is not None  # the check reads runs through bench.py's helpers
+    assert "eq_pqn_fast.log" in names and "runs/eq_pqn_plain/finished" in names and "resume_drq_killed_3.log" in names
+    assert sorted(os.listdir(out)) == ["GPU_RESULTS_all_dry.md", "gpu_check_all_dry.json", "logs_all_dry.tar.gz"]
