@@ -127,7 +127,10 @@ def cli(cls, argv: Optional[list] = None):
 
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
-        print(help_text(cls))
+        try:
+            print(help_text(cls), flush=True)
+        except BrokenPipeError:  # `--help | head`: the reader left; nothing to say
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     err = io.StringIO()
     try:

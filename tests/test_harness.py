@@ -688,3 +688,13 @@ def test_sync_counter_rate_is_the_steady_state_slope(monkeypatch):
     harness.SyncCounter.active = None
     monkeypatch.delenv(harness.SyncCounter.ENV)
     assert harness.SyncCounter.from_env(torch.device("cpu")) is None
+
+
+def test_help_into_a_closed_pipe_is_quiet(tmp_path):
+    """`--help | head -1`: the reader may be gone before the help is written; no BrokenPipeError traceback."""
+    r, w = os.pipe()
+    os.close(r)  # the reader left before a byte was written
+    proc = subprocess.run([sys.executable, os.path.join(REPO, TOY), "--help"], stdout=w, stderr=subprocess.PIPE,
+                          text=True, cwd=tmp_path, timeout=120)
+    os.close(w)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
