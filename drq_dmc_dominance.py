@@ -129,12 +129,9 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`; on CUDA also torch.use_deterministic_algorithms(True,
-    warn_only=True) and CUBLAS_WORKSPACE_CONFIG (harness.deterministic). Every op of the update, the augmentation and
-    the batch gather has a deterministic CUDA kernel (convolutions and max_pool2d backward, matmuls, LayerNorm, the
-    uint8 index gathers, which take no gradient; the HL-Gauss cross-entropy is written out, not NLLLoss); pruning's and
-    ReDo's index writes take torch's deterministic path. The probe's srank (a float cumsum, common.effective_rank)
-    warns once on CUDA: it has no deterministic CUDA kernel (a metric, not training)"""
+    """if toggled, repeatable on CUDA: cuDNN deterministic, torch.use_deterministic_algorithms (warn-only), cuBLAS
+    workspace :4096:8 (harness.deterministic); every op of the update, the augmentation and the batch gather then
+    has a deterministic CUDA kernel"""
     cuda: bool = True
     """if toggled, cuda will be enabled when available"""
     track: bool = False

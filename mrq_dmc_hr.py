@@ -106,11 +106,9 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """if toggled, on CUDA: torch's deterministic algorithms (warn-only), a fixed cuBLAS workspace
-    (CUBLAS_WORKSPACE_CONFIG=:4096:8), cuDNN's deterministic convolutions, and the LAP sampler's prefix sum by matmuls
-    (torch.cumsum has no deterministic CUDA kernel): every op of the updates and of sampling is then deterministic,
-    --compile included. Not the probes' effective rank (common.py's cumsum: a logged metric; it warns once). On the
-    CPU torch is deterministic anyway"""
+    """if toggled, repeatable on CUDA: cuDNN deterministic, torch.use_deterministic_algorithms (warn-only), cuBLAS
+    workspace :4096:8 (harness.deterministic); the LAP sampler's prefix sum by float64 matmuls (torch.cumsum has no
+    deterministic CUDA kernel)"""
     cuda: bool = True
     """if toggled, cuda will be enabled when available"""
     track: bool = False

@@ -81,9 +81,8 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """if toggled, repeatable CUDA runs (harness.deterministic): torch.use_deterministic_algorithms(True, warn_only)
-    (the C51 projection's scatter_add_ sorts instead of adding atomically), CUBLAS_WORKSPACE_CONFIG=:4096:8 and
-    cudnn.deterministic; the CPU is deterministic already"""
+    """if toggled, repeatable on CUDA: cuDNN deterministic, torch.use_deterministic_algorithms (warn-only), cuBLAS
+    workspace :4096:8 (harness.deterministic); the C51 projection's scatter_add_ then sums in a fixed order"""
     cuda: bool = True
     """if toggled, cuda will be enabled when available"""
     track: bool = False
