@@ -188,14 +188,24 @@ def test_judge_resume_steps_and_values_before_the_kill():
 
 def test_judge_syncs_against_the_action_reads():
     finished = {"host_syncs": {"total": 900, "iterations": 100, "per_iteration": 17.5, "per_step": 17.5 / 128}}
-    assert gc.judge_syncs(finished, 16, "cuda")["reasons"] == []  # 16 reads x 1.25 + 2 = 22
-    assert "syncs per loop iteration > 3.25" in gc.judge_syncs(finished, 1, "cuda")["reasons"][0]
+    assert gc.judge_syncs(finished, 16, "cuda")["reasons"] == []  # 16 reads x 1.1 + 0.5 = 18.1
+    assert gc.judge_syncs(finished, 15, "cuda")["reasons"] == ["17.50 syncs per loop iteration > 17 (the action "
+                                                               "reads: 15)"]
+    assert "syncs per loop iteration > 1.6" in gc.judge_syncs(finished, 1, "cuda")["reasons"][0]
     assert gc.judge_syncs(finished, 1, "cpu")["status"] == "n/a"
     assert gc.judge_syncs({}, 1, "cuda")["reasons"] == ["no host_syncs in the run's finished summary"]
     cfg = gc.Check("atari", "", "", "", "", reads="--num-steps")
     assert gc.expected_reads(cfg, ["--num-envs", "8", "--num-steps", "16"]) == 16.0
     assert gc.expected_reads(gc.Check("atari", "", "", "", ""), []) == 1.0
 
+
+def test_a_broken_renderer_spares_the_state_tasks(tmp_path):
+    """Without a working EGL the pixel scripts are not run (one reason each); SimbaV2's state tasks still are."""
+    check = gc.GpuCheck(gc.parse_args(["--dry-run", "--workdir", str(tmp_path)]))
+    check.results["preflight"] = {"errors": {"render": "ImportError: Cannot initialize a headless EGL display."}}
+    assert check.broken_imports("simbav2_dmc_hr.py") == [] and check.broken_imports("dqn_atari_hr.py") == []
+    for file in ("drq_dmc_dominance.py", "mrq_dmc_hr.py"):
+        assert check.broken_imports(file) == ["render: ImportError: Cannot initialize a headless EGL display."]
 
 def test_kill_after_checkpoints(tmp_path):
     """run_proc's SIGKILL after the N-th checkpoint line (the resume item's pre-emption)."""
@@ -444,8 +454,8 @@ def test_dry_run_end_to_end(tmp_path):
     assert {"dqn", "ppo", "pqn", "pqn/hadamax", "drq"} <= set(rows) and rows["pqn"]["sps_on"]
     assert res["speed"]["ceilings"]["pqn"]["sps"] and all(t["status"] == "n/a" for t in res["targets"])
     assert res["probe"]["status"] == "n/a" and res["probe"]["stopped"]
-    for heading in ("**Overall: PASS**", "| 3. resume `mrq_dmc_hr.py` | PASS |", "### 1. Equivalence", "### 2. Speed",
-                    "### 3. Learning probe"):
+    for heading in ("**Overall: PASS**", "| 4. resume `mrq_dmc_hr.py` | PASS |", "### 1. Equivalence", "### 8. Speed",
+                    "### 9. Learning probe", "| 2. equivalence+ `dqn_atari_hr.py greedy` | PASS |"):
         assert heading in report
     assert report in proc.stdout and "gpu_check part all: PASS" in proc.stdout
     with tarfile.open(out / "logs_all_dry.tar.gz") as tar:
