@@ -991,6 +991,7 @@ if __name__ == "__main__":
     scales = torch.tensor([1.0, 0.0], device=device)  # (reward_scale, target_reward_scale), MR.Q's initial values
     env_terminates = torch.zeros((), device=device)
     training_steps, probe_batch, last_eval_step = 0, None, -1
+    enc_stats_t = rl_stats_t = stats = None  # the latest updates' losses, read at every log, probe and checkpoint
     if run.checkpoint is not None:
         state = run.checkpoint["state"]
         for key, module in networks.items():
@@ -1001,6 +1002,9 @@ if __name__ == "__main__":
         rb.load_state(state["replay"])
         scales.copy_(state["scales"])
         training_steps, last_eval_step = state["training_steps"], state["last_eval_step"]
+        # the encoder's losses of its last update: the next one may be up to --target-update-freq steps away (a
+        # checkpoint older than this key has none: those losses are logged again from the next encoder update)
+        enc_stats_t = None if state.get("enc_stats") is None else state["enc_stats"].to(device, copy=True)
         if state["probe_batch"] is not None:
             probe_batch = tuple(t.to(device, copy=True) for t in state["probe_batch"])
         harness.set_rng_state(state["rng"], rng, probe_rng)
@@ -1040,7 +1044,6 @@ if __name__ == "__main__":
     obs, frame = env.reset()  # a resumed run starts a fresh episode
     rb.add_first(frame)
     episode_return, episode_frames = 0.0, 0
-    enc_stats_t = rl_stats_t = stats = None
     while global_step < args.total_timesteps:
         prev_step = global_step
         # ALGO LOGIC: uniformly random actions until learning starts, then the policy's with Gaussian noise
@@ -1092,7 +1095,8 @@ if __name__ == "__main__":
                   f"--metrics-batch {args.metrics_batch}", flush=True)
             probe_now = False
         if rl_stats_t is not None and (probe_now or log_now or checkpoint_now):
-            stats = {**dict(zip(ENC_STATS, enc_stats_t.tolist())), **dict(zip(RL_STATS, rl_stats_t.tolist())),
+            stats = {**dict(zip(ENC_STATS, enc_stats_t.tolist() if enc_stats_t is not None else [])),
+                     **dict(zip(RL_STATS, rl_stats_t.tolist())),
                      "charts/reward_scale": float(scales[0]), "charts/max_priority": float(rb.max_priority)}
             keep_if_finite(global_step, stats)  # what is about to be probed, logged or saved is finite
         if probe_now:
@@ -1114,6 +1118,7 @@ if __name__ == "__main__":
         if checkpoint_now:
             run.save(global_step, {**training_state(), "scales": scales.cpu(), "training_steps": training_steps,
                                    "replay": rb.state(), "last_eval_step": last_eval_step, "probe_batch": probe_batch,
+                                   "enc_stats": None if enc_stats_t is None else enc_stats_t.cpu(),
                                    "rng": harness.rng_state(rng, probe_rng)}, replay=rb.store, filled=rb.filled)
         run.progress(global_step, **{k: round(v, 1) for k, v in seconds().items()})
 

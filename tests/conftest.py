@@ -130,3 +130,110 @@ def steps_of(scalars, tag):
     steps = [s for s, _ in scalars[tag]]
     assert steps == sorted(set(steps)), f"{tag} logged twice at some step: {steps}"
     return steps
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# randomized kill/resume trials (tests/test_kill_resume.py): SIGKILL at points drawn from a seed, resume until done,
+# compare with an uninterrupted run of the same flags
+
+KILL_MODES = ("write", "after_save", "between", "before_first")
+EPISODIC = ("charts/episodic_return", "charts/episodic_length")  # a resumed run starts fresh episodes
+
+
+def kill_trials_wanted(default):
+    """KILL_TRIALS=N in the environment asks for N trials per script instead of the default."""
+    return int(os.environ.get("KILL_TRIALS", default))
+
+
+def draw_kill_plan(rng, mode, checkpoint_every, fresh):
+    """One process's kill point (see tests/kill_launcher.py). 'before_first' needs a fresh start (no checkpoint yet);
+    with a checkpoint it becomes 'between'."""
+    if mode == "before_first" and fresh:
+        return {"at": "step", "after": rng.randint(1, checkpoint_every - 1)}
+    if mode in ("between", "before_first"):  # from a fresh start: after the first checkpoint, before the second
+        lo = checkpoint_every + 1 if fresh else 1
+        return {"at": "step", "after": rng.randint(lo, lo + checkpoint_every - 2)}
+    if mode == "write":
+        return {"at": "write", "save": rng.choice((1, 1, 2)), "write": rng.randint(1, 3),
+                "how": rng.choice(("partial", "before_rename"))}
+    return {"at": "after_save", "save": rng.choice((1, 2))}
+
+
+def compare_logged_steps(reference, resumed, episodic=EPISODIC):
+    """What a killed-and-resumed run logged against an uninterrupted run of the same flags: every scalar tag at the
+    same set of steps, none twice. Tags in `episodic` depend on where episodes end (a resume starts fresh ones): only
+    no duplicate. Returns the problems found, one line each (empty: the same)."""
+    problems = []
+    for tag in sorted(set(reference) | set(resumed)):
+        got = [s for s, _ in resumed.get(tag, [])]
+        if len(got) != len(set(got)):
+            dup = sorted({s for s in got if got.count(s) > 1})
+            problems.append(f"{tag}: logged twice at steps {dup[:10]}")
+        if tag in episodic:
+            continue
+        want = {s for s, _ in reference.get(tag, [])}
+        missing, extra = sorted(want - set(got)), sorted(set(got) - want)
+        if missing:
+            problems.append(f"{tag}: missing at steps {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+        if extra:
+            problems.append(f"{tag}: logged at steps the uninterrupted run did not log {extra[:10]}"
+                            f"{' ...' if len(extra) > 10 else ''}")
+    return problems
+
+
+def kill_resume_trial(script, flags, cwd, name, rng, checkpoint_every, kills, episodic=EPISODIC, env=None,
+                      timeout=600):
+    """One randomized trial: an uninterrupted run of `flags` (in parallel) and the same flags killed `kills` times at
+    points drawn from `rng` (modes in a random order, 'before_first' only first), each kill followed by a restart
+    (--resume where a checkpoint exists, else a fresh start), the last left to finish. Fails with the processes'
+    output on a traceback, a process that died other than by the planned SIGKILL, a missing `finished`, or logged steps
+    that differ from the uninterrupted run's. Returns one line per kill (what was planned, where it happened)."""
+    import json
+
+    run_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    ref_name, run_dir = f"{name}-ref", os.path.join(str(cwd), "runs", name)
+    ref_log = open(os.path.join(str(cwd), f"{ref_name}.log"), "w")
+    ref = subprocess.Popen([sys.executable, os.path.join(REPO, script), *map(str, flags), "--run-name", ref_name],
+                           cwd=cwd, stdout=ref_log, stderr=subprocess.STDOUT, env=run_env)
+    modes = list(KILL_MODES)
+    rng.shuffle(modes)
+    modes = sorted(modes[:kills], key=lambda m: m != "before_first")
+    outputs, happened = [], []
+    try:
+        for i, mode in enumerate([*modes, None]):
+            fresh = not os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
+            args = [*map(str, flags), "--run-name", name, *([] if fresh else ["--resume"])]
+            if mode is None:  # the last process runs to the end
+                cmd, penv = [sys.executable, os.path.join(REPO, script), *args], run_env
+            else:
+                plan = draw_kill_plan(rng, mode, checkpoint_every, fresh)
+                cmd = [sys.executable, os.path.join(REPO, "tests", "kill_launcher.py"), script, *args]
+                penv = {**run_env, "KILL_PLAN": json.dumps(plan)}
+            proc = subprocess.run(cmd, cwd=cwd, env=penv, capture_output=True, text=True, timeout=timeout)
+            out = proc.stdout + proc.stderr
+            outputs.append(f"--- process {i} ({'to the end' if mode is None else f'{mode} {plan}'}) "
+                           f"{'--resume' if not fresh else 'fresh'}:\n{out[-4000:]}")
+            where = [ln for ln in out.splitlines() if ln.startswith("kill_launcher: SIGKILL")]
+            if "Traceback" in out or proc.returncode not in (0, -9) or (proc.returncode == -9 and not where):
+                raise AssertionError("a process failed:\n" + "\n".join(outputs))
+            if proc.returncode == 0:
+                break  # the run finished before its planned kill point
+            happened.append(f"{mode}: {where[0][len('kill_launcher: '):]}")
+    finally:
+        try:
+            ref.wait(timeout=timeout)
+        finally:
+            if ref.poll() is None:
+                ref.kill()
+            ref_log.close()
+    with open(os.path.join(str(cwd), f"{ref_name}.log")) as f:
+        ref_out = f.read()
+    if ref.returncode != 0 or "Traceback" in ref_out:
+        raise AssertionError("the uninterrupted run failed:\n" + ref_out[-4000:])
+    if not os.path.isfile(os.path.join(run_dir, "finished")):
+        raise AssertionError("the killed run never wrote `finished`:\n" + "\n".join(outputs))
+    problems = compare_logged_steps(read_scalars(os.path.join(str(cwd), "runs", ref_name)), read_scalars(run_dir),
+                                    episodic)
+    if problems:
+        raise AssertionError("\n".join(problems) + "\nkills: " + "; ".join(happened) + "\n" + "\n".join(outputs))
+    return happened
