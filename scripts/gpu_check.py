@@ -135,17 +135,17 @@ SCRIPTS = {  # noqa: E501
                              ckpt="--checkpoint-every 150", same_data=True,
                              more=(("hadamax", "--encoder hadamax"), ("greedy", "--start-e 0 --end-e 0 --save-model --eval-episodes 1 --eval-epsilon 0")),
                              variants=("--metrics-every 150 --metrics-batch 32 --activation tanh --hr --hr-layers all --hr-branches 3 --combine sum --hidden-layers 2 --layernorm --conv-activation gelu --save-model --eval-episodes 1 --eval-epsilon 0.0",
-                                       "--activation crelu", "--encoder hadamax --activation sigmoid --hr")),
+                                       "--activation crelu --hr")),
     "ppo_atari_hr.py": Check("atari", "--total-timesteps 20480 --checkpoint-every 0 --metrics-every 0 --eval-episodes 1", "init:--num-envs 1 --num-steps 2 --num-minibatches 1 --update-epochs 1 --total-timesteps 2 --learning-rate 1e-30", "--num-envs 2 --num-steps 16 --num-minibatches 2 --update-epochs 2 --total-timesteps 128 --checkpoint-every 0 --metrics-every 0 --eval-episodes 1", "32 64 --num-envs 2 --num-steps 16 --num-minibatches 2 --update-epochs 1 --metrics-batch 32", losses="losses/value_loss losses/policy_loss losses/entropy", param_tol=0.15, loss_tol=0.05,
                              ckpt="--checkpoint-every 32", reads="--num-steps",
                              more=(("hadamax", "--encoder hadamax"), ("eval", "--save-model --eval-episodes 1")),
                              variants=("--metrics-every 64 --metrics-batch 16 --activation tanh --hr --hr-layers all --hr-branches 3 --combine sum --hidden-layers 2 --layernorm --conv-activation gelu --no-anneal-lr --no-norm-adv --no-clip-vloss --target-kl 0.5",
-                                       "--activation crelu", "--encoder hadamax --activation sigmoid --hr")),
+                                       "--activation crelu --hr")),
     "pqn_atari_hr.py": Check("atari", "--total-timesteps 32768 --start-e 1 --end-e 1 --checkpoint-every 0 --metrics-every 0", "init:--num-envs 1 --num-steps 1 --num-minibatches 1 --update-epochs 1 --total-timesteps 1 --learning-rate 1e-30", "--num-envs 8 --num-test-envs 2 --num-steps 16 --num-minibatches 4 --update-epochs 1 --total-timesteps 512 --start-e 1 --end-e 1 --checkpoint-every 0 --metrics-every 0 --torch-threads 1", "128 256 --num-envs 8 --num-test-envs 2 --num-steps 16 --num-minibatches 4 --update-epochs 1 --metrics-batch 64 --torch-threads 1", losses="losses/td_loss losses/q_values", param_tol=0.15, hadamax=True,
                              ckpt="--checkpoint-every 128", reads="--num-steps",
                              more=(("hadamax", "--encoder hadamax"), ("greedy", "--start-e 0 --end-e 0")),
                              variants=("--metrics-every 256 --metrics-batch 32 --activation tanh --hr --hr-layers last --hr-branches 3 --combine sum --hidden-layers 2 --no-layernorm --conv-activation gelu --no-anneal-lr --save-model",
-                                       "--activation crelu --redo --redo-interval 1 --no-redo-reset-optimizer --metrics-batch 64", "--encoder hadamax --hr")),
+                                       "--activation crelu --redo --redo-interval 1 --no-redo-reset-optimizer --metrics-batch 64")),
     "drq_dmc_dominance.py": Check("dmc", "--env-id cartpole-swingup --total-timesteps 6400 --learning-starts 200 --buffer-size 10000 --log-every 200 --eval-every 0 --metrics-every 0 --checkpoint-every 0", "init:--total-timesteps 8", "--env-id cartpole-swingup --total-timesteps 320 --learning-starts 10 --batch-size 8 --buffer-size 500 --log-every 16 --eval-every 0 --metrics-every 0 --checkpoint-every 0", "8 32 --env-id cartpole-swingup --learning-starts 10 --batch-size 8 --buffer-size 500 --log-every 8 --eval-every 0 --checkpoint-every 0 --metrics-batch 16", losses="losses/qf_loss losses/actor_loss losses/qf1_values", param_tol=0.15, loss_tol=0.05, sps_scale=0.25, unit="frames",
                              ckpt="--checkpoint-every 104", more=(("eval", "--eval-every 160 --eval-episodes 1"),),
                              variants=("--metrics-every 160 --metrics-batch 16 --mitigation ln --hr --eval-every 160 --eval-episodes 1 --save-model",
@@ -790,12 +790,12 @@ def switch_flags(file: str, repo: str = REPO) -> dict:
 
 
 def uncovered_switches(file: str, repo: str = REPO) -> list:
-    """The switches of a script no variant run sets: a bool flag set either way, a Literal flag at every value other
+    """The switches of a script no variant run (nor a smaller equivalence pair) sets: a bool flag set either way, a Literal flag at every value other
     than its default (the other runs use the default), a str flag at all."""
     cfg = SCRIPTS[file]
     defaults = {k[2:].replace("-", "_"): v for k, v in script_flags(file, repo).items()}
     used: dict = {}
-    for text in cfg.variants:
+    for text in (*cfg.variants, *(flags for _, flags in cfg.more)):  # the smaller equivalence pairs run them too
         for name, values, _ in split_flags(text):
             field = name[2:].replace("-", "_")
             if field.startswith("no_") and field[3:] in defaults:

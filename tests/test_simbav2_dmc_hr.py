@@ -27,14 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import harness
 from conftest import REPO, kill_after_checkpoint, read_scalars, resume_after_kill, run_script, steps_of
 
-_MUJOCO_GL = os.environ.get("MUJOCO_GL")
-import simbav2_dmc_hr as sv2  # noqa: E402 - sets MUJOCO_GL=disable (its dm_control needs no renderer)
-
-# the pixel scripts' tests start subprocesses with this process's environment: they must not inherit "disable"
-if _MUJOCO_GL is None:
-    os.environ.pop("MUJOCO_GL", None)
-else:
-    os.environ["MUJOCO_GL"] = _MUJOCO_GL
+import simbav2_dmc_hr as sv2  # noqa: E402 - imports dm_control with no renderer (state tasks)
 
 SCRIPT = "simbav2_dmc_hr.py"
 OBS, ACT = 7, 3
@@ -515,7 +508,9 @@ def test_no_renderer_needed_help_and_gymnasium_mujoco_with_a_broken_egl(tmp_path
     env = {"OMP_NUM_THREADS": "1", **BROKEN_EGL}
     proc = run_script(SCRIPT, ["--help"], cwd=tmp_path, timeout=120, env=env)
     assert proc.returncode == 0 and "--env-id" in proc.stdout and proc.stderr == "", proc.stderr[-3000:]
-    code = ("import os, numpy as np, harness, simbav2_dmc_hr as s; assert os.environ['MUJOCO_GL'] == 'disable'; "
+    # dm_control took no renderer (its backend: 'off'), and the user's MUJOCO_GL is left for child processes
+    code = ("import os, numpy as np, harness, simbav2_dmc_hr as s, dm_control._render as r; "
+            "assert r.BACKEND == 'off' and os.environ['MUJOCO_GL'] == 'egl'; "
             "a = s.resolve_defaults(harness.cli(s.Args, ['--env-id', 'Humanoid-v5'])); s.validate(a); "
             "e = s.make_env(a, 0); print(e.obs_dim, e.step(np.zeros(17, np.float32))[0].shape)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
