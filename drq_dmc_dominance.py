@@ -120,6 +120,8 @@ DEFAULT_SPIN_VELOCITY = dmc_finger._SPIN_VELOCITY  # dm_control's value (15), re
 FAST_SPIN_VELOCITY = 30.0
 REPLAY_CHUNK = 8192  # replay slots per checkpoint chunk file (~170 MB of 84x84 frames)
 
+ACTIONS_MAX = 38  # the most action dimensions of a dm_control task (dog): the network check's bound, before any env
+
 
 @dataclass
 class Args:
@@ -278,6 +280,9 @@ def parse_env_id(env_id: str):
 
 def validate(args: Args) -> None:
     """DrQ's own checks (harness.Run does the generic ones): one line on stderr naming the flag, exit 1."""
+    if args.action_repeat is not None:  # one agent step must fit the budget
+        harness.at_most(args, {"action_repeat": args.total_timesteps}, "--total-timesteps frames: one agent step")
+    harness.at_most(args, {"hr_branches": harness.MAX_LAYERS}, harness.LAYER_COUNT)
     if parse_env_id(args.env_id) is None:
         harness.fail(f"--env-id {args.env_id!r} is not a dm_control task (expected domain-task, e.g. cartpole-swingup, "
                      f"or one of {', '.join(MODIFIED_TASKS)})")
@@ -1133,7 +1138,12 @@ if __name__ == "__main__":
     args = harness.cli(Args)
     validate(args)
     run = harness.Run(args, memory={f"--buffer-size {args.buffer_size}": FrameReplay.bytes_needed(
-        args.buffer_size, args.image_size)}, log_at_steps_done=True)  # events at S belong to the checkpoint at S
+        args.buffer_size, args.image_size)}, log_at_steps_done=True,  # events at S belong to the checkpoint at S
+        learning_starts=args.learning_starts * (args.action_repeat or planet_action_repeat(args.env_id)),  # in frames
+        probes_need_updates=True,
+        networks={f"--hidden-dim {args.hidden_dim} --latent-dim {args.latent_dim} --hr-branches {args.hr_branches}":
+                  lambda: [critic := Critic((3 * args.frame_stack, args.image_size, args.image_size), ACTIONS_MAX, args),
+                           Actor(critic.encoder.out_dim, ACTIONS_MAX, args)]})
     device = run.device
     rng = np.random.default_rng(args.seed)  # random actions before learning starts, replay sampling, ReDo's batch
     probe_rng = np.random.default_rng([args.seed, 1])  # the probe batch's draw: never an RNG that drives the agent

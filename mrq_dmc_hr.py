@@ -97,6 +97,8 @@ DMC_VISUAL_HARD = ("dog-run", "dog-stand", "dog-trot", "dog-walk", "humanoid-run
 HR_SITES = ("convs", "zs", "zsa")
 REPLAY_CHUNK = 8192  # replay slots per checkpoint chunk file (~170 MB of 84x84 frames)
 
+ACTIONS_MAX = 38  # the most action dimensions of a dm_control task (dog): the network check's bound, before any env
+
 
 @dataclass
 class Args:
@@ -270,6 +272,8 @@ def resolve_defaults(args: Args) -> Args:
 
 def validate(args: Args) -> None:
     """MR.Q's own checks (harness.Run does the generic ones): one line on stderr naming the flag, exit 1."""
+    harness.at_most(args, {"action_repeat": args.total_timesteps}, "--total-timesteps frames: one agent step")
+    harness.at_most(args, {"hr_branches": harness.MAX_LAYERS}, harness.LAYER_COUNT)
     domain, _, task = args.env_id.partition("-")
     if (domain, task) not in suite.ALL_TASKS:
         harness.fail(f"--env-id {args.env_id!r} is not a dm_control task (expected domain-task, e.g. walker-walk; "
@@ -946,7 +950,12 @@ if __name__ == "__main__":
     check_gpu_memory(args)
     capacity = replay_capacity(args)
     run = harness.Run(args, resolve=resolve_defaults, memory={f"--buffer-size {args.buffer_size}": (
-        FrameReplay.bytes_needed(capacity, args.image_size))}, log_at_steps_done=True)
+        FrameReplay.bytes_needed(capacity, args.image_size))}, log_at_steps_done=True, probes_need_updates=True,
+        networks={f"--enc-hdim {args.enc_hdim} --value-hdim {args.value_hdim} --policy-hdim {args.policy_hdim} "
+                  f"--zs-dim {args.zs_dim} --hr-branches {args.hr_branches}": lambda: build_networks(
+                      args, (3 * args.frame_stack, args.image_size, args.image_size), ACTIONS_MAX, matched_widths(
+                          args, (3 * args.frame_stack, args.image_size, args.image_size), ACTIONS_MAX) if args.widen
+                      else Widths(args.conv_channels, args.zs_dim, args.enc_hdim), hr_sites(args) if args.hr else ())})
     device = run.device
     rng = np.random.default_rng(args.seed)  # uniformly random actions before learning starts
     probe_rng = np.random.default_rng([args.seed, 1])  # the probe batch's draw: never an RNG that drives the agent
