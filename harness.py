@@ -221,7 +221,8 @@ def finite(args, names: Iterable[str], positive: bool = True) -> None:
         value = getattr(args, name)
         v32 = as_float32(value)
         if not (math.isfinite(value) and abs(value) <= F32_MAX and (v32 > 0 if positive else v32 >= 0)):
-            why = f" (it is {v32} as a float32, the precision it is used in)" if math.isfinite(value) else ""
+            why = ("" if not math.isfinite(value) else f" (a float32, the precision it is used in, holds at most "
+                   f"3.4e38)" if abs(value) > F32_MAX else f" (it is {v32} as a float32, the precision it is used in)")
             fail(f"{flag(name)} must be a finite number {'> 0' if positive else '>= 0'}, got {value}{why}")
 
 
@@ -233,8 +234,8 @@ def at_most(args, bounds: dict, why: str = "") -> None:
             fail(f"{flag(name)} must be <= {hi}{f' ({why})' if why else ''}, got {value}")
 
 
-MAX_LAYERS = 1000  # layer and branch counts: more is refused before the networks are measured (building takes long)
-LAYER_COUNT = f"more than {MAX_LAYERS} layers or branches cannot fit the memory of any machine these scripts run on"
+MAX_LAYERS = 100_000  # layer and branch counts: more is refused before the networks are measured (meta_bytes)
+LAYER_COUNT = "a network with more layers or branches would take minutes just to measure; it cannot fit in memory"
 MAX_PASSES = 10_000  # epochs over one rollout, updates per environment step
 PASSES = "more passes over the same data per step than this cannot finish a run"
 MAX_THREADS = 1024
