@@ -163,6 +163,7 @@ def validate(args: Args) -> None:
     harness.at_most(args, {"update_epochs": harness.MAX_PASSES}, harness.PASSES)
     harness.at_most(args, {"envpool_threads": harness.MAX_THREADS, "torch_threads": harness.MAX_THREADS}, harness.THREADS)
     harness.at_most(args, {"num_test_envs": 4096}, "an envpool of more environments than this cannot be made")
+    harness.at_most(args, {"max_episode_steps": 2**31 - 1}, "envpool holds it as a 32-bit int")
     harness.at_most(args, {"hidden_layers": harness.MAX_LAYERS, "hr_branches": harness.MAX_LAYERS}, harness.LAYER_COUNT)
     if args.env_id not in envpool.list_all_envs():
         harness.fail(f"--env-id {args.env_id!r} is not an envpool environment (e.g. Breakout-v5)")
