@@ -353,6 +353,9 @@ def _generic_checks(args) -> None:
                                       "metrics_batch": 2}.items() if k in fields})
     if not 0 <= args.seed < 2**32:
         fail(f"--seed must be in [0, 2**32), got {args.seed}")
+    # the probe's flags (common.probe_scalars), in every script that probes: the KDE test needs a threshold > 0
+    finite(args, [k for k in ("kde_threshold",) if k in fields])
+    finite(args, [k for k in ("kde_noise_std", "redo_tau") if k in fields], positive=False)
     # combinations a run would silently ignore: said once, the run goes on (learning and probes: Run.__init__)
     if getattr(args, "save_model", True) and getattr(args, "eval_episodes", 1) == 0:
         warn("--eval-episodes 0: no evaluation episode will be played")
