@@ -88,6 +88,7 @@ Usage:
 import collections
 import copy
 import functools
+import importlib
 import math
 import os
 import time
@@ -104,6 +105,7 @@ import harness
 
 suite = harness.dm_control_suite(pixels=True)  # MUJOCO_GL=egl unless set; a renderer that cannot start: one line
 from dm_control.suite import finger as dmc_finger  # noqa: E402 - after the renderer is chosen
+import mujoco  # noqa: E402
 
 Mitigation = Literal["none", "ln", "lnwd", "hlgauss", "reset", "redo", "prune"]
 MITIGATIONS = get_args(Mitigation)
@@ -288,6 +290,13 @@ def validate(args: Args) -> None:
                      f"or one of {', '.join(MODIFIED_TASKS)})")
     if args.capture_video:
         harness.fail("--capture-video is not supported by drq_dmc_dominance.py")
+    if args.camera_id is not None:  # the model's camera count, read from its XML: no environment is built
+        domain = parse_env_id(args.env_id)[0]
+        xml, assets = importlib.import_module(f"dm_control.suite.{domain}").get_model_and_assets()
+        cameras = mujoco.MjModel.from_xml_string(xml, assets).ncam
+        if not -1 <= args.camera_id < cameras:
+            harness.fail(f"--camera-id must be -1 (the free camera) or a fixed camera of {domain}, 0..{cameras - 1}, "
+                         f"got {args.camera_id}")
     harness.at_least(args, {"frame_stack": 1, "image_size": 1, "buffer_size": 1, "batch_size": 1, "hidden_dim": 1,
                             "latent_dim": 1, "log_every": 1, "eval_episodes": 1, "hr_branches": 1, "hl_bins": 1,
                             "learning_starts": 0, "eval_every": 0, "image_pad": 0, "ln_from_step": 0,
