@@ -304,6 +304,7 @@ def validate(args: Args) -> None:
     if args.action_repeat is not None:
         harness.at_least(args, {"action_repeat": 1})
     harness.finite(args, ["policy_lr", "q_lr", "alpha_lr", "init_temperature"])
+    harness.finite(args, ["weight_decay"], positive=False)  # AdamW refuses a negative one
     if args.hr and args.hr_branches < 2:
         harness.fail(f"--hr-branches must be >= 2 with --hr, got {args.hr_branches}")
     if args.batch_size > args.buffer_size:
