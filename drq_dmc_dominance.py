@@ -305,6 +305,7 @@ def validate(args: Args) -> None:
         harness.at_least(args, {"action_repeat": 1})
     harness.finite(args, ["policy_lr", "q_lr", "alpha_lr", "init_temperature"])
     harness.finite(args, ["weight_decay"], positive=False)  # AdamW refuses a negative one
+    harness.at_most(args, {"image_pad": args.image_size}, "--image-size: a shift past the whole frame")
     if args.hr and args.hr_branches < 2:
         harness.fail(f"--hr-branches must be >= 2 with --hr, got {args.hr_branches}")
     if args.batch_size > args.buffer_size:

@@ -289,6 +289,7 @@ def validate(args: Args) -> None:
                             "eval_every": 0, "eval_episodes": 1, "log_every": 1, "hr_branches": 1})
     if conv_out_size(args.image_size) < 1:
         harness.fail(f"--image-size must be >= 31 (the 4 convs need it), got {args.image_size}")
+    harness.at_most(args, {"image_pad": args.image_size}, "--image-size: a shift past the whole frame")
     harness.finite(args, ["enc_lr", "value_lr", "policy_lr", "value_grad_clip", "min_priority"])
     harness.finite(args, ["enc_wd", "value_wd", "policy_wd", "exploration_noise", "target_policy_noise", "noise_clip",
                           "dyn_weight", "reward_weight", "done_weight", "lap_alpha", "pre_activ_weight"],
