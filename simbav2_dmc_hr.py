@@ -219,6 +219,9 @@ def validate(args: Args) -> None:
     """SimbaV2's own checks (harness.Run does the generic ones): one line on stderr naming the flag, exit 1."""
     if args.updates_per_step is not None:
         harness.at_most(args, {"updates_per_step": harness.MAX_PASSES}, harness.PASSES)
+    elif args.action_repeat is not None:  # the default --updates-per-step is the action repeat
+        harness.at_most(args, {"action_repeat": harness.MAX_PASSES}, "it is also the default --updates-per-step; "
+                        + harness.PASSES)
     harness.at_most(args, {"critic_num_blocks": harness.MAX_LAYERS, "actor_num_blocks": harness.MAX_LAYERS,
                            "hr_branches": harness.MAX_LAYERS}, harness.LAYER_COUNT)
     kind = parse_env_id(args.env_id)
