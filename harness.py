@@ -38,6 +38,7 @@ import resource
 import signal
 import sys
 import time
+import weakref
 from typing import Callable, Iterable, Optional
 
 import numpy as np
@@ -335,14 +336,14 @@ def never_warnings(args, learning_starts: int, first_probe: int) -> None:
              f"{total})")
 
 
-_CHECKED: set = set()
+_CHECKED = weakref.WeakValueDictionary()  # id -> args: an id alone is reused once its object is freed
 
 
 def checks(args) -> None:
     """The generic checks, once per args object: Run makes them; a script that builds something before Run (SimbaV2's
     probe environment, for the sizes) calls this first."""
-    if id(args) not in _CHECKED:
-        _CHECKED.add(id(args))
+    if _CHECKED.get(id(args)) is not args:
+        _CHECKED[id(args)] = args
         _generic_checks(args)
 
 
