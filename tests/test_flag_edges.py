@@ -9,11 +9,17 @@ as well. Each is tried at EDGES. What a try must do:
   - accepted: the value must run a tiny budget (learning included) to the end, or stop with the non-finite one-liner,
     as a process. Exit 0, 1 or 2, no traceback.
 
-Grouping rule for the processes (the suite's time): the accepted (flag, value) pairs of one script are packed into as
-few tiny runs as possible, one edge value at a time: a pair joins the current run when the run's flags together stay
-accepted in-process (values that interact, e.g. two bounds of one range, are refused together and go to a run of
-their own). A value that stops the run early (the non-finite stop) ends only its own run; a failure names its run's
-flags, and FLAG_EDGES_ONE=1 runs each pair alone to find the culprit.
+Grouping rule for the processes (the suite's time: 3 minutes for all six scripts on 2 cores). The accepted (flag,
+value) pairs of one script are packed first-fit into as few tiny runs as possible, across edge values: a pair joins a
+run when the run has no value of its flag yet, its enablers do not contradict the run's (--mitigation lnwd vs
+hlgauss), and the run's flags together stay accepted in-process (values that interact, e.g. two bounds of one range,
+are refused together and the pair goes to another run). Float flags at 2**62 (rates, coefficients, scales: the values
+that may blow a run up) are packed apart from the rest, and optimizer step sizes and weight decays at 2**62 (STEP_SIZE:
+they do blow it up) run alone. A run that ends with the non-finite one-liner stopped early for one of its values, so
+the others were not exercised to the end: it is split in halves, each half runs again, down to the value whose stop it
+is (a stop is a pass for that value alone). A failure names its run's flags; FLAG_EDGES_ONE=1 runs each pair alone.
+The runs are processes forked from a server that imported the script's modules once (Forks): each runs the script as
+`__main__`, as `python script argv` does, with its own exit status and output, without paying the imports each time.
 Not run as a process: `--total-timesteps` (the budget itself: 2**62 steps is a run the user asked for) and
 NOT_RUN below (flags that only say how long the run plays after training, e.g. --eval-episodes with --save-model off).
 ENABLERS: the flags a value needs to take effect at all (--hr-branches without --hr is refused as "no effect").
@@ -22,7 +28,9 @@ import contextlib
 import dataclasses
 import importlib
 import io
+import json
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -45,7 +53,8 @@ TINY = {  # a tiny run with learning in it, per script
                         "--metrics-batch", "16", "--max-episode-steps", "30", "--torch-threads", "1", "--compile", "off"],
     "drq_dmc_dominance.py": ["--env-id", "cartpole-swingup", "--batch-size", "8", "--buffer-size", "200",
                              "--learning-starts", "10", "--metrics-every", "80", "--metrics-batch", "16",
-                             "--log-every", "80", "--eval-every", "0", "--total-timesteps", "160", "--compile", "off"],
+                             "--log-every", "80", "--eval-every", "0", "--eval-episodes", "1", "--total-timesteps", "160",
+                             "--compile", "off"],  # one evaluation episode where a value turns evaluation on
     "simbav2_dmc_hr.py": ["--env-id", "cartpole-swingup", "--critic-hidden-dim", "16", "--actor-hidden-dim", "8",
                           "--batch-size", "16", "--max-episode-steps", "200", "--metrics-batch", "32",
                           "--total-timesteps", "200", "--learning-starts", "100", "--buffer-size", "1000",
@@ -67,6 +76,7 @@ ENABLERS = {
 }
 NOT_RUN = {"total_timesteps", "eval_episodes"}
 SCRIPTS = tuple(TINY)
+WORKERS = 2  # tiny runs at once: the test box has 2 cores, each run one thread
 
 
 def numeric_flags(script):
@@ -150,6 +160,19 @@ def refusals(script, tmp_path):
     return out
 
 
+def as_flags(argv):
+    """["--a", "1", "--b", "2"] -> {"--a": "1", "--b": "2"} (every argv here is flag-value pairs)."""
+    return dict(zip(argv[::2], argv[1::2]))
+
+
+def huge(script, t):
+    """A float flag at 2**62 (a learning rate, a coefficient, a scale): the values that may blow the run up."""
+    return t[1] == str(2**62) and dict(numeric_flags(script))[t[0]] is float
+
+
+STEP_SIZE = re.compile(r"(^|_)(lr|learning_rate|wd|weight_decay)(_|$)")  # at 2**62 these blow a run up
+
+
 def groups(script, accepted, tmp_path):
     """The grouping rule of the module docstring: [[(name, value, argv), ...], ...]."""
     if os.environ.get("FLAG_EDGES_ONE") == "1":
@@ -157,44 +180,153 @@ def groups(script, accepted, tmp_path):
     cwd, out = os.getcwd(), []
     os.chdir(tmp_path)
     try:
-        for value in EDGES:
-            pending = [t for t in accepted if t[1] == value]
-            while pending:
-                group, rest = [pending[0]], []
-                for t in pending[1:]:
-                    argv = [a for g in (*group, t) for a in g[2]]
+        out += [[t] for t in accepted if huge(script, t) and STEP_SIZE.search(t[0])]  # each stops alone
+        for pool in ([t for t in accepted if not huge(script, t)],
+                     [t for t in accepted if huge(script, t) and not STEP_SIZE.search(t[0])]):
+            runs = []
+            for t in pool:
+                mine = as_flags(t[2])
+                for run in runs:
+                    theirs = as_flags([a for g in run for a in g[2]])
+                    if any(theirs.get(k, v) != v for k, v in mine.items()):  # the same flag, or enablers that differ
+                        continue
+                    argv = [a for k, v in {**theirs, **mine}.items() for a in (k, v)]
                     if preflight(script, [*TINY[script], *argv])[0] == "accepted":
-                        group.append(t)
-                    else:
-                        rest.append(t)
-                out.append(group)
-                pending = rest
+                        run.append(t)
+                        break
+                else:
+                    runs.append([t])
+            out += runs
     finally:
         os.chdir(cwd)
     return out
 
 
+SERVER = r"""
+import atexit, json, os, runpy, select, sys, time
+script, workers = sys.argv[1], int(sys.argv[2])
+sys.path.insert(0, os.path.dirname(script))
+__import__(os.path.basename(script)[:-3])  # the script's imports (torch, the environments), paid once
+
+
+def child(argv, out, err):
+    sys.stdout.flush(); sys.stderr.flush()
+    os.dup2(os.open(out, os.O_WRONLY | os.O_CREAT), 1); os.dup2(os.open(err, os.O_WRONLY | os.O_CREAT), 2)
+    sys.argv, code = [script, *argv], 0
+    try:  # what `python script argv` does with the script's end
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else (print(e.code, file=sys.stderr), 1)[1]
+    except BaseException:
+        sys.excepthook(*sys.exc_info()); code = 1
+    atexit._run_exitfuncs()
+    sys.stdout.flush(); sys.stderr.flush()
+    os._exit(code)
+
+
+pending, running, buf, eof = [], {}, b"", False
+while not (eof and not pending and not running):
+    if not eof and select.select([0], [], [], 0.02)[0]:
+        data = os.read(0, 1 << 16)
+        eof, buf = not data, buf + data
+        *lines, buf = buf.split(b"\n")
+        pending += [json.loads(line) for line in lines if line.strip()]
+    while pending and len(running) < workers:
+        job = pending.pop(0)
+        paths = (f"run{job['id']}.out", f"run{job['id']}.err")
+        pid = os.fork()
+        if pid == 0:
+            child(job["argv"], *paths)
+        running[pid] = (job["id"], time.time(), paths)
+    for pid, (i, t0, _) in running.items():
+        if time.time() - t0 > 120:
+            os.kill(pid, 9)
+    pid, status = os.waitpid(-1, os.WNOHANG) if running else (0, 0)
+    if pid == 0:
+        if eof:
+            time.sleep(0.02)
+        continue
+    i, t0, paths = running.pop(pid)
+    texts = []
+    for path in paths:
+        with open(path) as f:
+            texts.append(f.read())
+        os.remove(path)
+    rc = os.waitstatus_to_exitcode(status) if time.time() - t0 <= 120 else "timeout"
+    print("@@" + json.dumps([i, rc, *texts, round(time.time() - t0, 1)]), flush=True)
+"""
+
+
+class Forks:
+    """Tiny runs as processes without paying the imports (torch, the environments: seconds) for each: a server
+    process imports the script's modules once, then forks one child process per run, which runs the script as
+    `__main__` with the run's argv, exactly what `python script argv` runs; a child's exit status, stdout and stderr
+    are its own. WORKERS children at once; a run submitted while others run starts as soon as a worker is free."""
+
+    def __init__(self, script, cwd):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen([sys.executable, "-c", SERVER, os.path.join(REPO, script), str(WORKERS)],
+                                     cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def submit(self, i, argv):
+        self.proc.stdin.write(json.dumps({"id": i, "argv": argv}) + "\n")
+        self.proc.stdin.flush()
+
+    def result(self):
+        """The next run to end: (id, exit status or "timeout", stdout, stderr, seconds)."""
+        for line in self.proc.stdout:
+            if line.startswith("@@"):
+                return json.loads(line[2:])
+        raise AssertionError(f"the fork server ended (exit {self.proc.wait()})")
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=150)
+
+
+def verdict(rc, out, err):
+    """"ok" (exit 0, no traceback), "stop" (the non-finite one-liner, exit 1) or "fail"."""
+    last = (err.strip().splitlines() or [""])[-1]
+    if "Traceback" in out + err or rc not in (0, 1):
+        return "fail"
+    return "ok" if rc == 0 else "stop" if last.startswith("error: non-finite") else "fail"
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_numeric_flag_at_its_edges(script, tmp_path, one_torch_thread):
+    """A run that stops at the non-finite one-liner stopped early for the value that blew it up: it is split in halves
+    and each half runs again, down to the one value whose stop it is, so no other value in it goes unexercised."""
     t0 = time.time()
+    forks = Forks(script, tmp_path)  # its imports overlap the in-process checks
     verdicts = refusals(script, tmp_path)
     accepted = [t for t in edge_tries(script) if verdicts[t[0], t[1]] == "accepted" and t[0] not in NOT_RUN]
-    failures = []
-    for i, group in enumerate(groups(script, accepted, tmp_path)):
-        argv = [a for g in group for a in g[2]]
-        try:
-            proc = run_script(script, [*TINY[script], *argv, "--run-name", f"edge{i}"], tmp_path, timeout=120,
-                              env={"OMP_NUM_THREADS": "1"})
-        except subprocess.TimeoutExpired:
-            failures.append(f"{' '.join(argv)}: still running after 120 s (a tiny run takes seconds)")
-            continue
-        out = proc.stdout + proc.stderr
-        last = (proc.stderr.strip().splitlines() or [""])[-1]
-        ok = "Traceback" not in out and (proc.returncode == 0 or (
-            proc.returncode == 1 and last.startswith("error: non-finite")))
-        if not ok:
-            failures.append(f"{' '.join(argv)}: exit {proc.returncode}, {out[-600:]}")
-    print(f"{script}: {len(verdicts)} tries, {len(accepted)} accepted, {time.time() - t0:.1f}s")
+    runs = {f"edge{i}": g for i, g in enumerate(groups(script, accepted, tmp_path))}
+    t1, failures, n_runs = time.time(), [], len(runs)
+
+    def argv_of(group):
+        return [a for k, v in as_flags([a for t in group for a in t[2]]).items() for a in (k, v)]
+
+    try:
+        for name, group in runs.items():
+            forks.submit(name, [*TINY[script], *argv_of(group), "--run-name", name])
+        waiting = len(runs)
+        while waiting:
+            name, rc, out, err, secs = forks.result()
+            waiting -= 1
+            group, argv = runs[name], argv_of(runs[name])
+            print(f"  {name}: {' '.join(argv)}: exit {rc} in {secs}s")
+            v = verdict(rc, out, err)
+            if v == "stop" and len(group) > 1:
+                for half, part in (("a", group[:len(group) // 2]), ("b", group[len(group) // 2:])):
+                    runs[name + half] = part
+                    forks.submit(name + half, [*TINY[script], *argv_of(part), "--run-name", name + half])
+                waiting, n_runs = waiting + 2, n_runs + 2
+            elif v == "fail":
+                failures.append(f"{' '.join(argv)}: exit {rc}, {(out + err)[-1500:]}")
+    finally:
+        forks.close()
+    print(f"{script}: {len(verdicts)} tries, {len(accepted)} accepted, {n_runs} runs; in-process {t1 - t0:.1f}s, "
+          f"runs {time.time() - t1:.1f}s")
     assert not failures, "\n".join(failures)
 
 
