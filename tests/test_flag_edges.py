@@ -13,9 +13,11 @@ Grouping rule for the processes (the suite's time: 3 minutes for all six scripts
 value) pairs of one script are packed first-fit into as few tiny runs as possible, across edge values: a pair joins a
 run when the run has no value of its flag yet, its enablers do not contradict the run's (--mitigation lnwd vs
 hlgauss), and the run's flags together stay accepted in-process (values that interact, e.g. two bounds of one range,
-are refused together and the pair goes to another run). Float flags at 2**62 (rates, coefficients, scales: the values
-that may blow a run up) are packed apart from the rest, and optimizer step sizes and weight decays at 2**62 (STEP_SIZE:
-they do blow it up) run alone. A run that ends with the non-finite one-liner stopped early for one of its values, so
+are refused together and the pair goes to another run). Values that switch a part of the tiny run off would hide what the others do there, so they are kept apart:
+a pair whose run warns alone (no update will run, no probe: harness.never_warnings) runs alone, and int flags at 2**62
+(periods and starts past the tiny budget) are packed among themselves. Float flags at 2**62 (rates, coefficients,
+scales: the values that may blow a run up) are packed apart from the rest, and optimizer step sizes and weight decays
+at 2**62 (STEP_SIZE: they do blow it up) run alone. A run that ends with the non-finite one-liner stopped early for one of its values, so
 the others were not exercised to the end: it is split in halves, each half runs again, down to the value whose stop it
 is (a stop is a pass for that value alone). A failure names its run's flags; FLAG_EDGES_ONE=1 runs each pair alone.
 The runs are processes forked from a server that imported the script's modules once (Forks): each runs the script as
@@ -109,7 +111,7 @@ def preflight(script, argv):
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             runpy.run_path(os.path.join(REPO, script), run_name="__main__")
     except Accepted:
-        return "accepted", ""
+        return "accepted", "warns" if "warning: " in err.getvalue() else ""
     except SystemExit as e:
         msg = str(e.code)
         assert e.code not in (0, None) and msg.startswith("error: ") and "\n" not in msg, (argv, msg, err.getvalue())
@@ -154,7 +156,7 @@ def refusals(script, tmp_path):
                 out[name, value] = str(e.value.code)
                 continue
             verdict, msg = preflight(script, [*TINY[script], *argv])
-            out[name, value] = msg or verdict
+            out[name, value] = msg if verdict == "refused" else verdict + (" (warns)" if msg else "")
     finally:
         os.chdir(cwd)
     return out
@@ -173,16 +175,18 @@ def huge(script, t):
 STEP_SIZE = re.compile(r"(^|_)(lr|learning_rate|wd|weight_decay)(_|$)")  # at 2**62 these blow a run up
 
 
-def groups(script, accepted, tmp_path):
+def groups(script, accepted, tmp_path, warns=()):
     """The grouping rule of the module docstring: [[(name, value, argv), ...], ...]."""
     if os.environ.get("FLAG_EDGES_ONE") == "1":
         return [[t] for t in accepted]
     cwd, out = os.getcwd(), []
     os.chdir(tmp_path)
     try:
-        out += [[t] for t in accepted if huge(script, t) and STEP_SIZE.search(t[0])]  # each stops alone
-        for pool in ([t for t in accepted if not huge(script, t)],
-                     [t for t in accepted if huge(script, t) and not STEP_SIZE.search(t[0])]):
+        alone = [t for t in accepted if t in warns or huge(script, t) and STEP_SIZE.search(t[0])]
+        out += [[t] for t in alone]
+        off = [t for t in accepted if t not in alone and t[1] == str(2**62) and dict(numeric_flags(script))[t[0]] is int]
+        for pool in ([t for t in accepted if t not in alone and t not in off and not huge(script, t)], off,
+                     [t for t in accepted if t not in alone and huge(script, t)]):
             runs = []
             for t in pool:
                 mine = as_flags(t[2])
@@ -191,7 +195,7 @@ def groups(script, accepted, tmp_path):
                     if any(theirs.get(k, v) != v for k, v in mine.items()):  # the same flag, or enablers that differ
                         continue
                     argv = [a for k, v in {**theirs, **mine}.items() for a in (k, v)]
-                    if preflight(script, [*TINY[script], *argv])[0] == "accepted":
+                    if preflight(script, [*TINY[script], *argv]) == ("accepted", ""):
                         run.append(t)
                         break
                 else:
@@ -299,8 +303,9 @@ def test_every_numeric_flag_at_its_edges(script, tmp_path, one_torch_thread):
     t0 = time.time()
     forks = Forks(script, tmp_path)  # its imports overlap the in-process checks
     verdicts = refusals(script, tmp_path)
-    accepted = [t for t in edge_tries(script) if verdicts[t[0], t[1]] == "accepted" and t[0] not in NOT_RUN]
-    runs = {f"edge{i}": g for i, g in enumerate(groups(script, accepted, tmp_path))}
+    accepted = [t for t in edge_tries(script) if verdicts[t[0], t[1]].startswith("accepted") and t[0] not in NOT_RUN]
+    warns = [t for t in accepted if verdicts[t[0], t[1]] == "accepted (warns)"]
+    runs = {f"edge{i}": g for i, g in enumerate(groups(script, accepted, tmp_path, warns))}
     t1, failures, n_runs = time.time(), [], len(runs)
 
     def argv_of(group):
