@@ -951,7 +951,9 @@ if __name__ == "__main__":
     check_gpu_memory(args)
     capacity = replay_capacity(args)
     run = harness.Run(args, resolve=resolve_defaults, memory={f"--buffer-size {args.buffer_size}": (
-        FrameReplay.bytes_needed(capacity, args.image_size))}, log_at_steps_done=True, probes_need_updates=True,
+        FrameReplay.bytes_needed(capacity, args.image_size)),  # one sampled batch: its stacks over the horizon, float32
+        f"--batch-size {args.batch_size}": args.batch_size * (args.enc_horizon + 1) * 3 * args.frame_stack
+        * args.image_size ** 2 * 4}, log_at_steps_done=True, probes_need_updates=True,
         networks={f"--enc-hdim {args.enc_hdim} --value-hdim {args.value_hdim} --policy-hdim {args.policy_hdim} "
                   f"--zs-dim {args.zs_dim} --hr-branches {args.hr_branches}": lambda: build_networks(
                       args, (3 * args.frame_stack, args.image_size, args.image_size), ACTIONS_MAX, matched_widths(
