@@ -65,7 +65,8 @@ TINY = {  # a tiny run with learning in it, per script
                       "--target-update-freq", "5", "--zs-dim", "32", "--za-dim", "16", "--zsa-dim", "32",
                       "--enc-hdim", "32", "--value-hdim", "32", "--policy-hdim", "32", "--log-every", "40",
                       "--total-timesteps", "120", "--learning-starts", "40", "--buffer-size", "200",
-                      "--metrics-every", "80", "--metrics-batch", "16", "--eval-every", "0", "--compile", "off"],
+                      "--metrics-every", "80", "--metrics-batch", "16", "--eval-every", "0", "--eval-episodes", "1",
+                      "--compile", "off"],  # one evaluation episode where a value turns evaluation on
 }
 ENABLERS = {
     "hr_branches": ["--hr"],
