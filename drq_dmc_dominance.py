@@ -283,6 +283,7 @@ def parse_env_id(env_id: str):
 def validate(args: Args) -> None:
     """DrQ's own checks (harness.Run does the generic ones): one line on stderr naming the flag, exit 1."""
     if args.action_repeat is not None:  # one agent step must fit the budget
+        harness.at_least(args, {"total_timesteps": 1})  # before the budget bounds what follows
         harness.at_most(args, {"action_repeat": args.total_timesteps}, "--total-timesteps frames: one agent step")
     harness.at_most(args, {"hr_branches": harness.MAX_LAYERS}, harness.LAYER_COUNT)
     if parse_env_id(args.env_id) is None:

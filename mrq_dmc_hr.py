@@ -272,6 +272,7 @@ def resolve_defaults(args: Args) -> Args:
 
 def validate(args: Args) -> None:
     """MR.Q's own checks (harness.Run does the generic ones): one line on stderr naming the flag, exit 1."""
+    harness.at_least(args, {"total_timesteps": 1})  # before the budget bounds what follows
     harness.at_most(args, {"action_repeat": args.total_timesteps}, "--total-timesteps frames: one agent step")
     harness.at_most(args, {"hr_branches": harness.MAX_LAYERS}, harness.LAYER_COUNT)
     domain, _, task = args.env_id.partition("-")
