@@ -275,6 +275,8 @@ def validate(args: Args) -> None:
     harness.at_least(args, {"total_timesteps": 1})  # before the budget bounds what follows
     harness.at_most(args, {"action_repeat": args.total_timesteps}, "--total-timesteps frames: one agent step")
     harness.at_most(args, {"hr_branches": harness.MAX_LAYERS}, harness.LAYER_COUNT)
+    harness.at_most(args, {"target_update_freq": harness.MAX_PASSES}, "each target update runs this many encoder "
+                    "updates at once; " + harness.PASSES)
     domain, _, task = args.env_id.partition("-")
     if (domain, task) not in suite.ALL_TASKS:
         harness.fail(f"--env-id {args.env_id!r} is not a dm_control task (expected domain-task, e.g. walker-walk; "
