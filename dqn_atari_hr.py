@@ -168,6 +168,7 @@ def resolve_defaults(args: Args) -> Args:
 
 def validate(args: Args) -> None:
     """DQN's own checks (harness.Run does the generic ones): one line on stderr naming the flag, exit 1."""
+    harness.at_most(args, {"hidden_layers": harness.MAX_LAYERS, "hr_branches": harness.MAX_LAYERS}, harness.LAYER_COUNT)
     if args.capture_video:
         try:
             import moviepy  # noqa: F401
@@ -783,7 +784,9 @@ if __name__ == "__main__":
     args = harness.cli(Args)
     validate(args)
     run = harness.Run(args, resolve=resolve_defaults,
-                      memory={f"--buffer-size {args.buffer_size}": FrameReplayBuffer.bytes_needed(args.buffer_size)})
+                      memory={f"--buffer-size {args.buffer_size}": FrameReplayBuffer.bytes_needed(args.buffer_size)},
+                      networks={f"--hidden-dim {args.hidden_dim} --hidden-layers {args.hidden_layers} --hr-branches "
+                                f"{args.hr_branches}": lambda: [QNetwork(args, 18)]})  # 18: the most actions
     device = run.device
     env_seed = args.seed + run.start_step  # a resumed run starts fresh episodes, seeded by where it resumes
     env = make_env(args.env_id, env_seed, args.capture_video, args.run_name)

@@ -88,6 +88,7 @@ Usage:
 import collections
 import copy
 import functools
+import importlib
 import math
 import os
 import time
@@ -104,6 +105,7 @@ import harness
 
 suite = harness.dm_control_suite(pixels=True)  # MUJOCO_GL=egl unless set; a renderer that cannot start: one line
 from dm_control.suite import finger as dmc_finger  # noqa: E402 - after the renderer is chosen
+import mujoco  # noqa: E402
 
 Mitigation = Literal["none", "ln", "lnwd", "hlgauss", "reset", "redo", "prune"]
 MITIGATIONS = get_args(Mitigation)
@@ -119,6 +121,8 @@ PLANET_ACTION_REPEAT = {"cartpole-swingup": 8, "reacher-easy": 4, "cheetah-run":
 DEFAULT_SPIN_VELOCITY = dmc_finger._SPIN_VELOCITY  # dm_control's value (15), restored for plain finger envs
 FAST_SPIN_VELOCITY = 30.0
 REPLAY_CHUNK = 8192  # replay slots per checkpoint chunk file (~170 MB of 84x84 frames)
+
+ACTIONS_MAX = 38  # the most action dimensions of a dm_control task (dog): the network check's bound, before any env
 
 
 @dataclass
@@ -278,11 +282,22 @@ def parse_env_id(env_id: str):
 
 def validate(args: Args) -> None:
     """DrQ's own checks (harness.Run does the generic ones): one line on stderr naming the flag, exit 1."""
+    if args.action_repeat is not None:  # one agent step must fit the budget
+        harness.at_least(args, {"total_timesteps": 1})  # before the budget bounds what follows
+        harness.at_most(args, {"action_repeat": args.total_timesteps}, "--total-timesteps frames: one agent step")
+    harness.at_most(args, {"hr_branches": harness.MAX_LAYERS}, harness.LAYER_COUNT)
     if parse_env_id(args.env_id) is None:
         harness.fail(f"--env-id {args.env_id!r} is not a dm_control task (expected domain-task, e.g. cartpole-swingup, "
                      f"or one of {', '.join(MODIFIED_TASKS)})")
     if args.capture_video:
         harness.fail("--capture-video is not supported by drq_dmc_dominance.py")
+    if args.camera_id is not None:  # the model's camera count, read from its XML: no environment is built
+        domain = parse_env_id(args.env_id)[0]
+        xml, assets = importlib.import_module(f"dm_control.suite.{domain}").get_model_and_assets()
+        cameras = mujoco.MjModel.from_xml_string(xml, assets).ncam
+        if not -1 <= args.camera_id < cameras:
+            harness.fail(f"--camera-id must be -1 (the free camera) or a fixed camera of {domain}, 0..{cameras - 1}, "
+                         f"got {args.camera_id}")
     harness.at_least(args, {"frame_stack": 1, "image_size": 1, "buffer_size": 1, "batch_size": 1, "hidden_dim": 1,
                             "latent_dim": 1, "log_every": 1, "eval_episodes": 1, "hr_branches": 1, "hl_bins": 1,
                             "learning_starts": 0, "eval_every": 0, "image_pad": 0, "ln_from_step": 0,
@@ -290,6 +305,8 @@ def validate(args: Args) -> None:
     if args.action_repeat is not None:
         harness.at_least(args, {"action_repeat": 1})
     harness.finite(args, ["policy_lr", "q_lr", "alpha_lr", "init_temperature"])
+    harness.finite(args, ["weight_decay"], positive=False)  # AdamW refuses a negative one
+    harness.at_most(args, {"image_pad": args.image_size}, "--image-size: a shift past the whole frame")
     if args.hr and args.hr_branches < 2:
         harness.fail(f"--hr-branches must be >= 2 with --hr, got {args.hr_branches}")
     if args.batch_size > args.buffer_size:
@@ -1133,7 +1150,12 @@ if __name__ == "__main__":
     args = harness.cli(Args)
     validate(args)
     run = harness.Run(args, memory={f"--buffer-size {args.buffer_size}": FrameReplay.bytes_needed(
-        args.buffer_size, args.image_size)}, log_at_steps_done=True)  # events at S belong to the checkpoint at S
+        args.buffer_size, args.image_size)}, log_at_steps_done=True,  # events at S belong to the checkpoint at S
+        learning_starts=args.learning_starts * (args.action_repeat or planet_action_repeat(args.env_id)),  # in frames
+        probes_need_updates=True,
+        networks={f"--hidden-dim {args.hidden_dim} --latent-dim {args.latent_dim} --hr-branches {args.hr_branches}":
+                  lambda: [critic := Critic((3 * args.frame_stack, args.image_size, args.image_size), ACTIONS_MAX, args),
+                           Actor(critic.encoder.out_dim, ACTIONS_MAX, args)]})
     device = run.device
     rng = np.random.default_rng(args.seed)  # random actions before learning starts, replay sampling, ReDo's batch
     probe_rng = np.random.default_rng([args.seed, 1])  # the probe batch's draw: never an RNG that drives the agent

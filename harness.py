@@ -38,6 +38,7 @@ import resource
 import signal
 import sys
 import time
+import weakref
 from typing import Callable, Iterable, Optional
 
 import numpy as np
@@ -206,12 +207,52 @@ def at_least(args, bounds: dict) -> None:
             fail(f"{flag(name)} must be >= {lo}, got {value}")
 
 
+F32_MAX = float(np.finfo(np.float32).max)  # 3.4e38: float flags become float32 tensors (Adam's lr, coefficients)
+
+
+def as_float32(value: float) -> float:
+    """`value` as the float32 it becomes on the device (0.0 for a positive float64 below float32's smallest)."""
+    return float(np.float32(value)) if math.isfinite(value) and abs(value) <= F32_MAX else value
+
+
 def finite(args, names: Iterable[str], positive: bool = True) -> None:
-    """Rates and scales: finite and > 0 (or >= 0 with positive=False)."""
+    """Rates and scales: finite and > 0 (or >= 0 with positive=False), in float32, the precision they are used in (a
+    positive 1e-50 is 0 there)."""
     for name in names:
         value = getattr(args, name)
-        if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
-            fail(f"{flag(name)} must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
+        v32 = as_float32(value)
+        if not (math.isfinite(value) and abs(value) <= F32_MAX and (v32 > 0 if positive else v32 >= 0)):
+            why = ("" if not math.isfinite(value) else f" (a float32, the precision it is used in, holds at most "
+                   f"3.4e38)" if abs(value) > F32_MAX else f" (it is {v32} as a float32, the precision it is used in)")
+            fail(f"{flag(name)} must be a finite number {'> 0' if positive else '>= 0'}, got {value}{why}")
+
+
+def at_most(args, bounds: dict, why: str = "") -> None:
+    """{field: highest allowed value}: '--x must be <= hi (why), got v' for the first field above its bound."""
+    for name, hi in bounds.items():
+        value = getattr(args, name)
+        if value > hi:
+            fail(f"{flag(name)} must be <= {hi}{f' ({why})' if why else ''}, got {value}")
+
+
+MAX_LAYERS = 100_000  # layer and branch counts: more is refused before the networks are measured (meta_bytes)
+LAYER_COUNT = "a network with more layers or branches would take minutes just to measure; it cannot fit in memory"
+MAX_PASSES = 10_000  # epochs over one rollout, updates per environment step
+PASSES = "more passes over the same data per step than this cannot finish a run"
+MAX_THREADS = 1024
+THREADS = "more threads than any machine has"
+
+
+def number_flags(args) -> None:
+    """The generic rule for every numeric flag: a float flag must be a finite number a float32 can hold (the device
+    computes in float32: 1e308 passes float64's isfinite, then overflows inside Adam); an int flag must fit an int64
+    (numpy and torch hold it as one)."""
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= F32_MAX):
+            fail(f"{flag(field.name)} must be a finite number a float32 can hold (|x| <= 3.4e38), got {value}")
+        if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+            fail(f"{flag(field.name)} must fit a 64-bit integer, got {value}")
 
 
 def unit_interval(args, names: Iterable[str]) -> None:
@@ -234,20 +275,89 @@ def check_memory(memory: dict) -> None:
     """{what: bytes}, e.g. {"--buffer-size 1000000": 7.1e9}: their sum must fit in free host memory."""
     need = sum(memory.values())
     if need and need > (avail := mem_available_bytes()):
-        what = " + ".join(memory)
+        alone = [k for k, v in memory.items() if v > avail]  # name the flag to change, not every contributor
+        what = " + ".join(alone[:1] or memory)
+        need = memory[alone[0]] if alone else need
         fail(f"{what} needs {need / 1e9:.2f} GB of memory but only {avail / 1e9:.2f} GB is available (MemAvailable)")
+
+
+def meta_bytes(build: Callable) -> int:
+    """Bytes of the parameters and buffers of the modules `build()` returns, built on the meta device: shapes without
+    storage, so a network too large for any memory is measured, not made. nn.utils.skip_init, which would make the
+    module on the CPU, makes it on the meta device here."""
+    skip_init = torch.nn.utils.skip_init
+    torch.nn.utils.skip_init = lambda module_cls, *args, **kwargs: module_cls(*args, **kwargs)
+    try:
+        with torch.device("meta"):
+            modules = build()
+    finally:
+        torch.nn.utils.skip_init = skip_init
+    return sum(t.numel() * t.element_size() for m in modules for t in (*m.parameters(), *m.buffers()))
+
+
+TRAINING_COPIES = 4  # per parameter while training: the weights, their gradients, Adam's two moments
+
+
+def network_memory(networks: dict, cuda: bool) -> dict:
+    """{flags to change: build} -> {what: bytes} a run's trained networks need while training (TRAINING_COPIES per
+    parameter; a target network adds one copy of the weights, one batch's activations a little more: the estimate is a
+    lower bound, and a network it refuses cannot fit), estimated without allocating (meta_bytes). On CUDA the networks
+    must fit the GPU's free memory (refused here); on the CPU the result joins the host memory check."""
+    need = {}
+    for what, build in networks.items():
+        try:
+            need[what] = TRAINING_COPIES * meta_bytes(build)
+        except (RuntimeError, OverflowError, ValueError, TypeError, MemoryError) as e:  # sizes past int64
+            fail(f"{what}: networks this large cannot be built ({type(e).__name__}: "
+                 f"{(str(e).splitlines() or [''])[0][:120]})")
+    if cuda and need:
+        free, _ = torch.cuda.mem_get_info()
+        total = sum(need.values())
+        if total > 0.9 * free:
+            fail(f"{' + '.join(need)}: the networks need {total / 1e9:.2f} GB of GPU memory while training but only "
+                 f"{free / 1e9:.2f} GB is free")
+        return {}
+    return {f"{what} (networks)": n for what, n in need.items()}
+
+
+def never_warnings(args, learning_starts: int, first_probe: int) -> None:
+    """A run that will never learn, or never probe, says so at its start; both compared in --total-timesteps' unit."""
+    total = args.total_timesteps
+    if learning_starts >= total:
+        same = learning_starts == getattr(args, "learning_starts", None)
+        unit = "" if same else f" (step {learning_starts:,} in --total-timesteps' unit)"
+        warn(f"--learning-starts {getattr(args, 'learning_starts', learning_starts)}{unit} is not before "
+             f"--total-timesteps {total}: no update will run" + ("" if not first_probe else ", and no probe"))
+        return
+    every = getattr(args, "metrics_every", 0)
+    first = -(-max(first_probe, 1) // every) * every if every > 0 else None  # the first multiple >= first_probe
+    if first is not None and first > total:
+        warn(f"--metrics-every {every}: no probe will run (the first would be at step {first:,}, past --total-timesteps "
+             f"{total})")
+
+
+_CHECKED = weakref.WeakValueDictionary()  # id -> args: an id alone is reused once its object is freed
+
+
+def checks(args) -> None:
+    """The generic checks, once per args object: Run makes them; a script that builds something before Run (SimbaV2's
+    probe environment, for the sizes) calls this first."""
+    if _CHECKED.get(id(args)) is not args:
+        _CHECKED[id(args)] = args
+        _generic_checks(args)
 
 
 def _generic_checks(args) -> None:
     fields = {f.name for f in dataclasses.fields(args)}
+    number_flags(args)
     at_least(args, {k: v for k, v in {"total_timesteps": 1, "checkpoint_every": 0, "metrics_every": 0,
                                       "metrics_batch": 2}.items() if k in fields})
     if not 0 <= args.seed < 2**32:
         fail(f"--seed must be in [0, 2**32), got {args.seed}")
-    # combinations a run would silently ignore: said once, the run goes on
-    if isinstance(getattr(args, "learning_starts", None), int) and args.learning_starts >= args.total_timesteps:
-        warn(f"--learning-starts {args.learning_starts} is not before --total-timesteps {args.total_timesteps}: no "
-             f"update will run")
+    # the probe's flags (common.probe_scalars), in every script that probes: the KDE test needs a threshold > 0
+    finite(args, [k for k in ("kde_threshold",) if k in fields])
+    finite(args, [k for k in ("kde_noise_std", "redo_tau") if k in fields], positive=False)
+    # combinations a run would silently ignore: said once, the run goes on (learning and probes: Run.__init__)
     if getattr(args, "save_model", True) and getattr(args, "eval_episodes", 1) == 0:
         warn("--eval-episodes 0: no evaluation episode will be played")
     if getattr(args, "track", False):
@@ -549,12 +659,19 @@ class Run:
     environment, buffer or directory exists (the resume gate reads only): flags, run name, resume, memory."""
 
     def __init__(self, args, resolve: Callable = lambda a: a, memory: Optional[dict] = None,
-                 progress_every: float = 10.0, log_at_steps_done: bool = False):
+                 progress_every: float = 10.0, log_at_steps_done: bool = False, networks: Optional[dict] = None,
+                 learning_starts: Optional[int] = None, probes_need_updates: bool = False):
         """log_at_steps_done: the script logs a step's scalars at the count of steps done, so those at a checkpoint's
         own step belong to it (CleanRL's PPO logs an iteration at global_step after its rollout): resume purges from
-        the step after the checkpoint's, not from it."""
-        _generic_checks(args)
+        the step after the checkpoint's, not from it. networks: {flags to change: a callable that builds the run's
+        networks}, built on the meta device and checked against free memory (network_memory) before anything
+        exists. learning_starts: the step of the first update in --total-timesteps' unit (default --learning-starts,
+        where the two share a unit); probes_need_updates: the script probes only once it has updated."""
+        checks(args)
         resolve(args)  # defaults that depend on other flags: recorded in args.json, compared on --resume
+        self.learning_starts = getattr(args, "learning_starts", 0) if learning_starts is None else learning_starts
+        never_warnings(args, self.learning_starts, self.learning_starts if probes_need_updates else 0)
+        memory = {**(memory or {}), **network_memory(networks or {}, torch.cuda.is_available() and args.cuda)}
         if args.run_name is None:
             args.run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
         self.args, self.dir = args, os.path.join(RUNS, args.run_name)
@@ -592,6 +709,7 @@ class Run:
         self.syncs = SyncCounter.from_env(self.device)
         self.start_time = time.time()
         self._progress_every, self._last_print = progress_every, self.start_time
+        self._marks: list = [(self.start_time, self.start_step)] if self.start_step >= self.learning_starts else []
         self.use_compile = self.use_graphs = False
         self.timers: dict[str, float] = {}  # wall seconds per phase, see timed()
         self._install_signals()
@@ -746,12 +864,27 @@ class Run:
             return
         self._last_print = now
         total, sps = self.args.total_timesteps, self.sps(step)
-        left = int((total - step) / sps) if sps > 0 else None
-        eta = "?" if left is None else f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
+        eta = self._eta(step, now)
         extra = "".join(f" {k}={v:.4g}" if isinstance(v, float) else f" {k}={v}" for k, v in fields.items())
         print(f"step {step:,}/{total:,} ({100 * step / total:.1f}%) SPS={sps:,} ETA={eta} "
               f"return={self.counters['last_return']:.4g} probe_share="
               f"{100 * self.counters['probe_seconds'] / max(self.wall(), 1e-9):.2f}%{extra}", flush=True)
+
+    def _eta(self, step: int, now: float) -> str:
+        """Time left at the recent training rate: the last few progress lines' steps per second, counted only once
+        updates run. During the warm-up (random actions, no update: often 10x faster) no rate says how long training
+        takes, so the ETA is not known yet: `?`, with the warm-up's own time left."""
+        total = self.args.total_timesteps
+        if step < self.learning_starts:
+            warm = self.sps(step)
+            left = int((self.learning_starts - step) / warm) if warm > 0 else None
+            return "?" + ("" if left is None else f" (warm-up ends in {_hms(left)}; training speed not known yet)")
+        self._marks.append((now, step))
+        del self._marks[:-6]  # the recent rate: the last 5 intervals between progress lines
+        (t0, s0), (t1, s1) = self._marks[0], self._marks[-1]
+        if s1 <= s0 or t1 <= t0:
+            return "? (training speed not known yet)"
+        return _hms(int((total - step) / ((s1 - s0) / (t1 - t0))))
 
     def episode(self, step: int, episodic_return: float, length: int) -> None:
         self.counters["last_return"] = float(episodic_return)
@@ -863,6 +996,10 @@ class Run:
             os._exit(130)
 
         sys.excepthook = hook
+
+
+def _hms(seconds: int) -> str:
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def _holds_events(directory: str) -> bool:

@@ -97,6 +97,8 @@ DMC_VISUAL_HARD = ("dog-run", "dog-stand", "dog-trot", "dog-walk", "humanoid-run
 HR_SITES = ("convs", "zs", "zsa")
 REPLAY_CHUNK = 8192  # replay slots per checkpoint chunk file (~170 MB of 84x84 frames)
 
+ACTIONS_MAX = 38  # the most action dimensions of a dm_control task (dog): the network check's bound, before any env
+
 
 @dataclass
 class Args:
@@ -270,6 +272,11 @@ def resolve_defaults(args: Args) -> Args:
 
 def validate(args: Args) -> None:
     """MR.Q's own checks (harness.Run does the generic ones): one line on stderr naming the flag, exit 1."""
+    harness.at_least(args, {"total_timesteps": 1})  # before the budget bounds what follows
+    harness.at_most(args, {"action_repeat": args.total_timesteps}, "--total-timesteps frames: one agent step")
+    harness.at_most(args, {"hr_branches": harness.MAX_LAYERS}, harness.LAYER_COUNT)
+    harness.at_most(args, {"target_update_freq": harness.MAX_PASSES}, "each target update runs this many encoder "
+                    "updates at once; " + harness.PASSES)
     domain, _, task = args.env_id.partition("-")
     if (domain, task) not in suite.ALL_TASKS:
         harness.fail(f"--env-id {args.env_id!r} is not a dm_control task (expected domain-task, e.g. walker-walk; "
@@ -285,6 +292,7 @@ def validate(args: Args) -> None:
                             "eval_every": 0, "eval_episodes": 1, "log_every": 1, "hr_branches": 1})
     if conv_out_size(args.image_size) < 1:
         harness.fail(f"--image-size must be >= 31 (the 4 convs need it), got {args.image_size}")
+    harness.at_most(args, {"image_pad": args.image_size}, "--image-size: a shift past the whole frame")
     harness.finite(args, ["enc_lr", "value_lr", "policy_lr", "value_grad_clip", "min_priority"])
     harness.finite(args, ["enc_wd", "value_wd", "policy_wd", "exploration_noise", "target_policy_noise", "noise_clip",
                           "dyn_weight", "reward_weight", "done_weight", "lap_alpha", "pre_activ_weight"],
@@ -946,7 +954,14 @@ if __name__ == "__main__":
     check_gpu_memory(args)
     capacity = replay_capacity(args)
     run = harness.Run(args, resolve=resolve_defaults, memory={f"--buffer-size {args.buffer_size}": (
-        FrameReplay.bytes_needed(capacity, args.image_size))}, log_at_steps_done=True)
+        FrameReplay.bytes_needed(capacity, args.image_size)),  # one sampled batch: its stacks over the horizon, float32
+        f"--batch-size {args.batch_size}": args.batch_size * (args.enc_horizon + 1) * 3 * args.frame_stack
+        * args.image_size ** 2 * 4}, log_at_steps_done=True, probes_need_updates=True,
+        networks={f"--enc-hdim {args.enc_hdim} --value-hdim {args.value_hdim} --policy-hdim {args.policy_hdim} "
+                  f"--zs-dim {args.zs_dim} --hr-branches {args.hr_branches}": lambda: build_networks(
+                      args, (3 * args.frame_stack, args.image_size, args.image_size), ACTIONS_MAX, matched_widths(
+                          args, (3 * args.frame_stack, args.image_size, args.image_size), ACTIONS_MAX) if args.widen
+                      else Widths(args.conv_channels, args.zs_dim, args.enc_hdim), hr_sites(args) if args.hr else ())})
     device = run.device
     rng = np.random.default_rng(args.seed)  # uniformly random actions before learning starts
     probe_rng = np.random.default_rng([args.seed, 1])  # the probe batch's draw: never an RNG that drives the agent

@@ -175,6 +175,9 @@ def rollout_bytes(args: Args) -> int:  # the rollout storage: uint8 frame stacks
 
 def validate(args: Args) -> None:
     """PPO's own checks (harness.Run does the generic ones): one line on stderr naming the flag, exit 1."""
+    harness.at_most(args, {"update_epochs": harness.MAX_PASSES}, harness.PASSES)
+    harness.at_most(args, {"envpool_threads": harness.MAX_THREADS}, harness.THREADS)
+    harness.at_most(args, {"hidden_layers": harness.MAX_LAYERS, "hr_branches": harness.MAX_LAYERS}, harness.LAYER_COUNT)
     specs = envpool.registration.registry.specs
     if args.env_id not in specs or specs[args.env_id][0] != "envpool.atari":
         atari = [name for name, spec in specs.items() if spec[0] == "envpool.atari"]
@@ -600,7 +603,9 @@ if __name__ == "__main__":
     validate(args)
     on_gpu = args.cuda and torch.cuda.is_available()  # the rollout lives on the GPU there (validate checked it)
     run = harness.Run(args, resolve=resolve_defaults, log_at_steps_done=True, memory={} if on_gpu else {
-        f"--num-envs {args.num_envs} x --num-steps {args.num_steps}": rollout_bytes(args)})
+        f"--num-envs {args.num_envs} x --num-steps {args.num_steps}": rollout_bytes(args)},
+        networks={f"--hidden-dim {args.hidden_dim} --hidden-layers {args.hidden_layers} --hr-branches "
+                  f"{args.hr_branches}": lambda: [Agent(args, 18)]})  # 18: the most actions
     device = run.device
     # a resumed run starts fresh episodes
     envs = make_env(args.env_id, args.num_envs, args.seed + run.start_step, args.envpool_threads)

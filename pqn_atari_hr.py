@@ -160,6 +160,11 @@ def resolve_defaults(args: Args) -> Args:
 
 def validate(args: Args) -> None:
     """PQN's own checks (harness.Run does the generic ones): one line on stderr naming the flag, exit 1."""
+    harness.at_most(args, {"update_epochs": harness.MAX_PASSES}, harness.PASSES)
+    harness.at_most(args, {"envpool_threads": harness.MAX_THREADS, "torch_threads": harness.MAX_THREADS}, harness.THREADS)
+    harness.at_most(args, {"num_test_envs": 4096}, "an envpool of more environments than this cannot be made")
+    harness.at_most(args, {"max_episode_steps": 2**31 - 1}, "envpool holds it as a 32-bit int")
+    harness.at_most(args, {"hidden_layers": harness.MAX_LAYERS, "hr_branches": harness.MAX_LAYERS}, harness.LAYER_COUNT)
     if args.env_id not in envpool.list_all_envs():
         harness.fail(f"--env-id {args.env_id!r} is not an envpool environment (e.g. Breakout-v5)")
     try:
@@ -532,7 +537,9 @@ def make_train_step(net: QNetwork, optimizer: torch.optim.Optimizer, data: Batch
 if __name__ == "__main__":
     args = harness.cli(Args)
     validate(args)
-    run = harness.Run(args, resolve=resolve_defaults)
+    run = harness.Run(args, resolve=resolve_defaults, networks={
+        f"--hidden-dim {args.hidden_dim} --hidden-layers {args.hidden_layers} --hr-branches {args.hr_branches}":
+        lambda: [QNetwork(args, 18)]})  # 18: the most actions
     device = run.device
     torch.set_num_threads(args.torch_threads or torch.get_num_threads())
     n_train, n_total = args.num_envs, args.num_envs + args.num_test_envs  # one pool: train envs, then test envs

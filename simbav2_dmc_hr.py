@@ -217,6 +217,13 @@ def parse_env_id(env_id: str):
 
 def validate(args: Args) -> None:
     """SimbaV2's own checks (harness.Run does the generic ones): one line on stderr naming the flag, exit 1."""
+    if args.updates_per_step is not None:
+        harness.at_most(args, {"updates_per_step": harness.MAX_PASSES}, harness.PASSES)
+    elif args.action_repeat is not None:  # the default --updates-per-step is the action repeat
+        harness.at_most(args, {"action_repeat": harness.MAX_PASSES}, "it is also the default --updates-per-step; "
+                        + harness.PASSES)
+    harness.at_most(args, {"critic_num_blocks": harness.MAX_LAYERS, "actor_num_blocks": harness.MAX_LAYERS,
+                           "hr_branches": harness.MAX_LAYERS}, harness.LAYER_COUNT)
     kind = parse_env_id(args.env_id)
     if kind is None:
         harness.fail(f"--env-id {args.env_id!r} is not a dm_control task (domain-task, e.g. humanoid-run) nor a "
@@ -836,11 +843,16 @@ if __name__ == "__main__":
     args = harness.cli(Args)
     validate(args)
     resolve_defaults(args)  # before the harness's generic checks, which compare --learning-starts
+    harness.checks(args)  # before the probe environment, which takes --seed
     probe_env = make_env(args, args.seed)  # the sizes, for the memory check
     obs_dim, action_dim = probe_env.obs_dim, probe_env.action_dim
     del probe_env
     run = harness.Run(args, resolve=resolve_defaults, memory={f"--buffer-size {args.buffer_size}": Replay.bytes_needed(
-        args.buffer_size, obs_dim, action_dim)}, log_at_steps_done=True)  # events at S belong to the checkpoint at S
+        args.buffer_size, obs_dim, action_dim)}, log_at_steps_done=True,  # events at S belong to the checkpoint at S
+        probes_need_updates=True,
+        networks={f"--critic-hidden-dim {args.critic_hidden_dim} --actor-hidden-dim {args.actor_hidden_dim} "
+                  f"--critic-num-blocks {args.critic_num_blocks} --hr-branches {args.hr_branches}":
+                  lambda: [Actor(obs_dim, action_dim, args), Critic(obs_dim, action_dim, args)]})
     device = run.device
     rng = np.random.default_rng(args.seed)  # random actions before learning starts, replay sampling
     probe_rng = np.random.default_rng([args.seed, 1])  # the probe batch's draw: never an RNG that drives the agent

@@ -229,9 +229,12 @@ def test_resume_without_checkpoint_and_memory_check(here, monkeypatch):
     assert refused(open_run, run_name="none", resume=True) == "error: --resume: no checkpoint in runs/none"
     monkeypatch.setattr(harness, "mem_available_bytes", lambda: 1_000_000_000)
     harness.check_memory({"--buffer-size 10": 999_000_000})  # fits
-    msg = refused(harness.Run, toy.Args(run_name="m"), memory={"--buffer-size 10": 1.5e9, "--num-envs 2": 1e9})
-    assert msg == ("error: --buffer-size 10 + --num-envs 2 needs 2.50 GB of memory but only 1.00 GB is available "
+    msg = refused(harness.Run, toy.Args(run_name="m"), memory={"--buffer-size 10": 0.6e9, "--num-envs 2": 0.6e9})
+    assert msg == ("error: --buffer-size 10 + --num-envs 2 needs 1.20 GB of memory but only 1.00 GB is available "
                    "(MemAvailable)")
+    # one that cannot fit alone is the flag to change: named alone, with its own need
+    msg = refused(harness.Run, toy.Args(run_name="m"), memory={"--buffer-size 10": 1.5e9, "--num-envs 2": 1e8})
+    assert msg == "error: --buffer-size 10 needs 1.50 GB of memory but only 1.00 GB is available (MemAvailable)"
     assert os.listdir(here) == []
     (here / "runs").mkdir()
     (here / "runs" / "blocked").write_text("a file")
@@ -312,6 +315,29 @@ def test_progress_is_rate_limited_and_fast_paths_line(here, capsys):
     assert "return=2.5 " in out[0] and out[0].endswith(" loss=0.5 eps=3")
     run.progress(400, force=True)
     assert len(capsys.readouterr().out.splitlines()) == 1
+    close(run)
+
+
+def test_eta_is_unknown_in_the_warm_up_then_follows_the_recent_training_rate(here, monkeypatch, capsys):
+    """During the warm-up (random actions, no update: often 10x faster than training) the ETA does not extrapolate the
+    warm-up's speed: `?`, with the warm-up's own time left. Once updates run it is the time left at the rate of the
+    last 5 intervals between progress lines. A fake clock gives the known answers."""
+    run = harness.Run(toy.Args(run_name="eta", total_timesteps=10_000), learning_starts=1_000)
+    t0, clock = run.start_time, [run.start_time]
+    monkeypatch.setattr(harness.time, "time", lambda: clock[0])
+
+    def line(step, seconds):
+        clock[0] = t0 + seconds
+        run.progress(step, force=True)
+        return capsys.readouterr().out.split(" ETA=")[1].split(" return=")[0]
+
+    # 500 warm-up steps in 1 s: extrapolated, 9,500 steps left would read 0:00:19; the warm-up ends in 1 s
+    assert line(500, 1.0) == "? (warm-up ends in 0:00:01; training speed not known yet)"
+    assert line(1_000, 2.0) == "? (training speed not known yet)"  # the first progress line with updates: no rate yet
+    assert line(1_100, 12.0) == "0:14:50"  # 10 steps/s since: 8,900 steps left, 890 s
+    for i in range(1, 6):  # training speeds up to 100 steps/s for 5 intervals
+        eta = line(1_100 + 100 * i, 12.0 + i)
+    assert eta == "0:01:24"  # 8,400 steps left at the recent 100 steps/s (40 steps/s over the whole training: 0:03:30)
     close(run)
 
 
