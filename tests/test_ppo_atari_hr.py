@@ -582,7 +582,7 @@ NON_FINITE = {
 def test_non_finite_stops_with_the_last_good_state(case, tmp_path):
     extra, message, checkpoint_step = NON_FINITE[case]
     proc = run_script(SCRIPT, ["--run-name", "nan", "--num-envs", "2", "--num-steps", "32", "--total-timesteps", "640",
-                               "--metrics-batch", "64", "--learning-rate", "1e30", *extra], tmp_path, 300, ENV)
+                               "--metrics-every", "0", "--learning-rate", "1e30", *extra], tmp_path, 300, ENV)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: " + message), proc.stderr
