@@ -838,6 +838,8 @@ class GpuCheck:
     def __init__(self, args):
         self.a = args
         self.dry = args.dry_run
+        # the dry run's fast paths are off on the CPU (auto), so one eq run stands for both sides (unless --fast)
+        self.one_side = self.dry and not args.fast
         self.part = args.part
         limits = DRY if self.dry else PARTS[self.part]
         self.deadline_s = args.deadline or limits["deadline"]
@@ -971,11 +973,11 @@ class GpuCheck:
             cfg = SCRIPTS[file]
             base = cfg.dry if self.dry else cfg.equiv
             # --dry-run: auto is off on the CPU, both runs would compute the same thing: the plain run stands for both
-            if not self.dry or self.a.fast:
+            if not self.one_side:
                 jobs.append(Job("eq", file, "fast", [(self.flags_for(file, base, "--seed 1 --save-model",
                                                                      self.a.fast or FAST), 0)], dict(SYNC_ENV)))
             jobs.append(Job("eq", file, "plain", [(self.flags_for(file, base, "--seed 1 --save-model", PLAIN), 0)],
-                            {} if self.a.fast or not self.dry else dict(SYNC_ENV)))
+                            dict(SYNC_ENV) if self.one_side else {}))
             if cfg.ref.startswith("init:"):
                 jobs.append(Job("eq", file, "ref", [(self.flags_for(file, base, "--seed 1 --save-model", PLAIN,
                                                                     cfg.ref[len("init:"):]), 0)]))
@@ -1078,7 +1080,7 @@ class GpuCheck:
             by.setdefault(job.item, {}).setdefault(job.file, {})[job.tag] = res
         for file in files:
             runs = {t: r[0] for t, r in by.get("eq", {}).get(file, {}).items() if r}
-            if self.dry and not self.a.fast and "plain" in runs:
+            if self.one_side and "plain" in runs:
                 runs["fast"] = runs["plain"]
             self.results["equivalence"][file] = self.evaluate_equivalence(file, runs)
         if items:
@@ -1106,7 +1108,7 @@ class GpuCheck:
                 det["a"] = got("eq").get("plain")
             det_a = f"eq_{key}_plain" if self.dry else f"det_{key}_a"
 
-            def entry(item, runs, judge):
+            def entry(runs, judge):
                 if any(r is None for r in runs.values()) or not runs:
                     return {"status": "skipped", "reasons": ["not run (no time left)"]}
                 bad = run_failures(runs)
@@ -1117,7 +1119,7 @@ class GpuCheck:
 
             a = (det.get("a") or [None])[0]
             items.setdefault("cpu", {})[file] = entry(
-                "cpu", {"device": a, "cpu": a if self.dry else (got("cpu").get("cpu") or [None])[0]},
+                {"device": a, "cpu": a if self.dry else (got("cpu").get("cpu") or [None])[0]},
                 lambda: judge_cpu(cfg, self.scalars_of(det_a), self.scalars_of(det_a if self.dry else f"cpu_{key}_cpu")))
             res = got("resume")
             killed = res.get("killed") or []
@@ -1126,8 +1128,8 @@ class GpuCheck:
                 m = re.search(r"^checkpoint: step (\d+)", killed[0]["text"], re.M)
                 first = int(m.group(1)) if m else None
             items.setdefault("resume", {})[file] = entry(
-                "resume", {"full": ((got("eq").get("plain") if self.dry else res.get("full")) or [None])[0],
-                           "killed": killed or None},
+                {"full": ((got("eq").get("plain") if self.dry else res.get("full")) or [None])[0],
+                 "killed": killed or None},
                 lambda: judge_resume(self.scalars_of(f"eq_{key}_plain" if self.dry else f"resume_{key}_full"),
                                      self.scalars_of(f"resume_{key}_killed"),
                                      first, killed, cfg))
@@ -1143,9 +1145,9 @@ class GpuCheck:
                         bad.append(f"{tag}: non-finite loss")
                 return {"reasons": bad, "runs": {t: shlex.join(r[-1]["cmd"][2:]) for t, r in var.items() if r}}
 
-            items.setdefault("variants", {})[file] = entry("variants", {t: r[-1] if r else None
-                                                                        for t, r in var.items()}, judge_variants)
-            counted = "plain" if self.dry and not self.a.fast else "fast"
+            items.setdefault("variants", {})[file] = entry({t: r[-1] if r else None for t, r in var.items()},
+                                                           judge_variants)
+            counted = "plain" if self.one_side else "fast"
             fast = (got("eq").get(counted) or [None])[0]
             syncs = judge_syncs(bench.read_finished(self.run_dir(f"eq_{key}_{counted}")), expected_reads(
                 cfg, self.flags_for(file, cfg.dry if self.dry else cfg.equiv)), self.device) if fast else None
@@ -1164,13 +1166,13 @@ class GpuCheck:
                                                other_warnings_in(r[0]["text"]) if "deterministic" in w]
                 return out
 
-            items.setdefault("determinism", {})[file] = entry("determinism", {t: r[0] if r else None
-                                                                              for t, r in det.items()}, judge_det)
+            items.setdefault("determinism", {})[file] = entry({t: r[0] if r else None for t, r in det.items()},
+                                                              judge_det)
             for label, _, _ in more_pairs(cfg, FAST):
                 fast_side = "plain" if self.dry else "fast"  # --dry-run: one run stands for both
                 pair = {side: (got("eqx").get(f"{label}_{side}") or [None])[0] for side in (fast_side, "plain")}
                 items.setdefault("equivalence+", {})[f"{file} {label}"] = entry(
-                    "equivalence+", pair, lambda label=label, fs=fast_side: judge_more(
+                    pair, lambda label=label, fs=fast_side: judge_more(
                         cfg, self.scalars_of(f"eqx_{key}_{label}_{fs}"), self.scalars_of(f"eqx_{key}_{label}_plain")))
         if "equivalence+" in items:  # reported right after item 1
             items = self.results["items"] = {"equivalence+": items.pop("equivalence+"), **items}
@@ -1182,7 +1184,7 @@ class GpuCheck:
         cfg = SCRIPTS[file]
         key = key_of(file)
         dirs = {tag: os.path.join(self.workdir, "runs", f"eq_{key}_{tag}") for tag in ("fast", "plain", "ref")}
-        if self.dry and not self.a.fast:
+        if self.one_side:
             dirs["fast"] = dirs["plain"]
         for tag, r in runs.items():
             r["summary"] = bench.read_finished(dirs[tag])
