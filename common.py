@@ -237,16 +237,18 @@ def head_contributions(latent_acts, head_weight, dormant_mask) -> tuple[float, f
 
 
 def probe_scalars(layers: dict, head_weight=None, tau: float = 0.1, kde_threshold: float = 20.0,
-                  kde_noise_std: float = 1e-3, seed: int = 0) -> dict[str, float]:
+                  kde_noise_std: float = 1e-3, seed: int = 0, delta: float = 0.01) -> dict[str, float]:
     """Every representation/* tag of one probe. `layers` maps CONVENTIONS layer names to (post, pre) activations on
     the probe batch (pre may be None); with `head_weight`, the `latent` layer's hidden_bias / live_contribution too.
     The KDE jitter of every layer, and of the latent mask, comes from a fresh generator seeded with `seed`: a probe's
     result depends only on the network and the batch (not on how many probes ran before, nor on the layer order),
-    its latent/dormant_kde and the hidden_bias mask agree, and no RNG that drives the agent is touched."""
+    its latent/dormant_kde and the hidden_bias mask agree, and no RNG that drives the agent is touched. delta: the
+    effective rank's threshold (srank)."""
     out = {}
     for name, (post, pre) in layers.items():
+        generator = torch.Generator(device=torch.as_tensor(post).device).manual_seed(seed)
         metrics = layer_metrics(post, pre, tau=tau, kde_threshold=kde_threshold, kde_noise_std=kde_noise_std,
-                                generator=torch.Generator(device=torch.as_tensor(post).device).manual_seed(seed))
+                                delta=delta, generator=generator)
         out.update({f"representation/{name}/{k}": v for k, v in metrics.items()})
     if head_weight is not None:
         latent = layers["latent"][0]

@@ -142,6 +142,10 @@ class Args:
     """KDE dormancy test: dormant when the peak density of the neuron's activations exceeds this"""
     kde_noise_std: float = 1e-3
     """std of the Gaussian jitter added before the KDE test (not given in the papers)"""
+    srank_delta: float = 0.01
+    """effective rank: the fewest singular values holding 1 - delta of their sum (Kumar et al. 2021; HR papers)"""
+    snapshot_every: int = 0
+    """agent steps between network snapshots in runs/NAME/snapshots/ (0 = off): weights only, for scripts/probe.py"""
 
     # Checkpointing
     checkpoint_every: int = 250_000
@@ -678,7 +682,14 @@ def probe_metrics(q_network: QNetwork, probe_obs: torch.Tensor, args: Args, chun
             pres[name].append(pre)
     layers = {name: (torch.cat(posts[name]), torch.cat(pres[name])) for name in q_network.layer_names}
     return common.probe_scalars(layers, q_network.head.weight, tau=args.redo_tau, kde_threshold=args.kde_threshold,
-                                kde_noise_std=args.kde_noise_std, seed=args.seed)
+                                kde_noise_std=args.kde_noise_std, seed=args.seed, delta=args.srank_delta)
+
+
+def probe_snapshot(args: Args, snapshot: dict, probe: dict, device) -> dict:
+    """scripts/probe.py: probe_metrics of one snapshot (harness.Snapshots) in a QNetwork built as the run built it."""
+    q_network = QNetwork(args, snapshot["build"]["n_actions"]).to(device)
+    q_network.load_state_dict(snapshot["networks"]["q_network"])
+    return probe_metrics(q_network, probe["obs"].to(device), args)
 
 
 def evaluate(model_path, args: Args, device, n_actions, seed):
@@ -796,6 +807,8 @@ if __name__ == "__main__":
     target_network = QNetwork(args, n_actions).to(device)
     target_network.load_state_dict(q_network.state_dict())
     run.describe(q_network)
+    snapshots = harness.Snapshots(run, {"q_network": q_network}, build={"n_actions": n_actions},
+                                  probe_bytes=args.metrics_batch * FRAME_STACK * math.prod(FRAME_SHAPE))
     rb = FrameReplayBuffer(args.buffer_size, device=device, seed=args.seed)
     print(f"replay: {args.buffer_size:,} slots, {FrameReplayBuffer.bytes_needed(args.buffer_size) / 1e9:.2f} GB")
     rng = np.random.default_rng(args.seed)  # exploration: the epsilon coin and the random action
@@ -877,6 +890,8 @@ if __name__ == "__main__":
                         valid = rb.valid_indices()
                         probe_obs = rb.observations(np.sort(probe_rng.choice(valid, args.metrics_batch, False)))
                     run.log(global_step, probe_metrics(q_network, probe_obs, args))
+        if snapshots.due(global_step):  # the network the probe above saw
+            snapshots.save(global_step, None if probe_obs is None else {"obs": probe_obs})
         if global_step % LOG_EVERY == 0:
             # the learning rate is constant: read from args (the capturable optimizer's is a device tensor)
             run.log(global_step, {"charts/SPS": run.sps(global_step), "charts/epsilon": epsilon,

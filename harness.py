@@ -357,6 +357,13 @@ def _generic_checks(args) -> None:
     # the probe's flags (common.probe_scalars), in every script that probes: the KDE test needs a threshold > 0
     finite(args, [k for k in ("kde_threshold",) if k in fields])
     finite(args, [k for k in ("kde_noise_std", "redo_tau") if k in fields], positive=False)
+    if "srank_delta" in fields and not 0.0 <= args.srank_delta < 1.0:  # srank keeps 1 - delta of the spectrum
+        fail(f"--srank-delta must be in [0, 1), got {args.srank_delta}")
+    if "snapshot_every" in fields:
+        at_least(args, {"snapshot_every": 0})
+        if args.snapshot_every and not args.metrics_every:
+            fail(f"--snapshot-every {args.snapshot_every} needs probes (--metrics-every > 0): scripts/probe.py "
+                 f"recomputes the metrics on the run's fixed probe batch, which the first probe draws")
     # combinations a run would silently ignore: said once, the run goes on (learning and probes: Run.__init__)
     if getattr(args, "save_model", True) and getattr(args, "eval_episodes", 1) == 0:
         warn("--eval-episodes 0: no evaluation episode will be played")
@@ -503,6 +510,75 @@ class ChunkStore:
                 a[lo:lo + part[k].shape[0]] = part[k].numpy()
             del part  # the mapping goes with it
         self.saved, self.dirty[:] = dict(manifest["files"]), False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# network snapshots (scripts/probe.py recomputes the metrics from them) and TensorBoard's metric layout
+
+SNAPSHOT_FORMAT = 1
+# every per-layer metric common.probe_scalars (and DrQ's dominance test) writes: representation/<layer>/<metric>
+LAYER_METRICS = ("dormant_kde", "dormant_score", "srank", "max_score", "saturated", "zombie", "dominant")
+
+
+def metrics_layout() -> dict:
+    """TensorBoard's custom-scalars layout: one chart per metric with one line per layer (a regex over the tags, so
+    every layer of every script matches), and one chart of the network-wide tags."""
+    charts = {m: ["Multiline", [rf"^representation/.+/{m}$"]] for m in LAYER_METRICS}
+    charts["network-wide"] = ["Multiline", [r"^representation/(hidden_bias|live_contribution|dominant)$"]]
+    return {"representation": charts}
+
+
+def snapshot_name(step: int) -> str:
+    return f"step_{step:012d}.pt"
+
+
+def snapshot_step(name: str) -> Optional[int]:
+    m = re.fullmatch(r"step_(\d+)\.pt", name)
+    return int(m.group(1)) if m else None
+
+
+class Snapshots:
+    """runs/NAME/snapshots/: every --snapshot-every steps, the weights of the networks the probe reads (no optimizer,
+    no replay), each file written atomically; and probe.pt, the fixed probe batch, once. scripts/probe.py loads them
+    into the script's own networks (built from args.json and `build`: the sizes the environment gave) and recomputes
+    the metrics. On resume the snapshots at or after the resume's purge step go, as TensorBoard's events do: the
+    resumed run takes them again, so the series has no gap and no duplicate."""
+
+    def __init__(self, run: "Run", networks: dict, build: dict, probe_bytes: int):
+        self.run, self.networks, self.build = run, networks, build
+        self.every = getattr(run.args, "snapshot_every", 0)
+        self.dir = os.path.join(run.dir, "snapshots")
+        self.probe_path = os.path.join(self.dir, "probe.pt")
+        if os.path.isdir(self.dir):
+            purge = math.inf if run.purge_step is None else run.purge_step
+            for name in os.listdir(self.dir):
+                step = snapshot_step(name)
+                if name == "probe.pt":  # drawn after the checkpoint: the resumed run draws it from other transitions
+                    step = int(torch.load(self.probe_path, map_location="cpu", mmap=True)["step"])
+                if name.endswith(".tmp") or (step is not None and step >= purge):
+                    os.remove(os.path.join(self.dir, name))
+        if self.every:
+            each = sum(t.numel() * t.element_size() for m in networks.values() for t in m.state_dict().values())
+            count = run.args.total_timesteps // self.every
+            print(f"snapshots: every {self.every:,} steps, about {count:,} x {each / 1e6:.2f} MB + the probe batch "
+                  f"{probe_bytes / 1e6:.2f} MB = {(count * each + probe_bytes) / 1e9:.3f} GB in {self.dir}", flush=True)
+
+    def due(self, step: int, prev: Optional[int] = None) -> bool:
+        return due(step, self.every, prev)
+
+    def save(self, step: int, probe: Optional[dict], extra: Optional[dict] = None) -> None:
+        """Snapshot the networks at `step` (the step the probe at this point of the loop logs at); `probe`: the fixed
+        probe batch ({name: tensor}, None until drawn), written once; `extra`: anything else the probe reads (e.g.
+        observation statistics), saved in the snapshot."""
+        os.makedirs(self.dir, exist_ok=True)
+        if probe is not None and not os.path.exists(self.probe_path):
+            atomic_save({"format": SNAPSHOT_FORMAT, "script": self.run.script, "step": step,
+                         "probe": {k: v.detach().cpu() for k, v in probe.items()}}, self.probe_path)
+        atomic_save({"format": SNAPSHOT_FORMAT, "script": self.run.script, "step": step, "device":
+                     self.run.device.type, "build": self.build, "extra": extra or {},
+                     "networks": {name: {k: v.detach().cpu() for k, v in m.state_dict().items()}
+                                  for name, m in self.networks.items()}},
+                    os.path.join(self.dir, snapshot_name(step)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -695,12 +771,14 @@ class Run:
 
             wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                        config=vars(args), name=args.run_name, save_code=True)
-        # on resume, TensorBoard drops the events the interrupted process logged at or after the checkpoint's step
-        self.writer = SummaryWriter(self.dir, purge_step=None if self.checkpoint is None else
-                                    self.start_step + int(log_at_steps_done))
+        # on resume, TensorBoard drops the events (and Snapshots the snapshots) at or after this step
+        self.purge_step = None if self.checkpoint is None else self.start_step + int(log_at_steps_done)
+        self.writer = SummaryWriter(self.dir, purge_step=self.purge_step)
         if self.checkpoint is None:
             self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
                 f"|{k}|{v}|" for k, v in vars(args).items()))
+            if getattr(args, "metrics_every", 0):
+                self.writer.add_custom_scalars(metrics_layout())
         random.seed(args.seed)
         np.random.seed(args.seed)
         torch.manual_seed(args.seed)

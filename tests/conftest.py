@@ -181,6 +181,61 @@ def compare_logged_steps(reference, resumed, episodic=EPISODIC):
     return problems
 
 
+def probe_reproduces(run_dir, copy_to, steps, others=("--redo-tau", "1e9", "--srank-delta", "0.999")):
+    """scripts/probe.py on a copy (at `copy_to`: the smoke tests read the run itself) of a finished run with
+    snapshots, as a user runs it (in-process: main(argv)). Checks that at
+    the run's own thresholds every recomputed representation/* tag equals the inline one at each snapshot step in
+    `steps` (rel 1e-4 / abs 1e-6: the probe's float32 matmuls may round differently under another thread count; the
+    fractions are counts and come out equal), and the known answers of the other settings: with --redo-tau 1e9 every
+    neuron is dormant by score (dormant_score 1); with --srank-delta 0.999 srank is at most the run's own. Returns the
+    recomputed scalars {setting: {tag: [(step, value)]}}."""
+    import math
+    import shutil
+
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import probe
+
+    run_dir = shutil.copytree(run_dir, copy_to / run_dir.name)
+    assert probe.main([str(run_dir), *others]) == 0
+    inline = read_inline(run_dir)
+    got = {d.name: read_scalars(str(d)) for d in (run_dir / "probe").iterdir() if d.is_dir()}
+    own = got["own"]
+    assert set(own) == {t for t in inline if t.startswith("representation/")}, (sorted(own), sorted(inline))
+    for tag, series in own.items():
+        values = dict(series)
+        assert sorted(values) == sorted(set(values)), f"{tag}: a step recomputed twice"
+        for step in steps:
+            a, b = dict(inline[tag])[step], values[step]
+            assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6), (tag, step, a, b)
+    for tag, series in got["redo_tau=1e+09"].items():
+        if tag.endswith("/dormant_score"):
+            assert all(v == 1.0 for _, v in series), (tag, series)
+    for tag, series in got["srank_delta=0.999"].items():
+        if tag.endswith("/srank"):
+            assert all(v <= dict(own[tag])[s] for s, v in series), (tag, series)
+    return got
+
+
+def read_inline(run_dir):
+    """The scalars of the event files directly in run_dir (not its probe/ settings)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: sorted((e.step, e.value) for e in acc.Scalars(tag)) for tag in acc.Tags()["scalars"]}
+
+
+def compare_snapshots(ref_dir, run_dir) -> list:
+    """The snapshot series of a killed-and-resumed run against the uninterrupted run's: the same steps (no gap, no
+    duplicate: one file per step), the probe batch saved in both or neither, no temporary file left."""
+    def listing(d):
+        d = os.path.join(d, "snapshots")
+        return sorted(os.listdir(d)) if os.path.isdir(d) else []
+
+    ref, got = listing(ref_dir), listing(run_dir)
+    return [] if ref == got else [f"snapshots: the uninterrupted run has {ref}, the resumed one {got}"]
+
+
 def kill_resume_trial(script, flags, cwd, name, rng, checkpoint_every, kills, episodic=EPISODIC, env=None,
                       timeout=600):
     """One randomized trial: an uninterrupted run of `flags` (in parallel) and the same flags killed `kills` times at
@@ -234,6 +289,7 @@ def kill_resume_trial(script, flags, cwd, name, rng, checkpoint_every, kills, ep
         raise AssertionError("the killed run never wrote `finished`:\n" + "\n".join(outputs))
     problems = compare_logged_steps(read_scalars(os.path.join(str(cwd), "runs", ref_name)), read_scalars(run_dir),
                                     episodic)
+    problems += compare_snapshots(os.path.join(str(cwd), "runs", ref_name), run_dir)
     if problems:
         raise AssertionError("\n".join(problems) + "\nkills: " + "; ".join(happened) + "\n" + "\n".join(outputs))
     return happened

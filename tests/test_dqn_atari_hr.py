@@ -10,7 +10,7 @@ import torch
 import common
 import dqn_atari_hr as dqn
 import harness
-from conftest import kill_after_checkpoint, resume_after_kill, steps_of
+from conftest import kill_after_checkpoint, probe_reproduces, resume_after_kill, steps_of
 
 SCRIPT = "dqn_atari_hr.py"
 METRIC_KEYS = ("dormant_kde", "dormant_score", "srank", "max_score", "saturated", "zombie")
@@ -30,10 +30,13 @@ def expected_tags(layers):
 
 SMOKE = {  # id -> (extra flags, probed layers)
     "relu+save": (["--save-model", "--eval-episodes", 1], ["conv1", "conv2", "conv3", "latent"]),
-    "tanh-hr": (["--activation", "tanh", "--hr"], ["conv1", "conv2", "conv3", "latent"]),
+    # snapshots at every probe (scripts/probe.py reproduces them: test_probe_recomputes_the_inline_metrics)
+    "tanh-hr": (["--activation", "tanh", "--hr", "--snapshot-every", 150], ["conv1", "conv2", "conv3", "latent"]),
     "tanh-ln": (["--activation", "tanh", "--layernorm"], ["conv1", "conv2", "conv3", "latent"]),
     # a probe batch larger than the replay's transitions at step 150: that probe is skipped, the next one runs
-    "widen": (["--hidden-dim", 1024, "--metrics-batch", 200], ["conv1", "conv2", "conv3", "latent"]),
+    # and snapshots every 100 steps: the two before it have no probe batch yet, the one at 300 is probed
+    "widen": (["--hidden-dim", 1024, "--metrics-batch", 200, "--snapshot-every", 100],
+              ["conv1", "conv2", "conv3", "latent"]),
     "2hr": (["--hr", "--hidden-layers", 2], ["conv1", "conv2", "conv3", "fc1", "latent"]),
     "hadamax": (["--encoder", "hadamax", "--activation", "gelu", "--layernorm"], ["conv1", "conv2", "conv3", "latent"]),
     # the torch.compile fast path (acting step and TD loss) in the real loop, on CPU
@@ -101,6 +104,19 @@ def test_smoke_logs_every_tag(key, smoke_runs, read_scalars):
     if "--save-model" in argv:
         assert (run_dir / "dqn_atari_hr.cleanrl_model").exists()
         assert len(scalars["eval/episodic_return"]) == 1
+
+
+def test_probe_recomputes_the_inline_metrics(smoke_runs, tmp_path):
+    """scripts/probe.py on the smoke runs' snapshots: the inline metrics at the run's own thresholds, the known answers
+    at others (conftest.probe_reproduces); a snapshot taken before the probe batch existed is probed on it too."""
+    proc, cwd = smoke_runs["tanh-hr"]
+    assert "snapshots: every 150 steps, about 2 x" in proc.stdout
+    assert sorted(os.listdir(cwd / "runs" / "smoke" / "snapshots")) == [
+        "probe.pt", "step_000000000150.pt", "step_000000000300.pt"]
+    probe_reproduces(cwd / "runs" / "smoke", tmp_path, steps=[150, 300])
+    proc, cwd = smoke_runs["widen"]
+    got = probe_reproduces(cwd / "runs" / "smoke", tmp_path / "widen", steps=[300])
+    assert [s for s, _ in got["own"]["representation/latent/srank"]] == [100, 200, 300]
 
 
 def test_probes_do_not_change_what_the_agent_does(smoke_runs, read_scalars):

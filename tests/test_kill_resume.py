@@ -3,7 +3,8 @@ chunk is being written, just after a checkpoint, between checkpoints, before the
 line up (log, checkpoint, probe, evaluation, target/encoder intervals, learning start), restart it (--resume where a
 checkpoint exists) until it finishes, and compare what it logged with an uninterrupted run of the same flags: every
 scalar tag at the same steps (episodic tags: a resume starts fresh episodes), nothing twice, `finished` written, no
-traceback. The kill launcher is tests/kill_launcher.py, the trial in tests/conftest.py.
+traceback, the same network snapshots (--snapshot-every: no gap, no duplicate). The kill launcher is
+tests/kill_launcher.py, the trial in tests/conftest.py.
 
 By default one trial per script with two kills; KILL_TRIALS=N runs N (KILL_KILLS=K kills each, KILL_SEED=S another
 draw). A failure names its seed and trial: rerun with the same KILL_SEED (and KILL_TRIALS) to reproduce it."""
@@ -23,7 +24,7 @@ def dqn(r):  # agent steps; LOG_EVERY is 100 (a constant); updates every train_f
     return ["--total-timesteps", 500, "--buffer-size", 1000, "--batch-size", 8, "--metrics-batch", 32,
             "--exploration-fraction", 1.0, "--learning-starts", r.randint(60, 230), "--checkpoint-every", c,
             "--metrics-every", r.randint(70, 230), "--target-network-frequency", r.randint(25, 70),
-            "--train-frequency", r.choice((3, 4))], c
+            "--train-frequency", r.choice((3, 4)), "--snapshot-every", r.randint(60, 200)], c
 
 
 def ppo(r):  # 64 steps per iteration (2 envs x 32 steps): every cadence is crossed, never hit
