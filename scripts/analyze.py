@@ -27,6 +27,12 @@ and figures as PNG and PDF (scripts/plots.py: paper column/page width, axes labe
                          probability of improvement over the baseline (relu / baseline / none).
 - dominance_<algo>       largest activation score against return, srank and dormant share (dominance paper Fig. 9).
 
+Metrics recomputed after the fact: with --metrics-from SETTING the representation metrics come from
+runs/NAME/probe/SETTING/ (scripts/probe.py on the runs' snapshots: own, redo_tau=T, kde_threshold=K, srank_delta=D)
+instead of the runs' own events, e.g. the dormant table at another ReDo threshold:
+    python scripts/probe.py runs/* --redo-tau 0 0.025 0.1
+    python scripts/analyze.py runs --metrics-from redo_tau=0.025 --dormant-test score --out results_tau0.025
+
 Step units: agent steps on Atari (one action = 4 frames), frames on DMC; PQN's aggregate curves are drawn over
 environment frames (4 per agent step) as its papers plot them. Representation metrics are drawn at the steps they
 were probed; episode returns as means over --curve-points windows, a window without an episode being a gap (no
@@ -221,7 +227,16 @@ def algorithm_of(args: dict, run_name: str) -> str:
     return SCRIPT_ALGO.get(str(args.get("exp_name", ""))) or run_name.split("__")[0]
 
 
-def load_run(run_dir: str, now: float) -> RunData | None:
+def recomputed_metrics(run_dir: str, setting: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The representation/* scalars scripts/probe.py recomputed for one setting (runs/NAME/probe/<setting>/); {}
+    when the run has none."""
+    d = os.path.join(run_dir, "probe", setting)
+    if not glob.glob(os.path.join(d, "events.out.tfevents.*")):
+        return {}
+    return {t: v for t, v in read_event_scalars(d).items() if t.startswith("representation/")}
+
+
+def load_run(run_dir: str, now: float, metrics_from: str | None = None) -> RunData | None:
     args_path = os.path.join(run_dir, "args.json")
     if not os.path.exists(args_path):
         return None
@@ -242,6 +257,9 @@ def load_run(run_dir: str, now: float) -> RunData | None:
     run = RunData(run_dir, name, args, algo, config_label(args, algo), str(args.get("env_id", "?")),
                   int(args.get("seed", 0)), status, summary=summary or {})
     run.scalars = read_event_scalars(run_dir) if events else {}
+    if metrics_from:  # the recomputed metrics in place of the inline ones; a run without them has none
+        run.scalars = {t: v for t, v in run.scalars.items() if not t.startswith("representation/")}
+        run.scalars.update(recomputed_metrics(run_dir, metrics_from))
     return run
 
 
@@ -431,18 +449,26 @@ def parse_args(argv=None):
     p.add_argument("--poi-reps", type=int, default=200,
                    help="bootstrap resamples for the probability-of-improvement CIs (rliable's Mann-Whitney per task "
                         "and resample is slow: about 4 ms per task)")
+    p.add_argument("--dormant-test", choices=sorted(DORMANT_TESTS), default="kde",
+                   help="the dormancy test of the dormant-fraction table: kde (the HR papers') or score (ReDo's "
+                        "score <= tau, --redo-tau of the run or of a probe.py setting)")
+    p.add_argument("--metrics-from", default=None, metavar="SETTING",
+                   help="draw and tabulate the representation metrics scripts/probe.py recomputed from the runs' "
+                        "snapshots (runs/NAME/probe/SETTING/, e.g. own, redo_tau=0.025, kde_threshold=10) in place "
+                        "of the inline ones; a run without that setting has no metrics here (a warning names it)")
     p.add_argument("--formats", default="png,pdf", help="figure formats, comma-separated")
     p.add_argument("--dpi", type=int, default=plots.DPI, help="resolution of the PNG figures")
     return p.parse_args(argv)
 
 
-def load_runs(runs_dir: str, now: float) -> tuple[list[RunData], list[tuple[str, str]]]:
+def load_runs(runs_dir: str, now: float, metrics_from: str | None = None
+              ) -> tuple[list[RunData], list[tuple[str, str]]]:
     """Every run directory under runs_dir; a directory that cannot be read (corrupt args.json or event file) is
-    reported in the second list as (name, error) and skipped."""
+    reported in the second list as (name, error) and skipped. metrics_from: see --metrics-from."""
     runs, broken = [], []
     for d in sorted(glob.glob(os.path.join(runs_dir, "*", ""))):
         try:
-            r = load_run(d, now)
+            r = load_run(d, now, metrics_from)
         except Exception as e:  # noqa: BLE001 - one bad directory must not abort the analysis
             broken.append((os.path.basename(d.rstrip("/")), f"{type(e).__name__}: {e}".splitlines()[0][:200]))
             continue
@@ -457,9 +483,16 @@ def main(argv=None) -> int:
     if not os.path.isdir(a.runs_dir):
         sys.exit(f"error: runs_dir {a.runs_dir!r} is not a directory")
     now = time.time()
-    runs, broken = load_runs(a.runs_dir, now)
+    runs, broken = load_runs(a.runs_dir, now, a.metrics_from)
     for name, err in broken:
         print(f"warning: skipped {name}: cannot read it ({err})", file=sys.stderr)
+    if a.metrics_from:
+        without = [r.name for r in runs if not any(t.startswith("representation/") for t in r.scalars)]
+        print(f"representation metrics from probe/{a.metrics_from}/ (scripts/probe.py)"
+              + (f"; {len(without)} runs have none: {', '.join(without[:5])}" if without else ""), flush=True)
+        if without:
+            print(f"warning: {len(without)} runs have no probe/{a.metrics_from}/: run scripts/probe.py on them",
+                  file=sys.stderr)
     if not runs:
         print(f"error: no run directories (with args.json) under {a.runs_dir!r}"
               + (f"; {len(broken)} could not be read" if broken else ""), file=sys.stderr)
@@ -558,7 +591,7 @@ def main(argv=None) -> int:
         poi = improvement(matrices, algo, fig_kind, a.poi_reps, a.seed)
         poi_rows += poi
         tables += improvement_lines(poi)
-        tables += table1(rows, algo, a.layer, a.out) + table2(rows, algo, kind, a.out)
+        tables += table1(rows, algo, a.layer, a.out, a.dormant_test, a.metrics_from) + table2(rows, algo, kind, a.out)
         tables += table2_column(agg_rows, algo, kind) + published_table(rows, algo)
         tables += mrq_table2(rows, algo, a.reps, a.seed)
         figures += plot_aggregates(estimates, matrices, poi, algo, fig_kind, gamma, a, formats)
@@ -785,11 +818,15 @@ DORMANT_PREDICTION = (("tanh", "tanh", "hr_tanh", lambda p: p * p, "p^2"),
                       ("sigmoid", "sigmoid", "hr_sigmoid", lambda p: p, "p"))
 
 
-def table1(rows, algo, layer, out_dir=None):
-    """HR v1 Table 2 / HR v2 Table 1: the final dormant fraction (KDE-peak test) of `layer` without (p) and with HR
-    for tanh, ReLU and sigmoid, next to the independence prediction; games averaged after seeds. Also written to
-    out_dir/table_dormant_<algo>.csv."""
-    key = f"representation/{layer}/dormant_kde"
+DORMANT_TESTS = {"kde": "KDE-peak test", "score": "ReDo score <= tau"}
+
+
+def table1(rows, algo, layer, out_dir=None, test="kde", metrics_from=None):
+    """HR v1 Table 2 / HR v2 Table 1: the final dormant fraction (`test`: KDE-peak test, or ReDo score <= tau) of
+    `layer` without (p) and with HR for tanh, ReLU and sigmoid, next to the independence prediction; games averaged
+    after seeds. Also written to out_dir/table_dormant_<algo>.csv. metrics_from: the probe.py setting the values
+    come from (named in the title), None for the inline metrics."""
+    key = f"representation/{layer}/dormant_{test}"
     lines, csv_rows = [], []
     for act, base, hr, predict, formula in DORMANT_PREDICTION:
         p = per_game_mean(rows, algo, base, key)
@@ -807,8 +844,9 @@ def table1(rows, algo, layer, out_dir=None):
         write_table(out_dir, f"table_dormant_{algo}", ["activation", "config", "hr_config", "without_hr_p",
                                                         "with_hr_measured", "prediction", "with_hr_predicted"],
                     csv_rows)
-    return [f"### Dormant fractions ({algo.upper()}; HR v1 Table 2, HR v2 Table 1): `{layer}`, KDE-peak test, "
-            "final", "", "| activation | without HR (p) | with HR (measured) | with HR (predicted) | difference |",
+    source = f", recomputed from snapshots (`{metrics_from}`)" if metrics_from else ""
+    return [f"### Dormant fractions ({algo.upper()}; HR v1 Table 2, HR v2 Table 1): `{layer}`, {DORMANT_TESTS[test]}, "
+            f"final{source}", "", "| activation | without HR (p) | with HR (measured) | with HR (predicted) | difference |",
             "|---|---|---|---|---|", *lines, "",
             f"Final value: mean of the last 5% of probes per run, seeds then games averaged. Prediction: two "
             f"independent neurons each dormant with probability p. CSV: `table_dormant_{algo}.csv`.", ""]

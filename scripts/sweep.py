@@ -264,6 +264,9 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default=None, help="space-separated configuration names; env CONFIGS")
     p.add_argument("--seeds", default=None, help="space-separated seeds; env SEEDS")
     p.add_argument("--extra", default=None, help="extra flags for every run, e.g. '--total-timesteps 20000'; env EXTRA")
+    p.add_argument("--snapshot-every", type=int, default=None,
+                   help="keep network snapshots every N steps (each script's --snapshot-every, in its step unit) for "
+                        "scripts/probe.py; env SNAPSHOT_EVERY")
     p.add_argument("--runs-dir", default=None, help="where runs/ lives (default ./runs); env RUNS_DIR")
     p.add_argument("-j", "--jobs", type=int, default=None, help="runs at a time (local); env N (default 1)")
     p.add_argument("--dry-run", action="store_true", help="print the commands (or the sbatch script) and exit")
@@ -280,6 +283,9 @@ def main(argv=None) -> int:
     configs = (a.configs or env.get("CONFIGS") or "").split() or spec["configs"]
     seeds = [int(s) for s in (a.seeds or env.get("SEEDS") or "").split()] or spec["seeds"]
     extra = a.extra if a.extra is not None else env.get("EXTRA", "")
+    snapshot_every = a.snapshot_every if a.snapshot_every is not None else env.get("SNAPSHOT_EVERY")
+    if snapshot_every not in (None, ""):
+        extra = f"{extra} --snapshot-every {snapshot_every}".strip()  # the SLURM tasks get it through --extra
     runs_dir = os.path.abspath(a.runs_dir or env.get("RUNS_DIR") or "runs")
     jobs = a.jobs or int(env.get("N", "1"))
     if os.path.basename(runs_dir) != "runs":

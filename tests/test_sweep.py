@@ -13,7 +13,8 @@ import sweep  # noqa: E402
 
 
 def launcher(name, *args, cwd, env=None):
-    full_env = {k: v for k, v in os.environ.items() if k not in ("ALGO", "GAMES", "CONFIGS", "SEEDS", "EXTRA", "N")}
+    full_env = {k: v for k, v in os.environ.items() if k not in ("ALGO", "GAMES", "CONFIGS", "SEEDS", "EXTRA", "N",
+                                                                   "SNAPSHOT_EVERY")}
     full_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + full_env["PATH"]  # `python` = this venv
     full_env.update(env or {})
     proc = subprocess.run(["bash", os.path.join(REPO, "scripts", name), *args], cwd=cwd, env=full_env,
@@ -121,6 +122,19 @@ def test_mrq_grid_all_28_tasks_and_its_slurm_array(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "sweep.py"), "mrq", "--dry-run",
                            "--configs", "hr_heads"], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode != 0 and "unknown MR.Q configuration 'hr_heads'" in proc.stderr
+
+
+def test_snapshot_every_reaches_every_run_and_the_slurm_tasks(tmp_path):
+    cmds, _ = launcher("run_atari8.sh", "--dry-run", "--games", "Pong", "--seeds", "1", "--snapshot-every", "50000",
+                       cwd=tmp_path, env={"EXTRA": "--total-timesteps 5000"})
+    assert len(cmds) == 5 and all(c.endswith("--total-timesteps 5000 --snapshot-every 50000 --run-name "
+                                             + c.split("--run-name ")[1]) for c in cmds)
+    cmds, _ = launcher("run_dmc_dominance.sh", "--dry-run", "--games", "cartpole-swingup", "--configs", "none",
+                       "--seeds", "0", cwd=tmp_path, env={"SNAPSHOT_EVERY": "10000"})
+    assert len(cmds) == 1 and "--snapshot-every 10000" in cmds[0]
+    _, out = launcher("run_atari8.sh", "--slurm", "--dry-run", "--games", "Pong", "--seeds", "1",
+                      "--snapshot-every", "50000", cwd=tmp_path)
+    assert "--extra '--snapshot-every 50000'" in out
 
 
 def test_slurm_dry_run(tmp_path):
