@@ -845,8 +845,8 @@ def table1(rows, algo, layer, out_dir=None, test="kde", metrics_from=None):
                                                         "with_hr_measured", "prediction", "with_hr_predicted"],
                     csv_rows)
     source = f", recomputed from snapshots (`{metrics_from}`)" if metrics_from else ""
-    return [f"### Dormant fractions ({algo.upper()}; HR v1 Table 2, HR v2 Table 1): `{layer}`, {DORMANT_TESTS[test]}, "
-            f"final{source}", "", "| activation | without HR (p) | with HR (measured) | with HR (predicted) | difference |",
+    return [f"### Dormant fractions ({algo.upper()}; HR v1 Table 2, HR v2 Table 1): `{layer}`, "
+            f"{DORMANT_TESTS[test]}, final{source}", "", "| activation | without HR (p) | with HR (measured) | with HR (predicted) | difference |",
             "|---|---|---|---|---|", *lines, "",
             f"Final value: mean of the last 5% of probes per run, seeds then games averaged. Prediction: two "
             f"independent neurons each dormant with probability p. CSV: `table_dormant_{algo}.csv`.", ""]
