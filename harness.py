@@ -50,7 +50,8 @@ RUNS = "runs"
 # between a run and its --resume. One list for every script; a name a script does not have is simply absent.
 MAY_DIFFER_ON_RESUME = ("resume", "run_name", "checkpoint_every", "cuda", "torch_deterministic", "torch_threads",
                         "compile", "cudagraphs", "track", "wandb_project_name", "wandb_entity", "capture_video",
-                        "save_model", "eval_episodes", "eval_epsilon", "progress_every", "envpool_threads")
+                        "save_model", "eval_episodes", "eval_epsilon", "progress_every", "envpool_threads",
+                        "snapshot_every")
 
 
 def fail(msg: str):
@@ -554,7 +555,11 @@ class Snapshots:
             for name in os.listdir(self.dir):
                 step = snapshot_step(name)
                 if name == "probe.pt":  # drawn after the checkpoint: the resumed run draws it from other transitions
-                    step = int(torch.load(self.probe_path, map_location="cpu", mmap=True)["step"])
+                    try:
+                        step = int(torch.load(self.probe_path, map_location="cpu", mmap=True)["step"])
+                    except Exception:  # noqa: BLE001 - unreadable: gone, the run writes it again at its next snapshot
+                        step = -1
+                        os.remove(self.probe_path)
                 if name.endswith(".tmp") or (step is not None and step >= purge):
                     os.remove(os.path.join(self.dir, name))
         if self.every:

@@ -724,3 +724,87 @@ def test_help_into_a_closed_pipe_is_quiet(tmp_path):
                           text=True, cwd=tmp_path, timeout=120)
     os.close(w)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# snapshots
+
+
+class FakeRun:
+    """What harness.Snapshots reads of a Run."""
+
+    def __init__(self, directory, purge_step, every=100, total=1000):
+        self.dir, self.purge_step, self.script = str(directory), purge_step, "dqn_atari_hr.py"
+        self.device = torch.device("cpu")
+        self.args = type("A", (), {"snapshot_every": every, "total_timesteps": total})()
+
+
+def test_snapshots_write_weights_and_the_probe_batch_once(tmp_path, capsys):
+    net = torch.nn.Linear(3, 2)
+    snaps = harness.Snapshots(FakeRun(tmp_path, None), {"net": net}, build={"n": 3}, probe_bytes=2_000_000)
+    assert capsys.readouterr().out.startswith(f"snapshots: every 100 steps, about 10 x {(6 + 2) * 4 / 1e6:.2f} MB + "
+                                              f"the probe batch 2.00 MB = 0.002 GB in {tmp_path}/snapshots")
+    assert [s for s in range(1, 1001) if snaps.due(s)] == list(range(100, 1001, 100))
+    snaps.save(100, None)  # before the probe batch exists
+    snaps.save(200, {"obs": torch.ones(4, 2)}, extra={"mean": 1.5})
+    with torch.no_grad():
+        net.weight.fill_(7.0)
+    snaps.save(300, {"obs": torch.zeros(4, 2)})  # the batch is fixed: the first one stays
+    assert sorted(os.listdir(tmp_path / "snapshots")) == [
+        "probe.pt", "step_000000000100.pt", "step_000000000200.pt", "step_000000000300.pt"]
+    probe = torch.load(tmp_path / "snapshots" / "probe.pt", weights_only=False)
+    assert probe["step"] == 200 and torch.equal(probe["probe"]["obs"], torch.ones(4, 2))
+    s200 = torch.load(tmp_path / "snapshots" / "step_000000000200.pt", weights_only=False)
+    s300 = torch.load(tmp_path / "snapshots" / "step_000000000300.pt", weights_only=False)
+    assert s200["step"] == 200 and s200["build"] == {"n": 3} and s200["extra"] == {"mean": 1.5}
+    assert s200["script"] == "dqn_atari_hr.py" and s200["device"] == "cpu"
+    assert not torch.equal(s200["networks"]["net"]["weight"], s300["networks"]["net"]["weight"])
+    assert torch.equal(s300["networks"]["net"]["weight"], torch.full((2, 3), 7.0))
+
+
+def test_snapshots_on_resume_drop_what_comes_at_or_after_the_purge_step(tmp_path, capsys):
+    """A resumed run takes again the snapshots from its purge step on (and draws the probe batch again if the killed
+    process drew it there); a killed write's temporary file goes; off (--snapshot-every 0) prints nothing."""
+    d = tmp_path / "snapshots"
+    d.mkdir()
+    for step in (100, 200, 300):
+        (d / harness.snapshot_name(step)).write_bytes(b"x")
+    (d / "step_000000000400.pt.tmp").write_bytes(b"half")
+    torch.save({"step": 250, "probe": {}}, d / "probe.pt")
+    harness.Snapshots(FakeRun(tmp_path, 200, every=0), {}, {}, 0)
+    assert capsys.readouterr().out == ""
+    assert sorted(os.listdir(d)) == ["step_000000000100.pt"]
+    torch.save({"step": 100, "probe": {}}, d / "probe.pt")  # drawn before the checkpoint: kept
+    (d / "step_000000000200.pt").write_bytes(b"x")
+    harness.Snapshots(FakeRun(tmp_path, 201), {}, {}, 0)
+    assert sorted(os.listdir(d)) == ["probe.pt", "step_000000000100.pt", "step_000000000200.pt"]
+    (d / "probe.pt").write_bytes(b"garbage")  # unreadable: gone, written again at the next snapshot
+    harness.Snapshots(FakeRun(tmp_path, None), {}, {}, 0)
+    assert sorted(os.listdir(d)) == ["step_000000000100.pt", "step_000000000200.pt"]
+
+
+def test_snapshot_and_srank_flags_are_checked():
+    import dqn_atari_hr as dqn
+
+    assert refused(harness._generic_checks, dqn.Args(snapshot_every=10, metrics_every=0)).startswith(
+        "error: --snapshot-every 10 needs probes (--metrics-every > 0)")
+    assert refused(harness._generic_checks, dqn.Args(snapshot_every=-1)) == \
+        "error: --snapshot-every must be >= 0, got -1"
+    for bad in (1.0, -0.1):
+        assert refused(harness._generic_checks, dqn.Args(srank_delta=bad)) == \
+            f"error: --srank-delta must be in [0, 1), got {bad}"
+    assert refused(harness._generic_checks, dqn.Args(srank_delta=float("nan"))).startswith(
+        "error: --srank-delta must be a finite number")  # number_flags' float32 rule, first
+    harness._generic_checks(dqn.Args(srank_delta=0.0, snapshot_every=5))
+
+
+def test_metrics_layout_charts_each_metric_across_layers():
+    import re
+
+    charts = harness.metrics_layout()["representation"]
+    assert set(charts) == {*harness.LAYER_METRICS, "network-wide"}
+    regex = {k: v[1][0] for k, v in charts.items()}
+    assert re.search(regex["srank"], "representation/critic/block1/hidden/srank")  # nested layer names too
+    assert not re.search(regex["dominant"], "representation/dominant")  # the network-wide one
+    assert re.search(regex["network-wide"], "representation/dominant")
+    assert not re.search(regex["srank"], "representation/latent/srank_x")
