@@ -617,3 +617,31 @@ def test_envpool_threads_default_to_the_cpus_this_process_may_use(monkeypatch):
     assert seen["num_threads"] == 2
     ppo.make_env("Breakout-v5", 8, 1, threads=5)
     assert seen["num_threads"] == 5
+
+
+def test_initial_weights_at_a_seed_are_cleanrls():
+    """CleanRL's ppo_atari_envpool Agent, written out here in its own order: the trunk's layers, then the actor
+    (orthogonal 0.01), then the critic (orthogonal 1), each layer_init right after its construction. At one torch
+    seed our default Agent holds the same tensors, bit for bit, actor and critic included."""
+    import torch.nn as nn
+
+    def layer_init(layer, std=math.sqrt(2), bias_const=0.0):
+        nn.init.orthogonal_(layer.weight, std)
+        nn.init.constant_(layer.bias, bias_const)
+        return layer
+
+    torch.manual_seed(1)
+    network = [layer_init(nn.Conv2d(4, 32, 8, stride=4)), layer_init(nn.Conv2d(32, 64, 4, stride=2)),
+               layer_init(nn.Conv2d(64, 64, 3, stride=1)), layer_init(nn.Linear(64 * 7 * 7, 512))]
+    actor = layer_init(nn.Linear(512, 6), std=0.01)
+    critic = layer_init(nn.Linear(512, 1), std=1)
+    torch.manual_seed(1)
+    agent = ppo.Agent(ppo.Args(), 6)
+    ours = list(agent.encoder.parameters())
+    theirs = [t for layer in network for t in (layer.weight, layer.bias)]
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b.reshape(a.shape))
+    for a, b in [(agent.actor.weight, actor.weight), (agent.actor.bias, actor.bias),
+                 (agent.critic.weight, critic.weight), (agent.critic.bias, critic.bias)]:
+        assert torch.equal(a, b)
