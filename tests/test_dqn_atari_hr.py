@@ -306,7 +306,7 @@ def test_conv_preactivation_reduction_keeps_saturation():
 
 
 # --------------------------------------------------------------------------------------------------------------
-# fast paths (README "GPU fast paths"): equivalence with the code they replaced, on CPU
+# fast paths (docs/running.md "GPU fast paths"): equivalence with the code they replaced, on CPU
 
 
 def reference_sample(rb, batch_size):

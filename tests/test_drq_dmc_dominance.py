@@ -415,7 +415,7 @@ def test_random_shift_is_a_replicate_padded_crop():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# GPU fast paths (README "GPU fast paths"): equivalence with the code they replaced, on CPU
+# GPU fast paths (docs/running.md "GPU fast paths"): equivalence with the code they replaced, on CPU
 
 
 def scripted_replay(capacity=40, size=20, action_dim=2, episodes=12, seed=0):

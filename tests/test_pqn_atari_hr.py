@@ -222,7 +222,7 @@ def test_redo_step_crelu_recycles_a_unit_only_when_both_halves_are_dormant():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# fast paths (README "GPU fast paths"): equivalence with the plain code on CPU
+# fast paths (docs/running.md "GPU fast paths"): equivalence with the plain code on CPU
 
 
 def tiny_rollout(seed=0, n=64, n_actions=4):

@@ -1,0 +1,127 @@
+"""The documentation stays true: the README is short and opens with the set-up and test commands, every script has a
+page with the same eight sections, every relative link and anchor resolves, and every training command in the README
+and the pages parses and passes its script's checks (the bad-input table is run by tests/test_readme.py, the logged
+tags of each page are checked against a real run by each script's smoke test)."""
+import glob
+import importlib
+import os
+import re
+import shlex
+
+import pytest
+
+from conftest import REPO
+
+SCRIPTS = ("dqn_atari_hr.py", "ppo_atari_hr.py", "pqn_atari_hr.py", "drq_dmc_dominance.py", "simbav2_dmc_hr.py",
+           "mrq_dmc_hr.py")
+SECTIONS = ["1. Overview", "2. Usage", "3. Implemented variants", "4. Logged metrics", "5. Implementation details",
+            "6. Fidelity", "7. Cost", "8. Results"]
+PAGES = ["README.md", *sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md")))]
+
+
+def read(path):
+    with open(os.path.join(REPO, path)) as f:
+        return f.read()
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lowercase, markup dropped, punctuation other than '-' and '_' dropped, spaces to
+    '-'."""
+    text = re.sub(r"[`*]|\[([^\]]*)\]\([^)]*\)", lambda m: m.group(1) or "", heading.strip()).lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def anchors(path: str) -> set:
+    seen, out = {}, set()
+    in_code = False
+    for line in read(path).splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        m = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if m and not in_code:
+            s = slug(m.group(1))
+            n = seen.get(s, 0)
+            seen[s] = n + 1
+            out.add(s if n == 0 else f"{s}-{n}")
+    return out
+
+
+def links(path: str):
+    text = re.sub(r"```.*?```", "", read(path), flags=re.S)
+    text = re.sub(r"`[^`\n]*`", "", text)
+    return re.findall(r"\]\(([^)\s]+)\)", text)
+
+
+def test_readme_is_short_and_opens_with_the_two_commands():
+    text = read("README.md")
+    assert len(text.splitlines()) <= 250
+    first = text.split("```", 2)[1].splitlines()[1:]
+    assert [line for line in first if line.strip()] == ["pip install -r requirements.txt", "python -m pytest -q"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_each_script_has_a_page_with_the_eight_sections_in_order(script):
+    page = f"docs/{script[:-3]}.md"
+    headings = re.findall(r"^## (.*)$", read(page), flags=re.M)
+    assert headings == SECTIONS, (page, headings)
+    assert f"({script[:-3]}.md)" in read("docs/README.md") and f"(docs/{script[:-3]}.md)" in read("README.md")
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_relative_link_and_anchor_resolves(page):
+    broken = []
+    for target in links(page):
+        if re.match(r"^[a-z]+:", target):  # http(s), mailto: not ours to check offline
+            continue
+        path, _, anchor = target.partition("#")
+        resolved = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
+        if not os.path.exists(os.path.join(REPO, resolved)):
+            broken.append(f"{target}: no file {resolved}")
+        elif anchor and (not resolved.endswith(".md") or anchor not in anchors(resolved)):
+            broken.append(f"{target}: no heading '#{anchor}' in {resolved}")
+    assert not broken, f"{page}: {broken}"
+
+
+def test_the_link_checker_catches_a_broken_anchor(tmp_path, monkeypatch):
+    assert slug("Checkpoints and resume") == "checkpoints-and-resume"
+    assert slug("SimbaV2 + HR (`simbav2_dmc_hr.py`)") == "simbav2--hr-simbav2_dmc_hrpy"
+    assert "2-usage" in anchors("docs/dqn_atari_hr.md") and "no-such-heading" not in anchors("docs/dqn_atari_hr.md")
+
+
+def commands():
+    """(page, script, argv) of every `python <script>.py ...` command in the README and the pages, `{a,b}` expanded."""
+    out = []
+    for page in PAGES:
+        for cmd in re.findall(r"python ((?:%s)[^`\n|#]*)" % "|".join(re.escape(s) for s in SCRIPTS), read(page)):
+            words = shlex.split(cmd)
+            expanded = [[]]
+            for w in words:
+                m = re.fullmatch(r"\{([^}]*)\}", w)
+                expanded = [e + [v] for e in expanded for v in (m.group(1).split(",") if m else [w])]
+            out += [(page, e[0], e[1:]) for e in expanded]
+    return out
+
+
+COMMANDS = commands()
+
+
+def test_the_pages_hold_commands():
+    for script in SCRIPTS:
+        assert any(p == f"docs/{script[:-3]}.md" and s == script for p, s, _ in COMMANDS), script
+
+
+@pytest.mark.parametrize("page,script,argv", COMMANDS, ids=[f"{p}:{s[:4]}:{' '.join(a)}" for p, s, a in COMMANDS])
+def test_every_documented_command_parses_and_passes_the_scripts_checks(page, script, argv):
+    module = importlib.import_module(script[:-3])
+    import harness
+    args = harness.cli(module.Args, [a for a in argv if a != "--resume"])
+    module.validate(args)
+
+
+def test_every_script_file_named_in_the_docs_exists():
+    missing = []
+    for page in PAGES:
+        for name in re.findall(r"\b(scripts/[\w./-]+\.(?:py|sh|sbatch))", read(page)):
+            if not os.path.exists(os.path.join(REPO, name)):
+                missing.append((page, name))
+    assert not missing
