@@ -12,7 +12,7 @@ import torch
 import common
 import harness
 import ppo_atari_hr as ppo
-from conftest import kill_after_checkpoint, resume_after_kill, run_script, steps_of
+from conftest import check_documented_tags, kill_after_checkpoint, resume_after_kill, run_script, steps_of
 
 SCRIPT = "ppo_atari_hr.py"
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -386,6 +386,7 @@ def test_smoke_run_logs_every_tag(name, smoke_runs, read_scalars):
     assert finished["global_step"] == iterations * batch and finished["steps_this_process"] == iterations * batch
     assert not (run_dir / "checkpoint.pt").exists()  # the default cadence (1M steps) wrote none
     scalars = read_scalars(str(run_dir))
+    check_documented_tags("ppo_atari_hr.py", scalars)  # the page's tag table, both ways
 
     for tag in PPO_TAGS:
         assert steps_of(scalars, tag) == [batch * i for i in range(1, iterations + 1)], tag
