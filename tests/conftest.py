@@ -254,7 +254,7 @@ def documented_tags(script: str) -> list[tuple[str, str]]:
         m = re.match(r"^\|\s*`([^`]+)`\s*\|", line)
         if m and "/" in m.group(1):
             regex = re.escape(m.group(1))
-            regex = re.sub(r"\\<[^>]*\\>|<[^>]*>", "[^/]+", regex)
+            regex = re.sub(r"\\<[^>]*\\>|<[^>]*>", ".+", regex)
             regex = re.sub(r"\\\{([^}]*)\\\}|\{([^}]*)\}",
                            lambda g: "(" + "|".join((g.group(1) or g.group(2)).replace("\\", "").split(",")) + ")",
                            regex)
