@@ -19,8 +19,8 @@ SECTIONS = ["1. Overview", "2. Usage", "3. Implemented variants", "4. Logged met
 PAGES = ["README.md", *sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md")))]
 
 
-def read(path):
-    with open(os.path.join(REPO, path)) as f:
+def read(path, root=REPO):
+    with open(os.path.join(root, path)) as f:
         return f.read()
 
 
@@ -31,10 +31,11 @@ def slug(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
 
 
-def anchors(path: str) -> set:
+def anchors(path: str, root=REPO) -> set:
+    """The anchors of a Markdown file's headings (outside code blocks); a repeated heading gets -1, -2, ..."""
     seen, out = {}, set()
     in_code = False
-    for line in read(path).splitlines():
+    for line in read(path, root).splitlines():
         if line.startswith("```"):
             in_code = not in_code
         m = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
@@ -46,10 +47,26 @@ def anchors(path: str) -> set:
     return out
 
 
-def links(path: str):
-    text = re.sub(r"```.*?```", "", read(path), flags=re.S)
+def links(path: str, root=REPO):
+    """Targets of the Markdown links [x](target) of a file, outside code blocks and code spans."""
+    text = re.sub(r"```.*?```", "", read(path, root), flags=re.S)
     text = re.sub(r"`[^`\n]*`", "", text)
     return re.findall(r"\]\(([^)\s]+)\)", text)
+
+
+def broken_links(page: str, root=REPO) -> list:
+    """Every relative link of `page` whose file does not exist, or whose #anchor is no heading of that file."""
+    broken = []
+    for target in links(page, root):
+        if re.match(r"^[a-z]+:", target):  # http(s), mailto: not ours to check offline
+            continue
+        path, _, anchor = target.partition("#")
+        resolved = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
+        if not os.path.exists(os.path.join(root, resolved)):
+            broken.append(f"{target}: no file {resolved}")
+        elif anchor and (not resolved.endswith(".md") or anchor not in anchors(resolved, root)):
+            broken.append(f"{target}: no heading '#{anchor}' in {resolved}")
+    return broken
 
 
 def test_readme_is_short_and_opens_with_the_two_commands():
@@ -69,23 +86,21 @@ def test_each_script_has_a_page_with_the_eight_sections_in_order(script):
 
 @pytest.mark.parametrize("page", PAGES)
 def test_every_relative_link_and_anchor_resolves(page):
-    broken = []
-    for target in links(page):
-        if re.match(r"^[a-z]+:", target):  # http(s), mailto: not ours to check offline
-            continue
-        path, _, anchor = target.partition("#")
-        resolved = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
-        if not os.path.exists(os.path.join(REPO, resolved)):
-            broken.append(f"{target}: no file {resolved}")
-        elif anchor and (not resolved.endswith(".md") or anchor not in anchors(resolved)):
-            broken.append(f"{target}: no heading '#{anchor}' in {resolved}")
-    assert not broken, f"{page}: {broken}"
+    assert not broken_links(page), f"{page}: {broken_links(page)}"
 
 
-def test_the_link_checker_catches_a_broken_anchor(tmp_path, monkeypatch):
+def test_the_link_checker_catches_broken_files_and_anchors(tmp_path):
     assert slug("Checkpoints and resume") == "checkpoints-and-resume"
     assert slug("SimbaV2 + HR (`simbav2_dmc_hr.py`)") == "simbav2--hr-simbav2_dmc_hrpy"
-    assert "2-usage" in anchors("docs/dqn_atari_hr.md") and "no-such-heading" not in anchors("docs/dqn_atari_hr.md")
+    assert slug("Analysis: from `runs/` to the papers' tables") == "analysis-from-runs-to-the-papers-tables"
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("# A page\n\n## 2. Usage\n\n```\n# not a heading\n```\n")
+    (tmp_path / "README.md").write_text(
+        "[ok](docs/a.md) [ok](docs/a.md#2-usage) [ok](#top) [web](https://example.org/x#y) `[code](nofile.md)`\n"
+        "[gone](docs/b.md) [bad anchor](docs/a.md#usage) [code block](docs/a.md#not-a-heading)\n# Top\n")
+    assert broken_links("README.md", str(tmp_path)) == [
+        "docs/b.md: no file docs/b.md", "docs/a.md#usage: no heading '#usage' in docs/a.md",
+        "docs/a.md#not-a-heading: no heading '#not-a-heading' in docs/a.md"]
 
 
 def commands():
@@ -114,6 +129,9 @@ def test_the_pages_hold_commands():
 def test_every_documented_command_parses_and_passes_the_scripts_checks(page, script, argv):
     module = importlib.import_module(script[:-3])
     import harness
+    if "--help" in argv:
+        assert "--env-id" in harness.help_text(module.Args)
+        return
     args = harness.cli(module.Args, [a for a in argv if a != "--resume"])
     module.validate(args)
 
@@ -121,7 +139,9 @@ def test_every_documented_command_parses_and_passes_the_scripts_checks(page, scr
 def test_every_script_file_named_in_the_docs_exists():
     missing = []
     for page in PAGES:
-        for name in re.findall(r"\b(scripts/[\w./-]+\.(?:py|sh|sbatch))", read(page)):
+        spans = re.findall(r"`([^`]*)`", re.sub(r"```.*?```", lambda m: m.group(0).replace("```", ""), read(page),
+                                                  flags=re.S))
+        for name in re.findall(r"\b(scripts/[\w./-]+\.(?:py|sh|sbatch))", " ".join(spans)):
             if not os.path.exists(os.path.join(REPO, name)):
                 missing.append((page, name))
     assert not missing
