@@ -144,8 +144,8 @@ INDEX = ["# Documentation", "",
          "| [running.md](running.md) | runs/, resume and checkpoints, sweeps (local, SLURM), analysis, benchmarks, "
          "GPU fast paths, checking a GPU, tests |",
          "| [bad-input.md](bad-input.md) | every refusal, as the tests run it |", "",
-         "The dominance paper's figures drawn from the tiny sweep are in [dominance/](dominance/) "
-         "(`scripts/figures_dominance.py`).", ""]
+         "The figures below are drawn from a tiny CPU sweep; the dominance paper's are in "
+         "[their section](#scriptsfigures_dominancepy-the-neuron-dominance-papers-figures-drq).", ""]
 
 
 def gallery_page(docs: str, sections: list[tuple[str, str, list[str]]]) -> str:
