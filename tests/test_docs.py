@@ -145,3 +145,21 @@ def test_every_script_file_named_in_the_docs_exists():
             if not os.path.exists(os.path.join(REPO, name)):
                 missing.append((page, name))
     assert not missing
+
+
+def test_the_tag_check_catches_an_undocumented_and_an_unwritten_tag():
+    """conftest.check_documented_tags, which every smoke test calls with the tags its run wrote."""
+    from conftest import check_documented_tags, documented_tags
+    rows = documented_tags("dqn_atari_hr.py")
+    assert any(re.fullmatch(r, "representation/conv1/srank") for r, _ in rows)
+    assert any(re.fullmatch(r, "representation/critic/block0/hidden/srank")
+               for r, _ in documented_tags("simbav2_dmc_hr.py"))
+    written = {"charts/SPS", "charts/epsilon", "charts/learning_rate", "losses/td_loss", "losses/q_values",
+               "representation/hidden_bias", "representation/live_contribution",
+               *(f"representation/latent/{k}" for k in ("dormant_kde", "dormant_score", "srank", "max_score",
+                                                          "saturated", "zombie"))}
+    check_documented_tags("dqn_atari_hr.py", written)  # eval/ and the episode tags are 'only with'
+    with pytest.raises(AssertionError, match="does not list"):
+        check_documented_tags("dqn_atari_hr.py", written | {"losses/new_loss"})
+    with pytest.raises(AssertionError, match="did not write"):
+        check_documented_tags("dqn_atari_hr.py", written - {"charts/epsilon"})
