@@ -158,8 +158,9 @@ def gallery_page(docs: str, sections: list[tuple[str, str, list[str]]]) -> str:
              "/ hr_tanh; PQN relu / hr_relu (PQN + HR stands in for Hadamax-PQN, whose encoder trains at about one "
              "agent step per second on a CPU core; `--hadamax` uses it); DrQ none / lnwd / ln on cartpole-swingup, "
              "cartpole-balance_sparse_narrow and reacher-easy_masked plus single HL-Gauss, LayerNorm-switch and "
-             "ResNet-18 runs for the dominance figures. See [running.md](running.md#analysis-from-runs-to-the-papers-tables-and-figures) "
-             "for what each file holds in a real sweep.", ""]
+             "ResNet-18 runs for the dominance figures. See "
+             "[running.md](running.md#analysis-from-runs-to-the-papers-tables-and-figures) for what each file holds in "
+             "a real sweep.", ""]
     for title, command, pngs in sections:
         lines += [f"## {title}", "", f"    {command}", ""]
         for png in pngs:

@@ -1,6 +1,6 @@
 """Tests of ppo_atari_hr.py: GAE and the PPO update against slow independent formulations, the fast paths
 (--compile/--cudagraphs) against the plain code, the probe, smoke runs of the real script read back from TensorBoard,
-kill / resume, the non-finite stop, bad input (the README's bad-input table is run by tests/test_readme.py; the run
+kill / resume, the non-finite stop, bad input (docs/bad-input.md's table is run by tests/test_readme.py; the run
 lifecycle itself by tests/test_harness.py)."""
 import json
 import math
