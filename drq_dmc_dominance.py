@@ -72,8 +72,8 @@ rewrites only the chunks written since the previous one. A resumed run starts fr
 parameter or action stops the run; losses and parameters are checked where the host syncs anyway (every --log-every
 frames, before probes and checkpoints).
 
-GPU fast paths (README "GPU fast paths"): torch.compile of the two losses and the acting step; CUDA graphs of the
-whole update (critic, target lerp, actor, temperature, capturable Adam) and of the acting step; the frame ring
+GPU fast paths (docs/running.md "GPU fast paths"): torch.compile of the two losses and the acting step; CUDA graphs of
+the whole update (critic, target lerp, actor, temperature, capturable Adam) and of the acting step; the frame ring
 mirrored on the GPU when it fits in half its free memory, so a batch is gathered there by index (BatchSampler; else on
 the host into a pinned buffer). Per agent step the only host sync is the action MuJoCo needs.
 

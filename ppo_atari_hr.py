@@ -434,9 +434,10 @@ class Agent(nn.Module):
                       branches=args.hr_branches if args.hr else 1, combine=args.combine, init="orthogonal")
         conv = target if args.hr_layers == "all" else dict(activation=args.conv_activation, init="orthogonal")
         self.encoder = Encoder(args.encoder, obs_shape, conv, target, args.hidden_layers, args.hidden_dim)
+        # CleanRL's order: each head built and initialised before the next, so a seed gives CleanRL's weights
         self.actor = nn.Linear(self.encoder.width, num_actions)
-        self.critic = nn.Linear(self.encoder.width, 1)
         init_(self.actor.weight, self.actor.bias, "orthogonal", 0.01)
+        self.critic = nn.Linear(self.encoder.width, 1)
         init_(self.critic.weight, self.critic.bias, "orthogonal", 1.0)
 
     def latent(self, obs, record=None):

@@ -1,6 +1,6 @@
 """One prepared GPU check: the fast paths (torch.compile, CUDA graphs, pinned uploads) proven and timed on one GPU.
 
-What it does, per part (one device command each; README "Checking a GPU"):
+What it does, per part (one device command each; docs/running.md "Checking a GPU"):
   1. equivalence: every training script runs a few hundred updates from the same seed twice, with the fast paths
      (--compile auto --cudagraphs auto: on with CUDA) and without (--compile off --cudagraphs off); the losses
      (TensorBoard events) and the parameters after them (the --save-model file) must agree within tolerances justified
@@ -209,7 +209,7 @@ DRY = {"deadline": 900, "equiv": 700, "probe": 25}  # a safety net: the rehearsa
 SPS_RUN_ESTIMATE = {"gpu": 40.0, "dry": 12.0}  # seconds one speed run takes (start-up and compile included)
 REPORT_RESERVE = 15.0  # seconds kept for the report and the log archive
 
-# The device commands (README "Checking a GPU"): what `run` gets as command, carry and timeout_s.
+# The device commands (docs/running.md "Checking a GPU"): what `run` gets as command, carry and timeout_s.
 INSTALL = ("python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "
            ".whl/{part}/*.whl && export PYTHONPATH=/tmp/site || exit; ")
 EGL = ("(ldconfig -p | grep -q libEGL.so.1 && ldconfig -p | grep -q libOpenGL.so.0) || { for f in .gl/*.deb; do "
@@ -816,7 +816,7 @@ def uncovered_switches(file: str, repo: str = REPO) -> list:
 def flag_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
-# What each item proves, in the order they run and are reported (README "Checking a GPU")
+# What each item proves, in the order they run and are reported (docs/running.md "Checking a GPU")
 ITEMS = {
     "equivalence": "the fast paths (torch.compile, CUDA graphs) compute what the plain path computes",
     "equivalence+": "the same for the Hadamax encoder, CUDA graphs without compile, greedy acting and evaluation",

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What the GPU check's device calls carry (README "Checking a GPU"): the Python packages the GPU machine lacks, as
+# What the GPU check's device calls carry (docs/running.md "Checking a GPU"): the Python packages the GPU machine lacks, as
 # wheels for its Python 3.12 on manylinux x86_64, cut down to what the check loads, one folder per device command:
 #
 #   .whl/atari  envpool (Atari only), its Atari ROMs, ale-py, gymnasium, tyro and their small dependencies

@@ -128,8 +128,28 @@ def train(work: str, runs, jobs: int) -> list[str]:
     return failed
 
 
+# The head of docs/README.md: the documentation's index, above the gallery this script draws
+INDEX = ["# Documentation", "",
+         "[Back to the README](../README.md). One page per training script, each with the same eight sections "
+         "(overview, usage, implemented variants, logged metrics, implementation details, fidelity, cost, results):",
+         "",
+         "| page | what it covers |", "|---|---|",
+         "| [dqn_atari_hr.md](dqn_atari_hr.md) | DQN on Atari, every network variant of the HR papers |",
+         "| [ppo_atari_hr.md](ppo_atari_hr.md) | PPO on Atari (envpool), HR on the shared representation |",
+         "| [pqn_atari_hr.md](pqn_atari_hr.md) | PQN on Atari (official recipe), HR, Hadamax, CReLU, ReDo |",
+         "| [drq_dmc_dominance.md](drq_dmc_dominance.md) | DrQ on pixel DMC, the neuron-dominance paper and its "
+         "figures |",
+         "| [simbav2_dmc_hr.md](simbav2_dmc_hr.md) | SimbaV2 on state-based control, HR and its widen |",
+         "| [mrq_dmc_hr.md](mrq_dmc_hr.md) | MR.Q on DMC-Visual, HR on the encoder and its widen |",
+         "| [running.md](running.md) | runs/, resume and checkpoints, sweeps (local, SLURM), analysis, benchmarks, "
+         "GPU fast paths, checking a GPU, tests |",
+         "| [bad-input.md](bad-input.md) | every refusal, as the tests run it |", "",
+         "The figures below are drawn from a tiny CPU sweep; the dominance paper's are in "
+         "[their section](#scriptsfigures_dominancepy-the-neuron-dominance-papers-figures-drq).", ""]
+
+
 def gallery_page(docs: str, sections: list[tuple[str, str, list[str]]]) -> str:
-    lines = ["# Figure gallery", "",
+    lines = [*INDEX, "# Figure gallery", "",
              "Every figure layout the analysis scripts draw, from a tiny CPU sweep (two games, two seeds, a few "
              "thousand steps): the numbers mean nothing, the layouts are those a full sweep gets. Regenerate with",
              "", "    python scripts/make_gallery.py", "",
@@ -138,8 +158,9 @@ def gallery_page(docs: str, sections: list[tuple[str, str, list[str]]]) -> str:
              "/ hr_tanh; PQN relu / hr_relu (PQN + HR stands in for Hadamax-PQN, whose encoder trains at about one "
              "agent step per second on a CPU core; `--hadamax` uses it); DrQ none / lnwd / ln on cartpole-swingup, "
              "cartpole-balance_sparse_narrow and reacher-easy_masked plus single HL-Gauss, LayerNorm-switch and "
-             "ResNet-18 runs for the dominance figures. See the README's analysis section for what each file holds "
-             "in a real sweep.", ""]
+             "ResNet-18 runs for the dominance figures. See "
+             "[running.md](running.md#analysis-from-runs-to-the-papers-tables-and-figures) for what each file holds in "
+             "a real sweep.", ""]
     for title, command, pngs in sections:
         lines += [f"## {title}", "", f"    {command}", ""]
         for png in pngs:

@@ -29,7 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 # The HR papers name Breakout, Seaquest and VideoPinball among their 8 games; the other five are our choice of
-# common non-exploration games (see README).
+# common non-exploration games (see docs/running.md, "Sweeps and analysis").
 ATARI8 = ["Breakout", "Seaquest", "VideoPinball", "Pong", "SpaceInvaders", "BeamRider", "Qbert", "Enduro"]
 
 ATARI_CONFIGS = {  # name -> flags (papers' Fig. 2 configurations first, then the Table 2 ablations)
@@ -48,7 +48,8 @@ ATARI_CONFIGS = {  # name -> flags (papers' Fig. 2 configurations first, then th
     "redo": "--redo",
 }
 
-# The dominance paper's 4 sparse tasks plus 8 common non-sparse DMC tasks (the paper does not list its 8; see README).
+# The dominance paper's 4 sparse tasks plus 8 common non-sparse DMC tasks (the paper does not list its 8; see
+# docs/drq_dmc_dominance.md).
 DMC_TASKS = ["cartpole-swingup_sparse", "cartpole-balance_sparse_narrow", "finger-spin_fast", "reacher-easy_masked",
              "cartpole-swingup", "cartpole-balance", "reacher-easy", "finger-spin", "cheetah-run", "walker-walk",
              "walker-run", "ball_in_cup-catch"]
@@ -71,7 +72,8 @@ DMC_EXTRA_CONFIGS = ["ln_switch", "resnet18"]
 DMC_ACTION_REPEAT = {"cartpole-swingup": 8, "reacher-easy": 4, "reacher-easy_masked": 4, "cheetah-run": 4,
                      "ball_in_cup-catch": 4}
 
-# SimbaV2: the 7 hard dm_control state tasks stand in for HumanoidBench (not installable; see README); configurations:
+# SimbaV2: the 7 hard dm_control state tasks stand in for HumanoidBench (not installable; see docs/simbav2_dmc_hr.md);
+# configurations:
 # the paper's Table 2 (baseline, +HR, +widen) first, then the open choices of where HR goes.
 SIMBAV2_TASKS = ["humanoid-stand", "humanoid-walk", "humanoid-run", "dog-stand", "dog-walk", "dog-trot", "dog-run"]
 SIMBAV2_CONFIGS = {"baseline": "", "hr": "--hr", "widen": "--widen", "hr_critic": "--hr --hr-networks critic",

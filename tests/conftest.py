@@ -1,6 +1,7 @@
 """Shared test helpers: run a training script as a user would, read its TensorBoard events back."""
 import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -293,3 +294,36 @@ def kill_resume_trial(script, flags, cwd, name, rng, checkpoint_every, kills, ep
     if problems:
         raise AssertionError("\n".join(problems) + "\nkills: " + "; ".join(happened) + "\n" + "\n".join(outputs))
     return happened
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the documented TensorBoard tags of a script (docs/<script>.md, section "4. Logged metrics")
+
+
+def documented_tags(script: str) -> list[tuple[str, str]]:
+    """(regex, row) for every row of the tag table in docs/<script>.md's '## 4. Logged metrics' section. A tag cell is
+    `a/b/c`; `<name>` stands for one path element (a layer), `{x,y}` for one of the listed words."""
+    with open(os.path.join(REPO, "docs", script.replace(".py", ".md"))) as f:
+        section = f.read().split("\n## 4. Logged metrics", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        m = re.match(r"^\|\s*`([^`]+)`\s*\|", line)
+        if m and "/" in m.group(1):
+            regex = re.escape(m.group(1))
+            regex = re.sub(r"\\<[^>]*\\>|<[^>]*>", ".+", regex)
+            regex = re.sub(r"\\\{([^}]*)\\\}|\{([^}]*)\}",
+                           lambda g: "(" + "|".join((g.group(1) or g.group(2)).replace("\\", "").split(",")) + ")",
+                           regex)
+            rows.append((regex, line))
+    assert rows, f"docs/{script.replace('.py', '.md')} has no tag table under '## 4. Logged metrics'"
+    return rows
+
+
+def check_documented_tags(script: str, written, conditional_ok: bool = True) -> None:
+    """Every tag a run wrote is in the script's page, and every documented tag was written unless its row says
+    'only with' (a tag that needs a flag or an event the smoke run may not have)."""
+    rows = documented_tags(script)
+    undocumented = sorted(t for t in written if not any(re.fullmatch(r, t) for r, _ in rows))
+    assert not undocumented, f"{script} wrote tags its page does not list: {undocumented}"
+    unwritten = [row for r, row in rows if not any(re.fullmatch(r, t) for t in written) and "only with" not in row]
+    assert not unwritten, f"{script}'s page lists tags the run did not write: {unwritten}"

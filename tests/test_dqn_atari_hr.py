@@ -10,7 +10,7 @@ import torch
 import common
 import dqn_atari_hr as dqn
 import harness
-from conftest import kill_after_checkpoint, probe_reproduces, resume_after_kill, steps_of
+from conftest import check_documented_tags, kill_after_checkpoint, probe_reproduces, resume_after_kill, steps_of
 
 SCRIPT = "dqn_atari_hr.py"
 METRIC_KEYS = ("dormant_kde", "dormant_score", "srank", "max_score", "saturated", "zombie")
@@ -79,6 +79,7 @@ def test_smoke_logs_every_tag(key, smoke_runs, read_scalars):
     assert ("probe at step 150 skipped: the replay holds" in proc.stdout) == (key == "widen")
     assert not (run_dir / "checkpoint.pt").exists() and not (run_dir / "replay").exists()
     scalars = read_scalars(str(run_dir))
+    check_documented_tags("dqn_atari_hr.py", scalars)  # the page's tag table, both ways
     missing = expected_tags(layers) - set(scalars)
     assert not missing, f"missing tags: {sorted(missing)}"
     for layer in layers:  # probes at every --metrics-every step, values in range
@@ -322,7 +323,7 @@ def test_conv_preactivation_reduction_keeps_saturation():
 
 
 # --------------------------------------------------------------------------------------------------------------
-# fast paths (README "GPU fast paths"): equivalence with the code they replaced, on CPU
+# fast paths (docs/running.md "GPU fast paths"): equivalence with the code they replaced, on CPU
 
 
 def reference_sample(rb, batch_size):

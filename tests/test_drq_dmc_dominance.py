@@ -18,7 +18,7 @@ from scipy.stats import norm
 
 import drq_dmc_dominance as drq
 import harness
-from conftest import kill_after_checkpoint, resume_after_kill, steps_of
+from conftest import check_documented_tags, kill_after_checkpoint, resume_after_kill, steps_of
 
 SCRIPT = "drq_dmc_dominance.py"
 
@@ -415,7 +415,7 @@ def test_random_shift_is_a_replicate_padded_crop():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# GPU fast paths (README "GPU fast paths"): equivalence with the code they replaced, on CPU
+# GPU fast paths (docs/running.md "GPU fast paths"): equivalence with the code they replaced, on CPU
 
 
 def scripted_replay(capacity=40, size=20, action_dim=2, episodes=12, seed=0):
@@ -879,6 +879,7 @@ def test_smoke_run_logs_training_and_dominance_metrics(smoke_runs, read_scalars,
     assert args["mitigation"] == SMOKE[name][0][1] and args["hr"] == name.endswith("hr")
     repeat = 4 if name == "masked_ln_from" else 8
     s = read_scalars(str(run_dir))
+    check_documented_tags("drq_dmc_dominance.py", s)  # the page's tag table, both ways
     for tag in ["losses/qf_loss", "losses/actor_loss", "losses/alpha", "charts/SPS", "representation/dominant",
                 "grad/latent", "grad/fc1", "grad/fc2"]:
         assert tag in s, (tag, sorted(s))

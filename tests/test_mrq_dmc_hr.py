@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import harness
 import mrq_dmc_hr as mrq
-from conftest import kill_after_checkpoint, resume_after_kill, steps_of
+from conftest import check_documented_tags, kill_after_checkpoint, resume_after_kill, steps_of
 
 SCRIPT = "mrq_dmc_hr.py"
 
@@ -505,6 +505,7 @@ def test_smoke_run_logs_every_tag(smoke_runs, read_scalars, name):
     args = json.loads((run_dir / "args.json").read_text())
     assert args["cudagraphs"] == "off" and args[name] is True
     s = read_scalars(str(run_dir))
+    check_documented_tags("mrq_dmc_hr.py", s)  # the page's tag table, both ways
     tags = ["charts/SPS", "charts/episodic_return", "charts/episodic_length", "charts/reward_scale",
             "charts/max_priority", "charts/training_steps", *mrq.ENC_STATS, *mrq.RL_STATS,
             "representation/hidden_bias", "representation/live_contribution"]

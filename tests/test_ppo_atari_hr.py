@@ -1,6 +1,6 @@
 """Tests of ppo_atari_hr.py: GAE and the PPO update against slow independent formulations, the fast paths
 (--compile/--cudagraphs) against the plain code, the probe, smoke runs of the real script read back from TensorBoard,
-kill / resume, the non-finite stop, bad input (the README's bad-input table is run by tests/test_readme.py; the run
+kill / resume, the non-finite stop, bad input (docs/bad-input.md's table is run by tests/test_readme.py; the run
 lifecycle itself by tests/test_harness.py)."""
 import json
 import math
@@ -12,7 +12,7 @@ import torch
 import common
 import harness
 import ppo_atari_hr as ppo
-from conftest import kill_after_checkpoint, resume_after_kill, run_script, steps_of
+from conftest import check_documented_tags, kill_after_checkpoint, resume_after_kill, run_script, steps_of
 
 SCRIPT = "ppo_atari_hr.py"
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -386,6 +386,7 @@ def test_smoke_run_logs_every_tag(name, smoke_runs, read_scalars):
     assert finished["global_step"] == iterations * batch and finished["steps_this_process"] == iterations * batch
     assert not (run_dir / "checkpoint.pt").exists()  # the default cadence (1M steps) wrote none
     scalars = read_scalars(str(run_dir))
+    check_documented_tags("ppo_atari_hr.py", scalars)  # the page's tag table, both ways
 
     for tag in PPO_TAGS:
         assert steps_of(scalars, tag) == [batch * i for i in range(1, iterations + 1)], tag
@@ -617,3 +618,31 @@ def test_envpool_threads_default_to_the_cpus_this_process_may_use(monkeypatch):
     assert seen["num_threads"] == 2
     ppo.make_env("Breakout-v5", 8, 1, threads=5)
     assert seen["num_threads"] == 5
+
+
+def test_initial_weights_at_a_seed_are_cleanrls():
+    """CleanRL's ppo_atari_envpool Agent, written out here in its own order: the trunk's layers, then the actor
+    (orthogonal 0.01), then the critic (orthogonal 1), each layer_init right after its construction. At one torch
+    seed our default Agent holds the same tensors, bit for bit, actor and critic included."""
+    import torch.nn as nn
+
+    def layer_init(layer, std=math.sqrt(2), bias_const=0.0):
+        nn.init.orthogonal_(layer.weight, std)
+        nn.init.constant_(layer.bias, bias_const)
+        return layer
+
+    torch.manual_seed(1)
+    network = [layer_init(nn.Conv2d(4, 32, 8, stride=4)), layer_init(nn.Conv2d(32, 64, 4, stride=2)),
+               layer_init(nn.Conv2d(64, 64, 3, stride=1)), layer_init(nn.Linear(64 * 7 * 7, 512))]
+    actor = layer_init(nn.Linear(512, 6), std=0.01)
+    critic = layer_init(nn.Linear(512, 1), std=1)
+    torch.manual_seed(1)
+    agent = ppo.Agent(ppo.Args(), 6)
+    ours = list(agent.encoder.parameters())
+    theirs = [t for layer in network for t in (layer.weight, layer.bias)]
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b.reshape(a.shape))
+    for a, b in [(agent.actor.weight, actor.weight), (agent.actor.bias, actor.bias),
+                 (agent.critic.weight, critic.weight), (agent.critic.bias, critic.bias)]:
+        assert torch.equal(a, b)

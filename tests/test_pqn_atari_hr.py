@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import harness
 import pqn_atari_hr as pqn
-from conftest import kill_after_checkpoint, resume_after_kill, steps_of
+from conftest import check_documented_tags, kill_after_checkpoint, resume_after_kill, steps_of
 
 SCRIPT = "pqn_atari_hr.py"
 
@@ -222,7 +222,7 @@ def test_redo_step_crelu_recycles_a_unit_only_when_both_halves_are_dormant():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# fast paths (README "GPU fast paths"): equivalence with the plain code on CPU
+# fast paths (docs/running.md "GPU fast paths"): equivalence with the plain code on CPU
 
 
 def tiny_rollout(seed=0, n=64, n_actions=4):
@@ -398,6 +398,7 @@ def test_smoke_run_logs_every_tag(variant, tmp_path, run_script, read_scalars):
     saved = json.loads((run_dir / "args.json").read_text())
     assert saved["seed"] == 3 and saved["run_name"] == variant
     s = read_scalars(str(run_dir))
+    check_documented_tags("pqn_atari_hr.py", s)  # the page's tag table, both ways
     total = args[args.index("--total-timesteps") + 1]
     expected = ["charts/episodic_return", "charts/episodic_length", "charts/human_normalized", "charts/SPS",
                 "charts/learning_rate", "charts/epsilon", "losses/td_loss", "losses/q_values",

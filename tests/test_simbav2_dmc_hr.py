@@ -25,7 +25,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import harness
-from conftest import REPO, kill_after_checkpoint, read_scalars, resume_after_kill, run_script, steps_of
+from conftest import (REPO, check_documented_tags, kill_after_checkpoint, read_scalars, resume_after_kill, run_script,
+                      steps_of)
 
 import simbav2_dmc_hr as sv2  # noqa: E402 - imports dm_control with no renderer (state tasks)
 
@@ -551,6 +552,7 @@ def test_smoke_run_logs_every_tag(smoke_runs, name):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stderr.strip() == "", proc.stderr[-3000:]
     s = read_scalars(str(run_dir))
+    check_documented_tags("simbav2_dmc_hr.py", s)  # the page's tag table, both ways
     tags = {"charts/SPS", "charts/learning_rate", "charts/reward_scale", "charts/episodic_return",
             "charts/episodic_length", "eval/episodic_return", "representation/hidden_bias",
             "representation/live_contribution", *sv2.STAT_NAMES}
