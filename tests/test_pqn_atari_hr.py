@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import harness
 import pqn_atari_hr as pqn
-from conftest import kill_after_checkpoint, resume_after_kill, steps_of
+from conftest import kill_after_checkpoint, probe_reproduces, resume_after_kill, run_script, steps_of
 
 SCRIPT = "pqn_atari_hr.py"
 
@@ -374,21 +374,37 @@ HADAMAX = ["--env-id", "Breakout-v5", "--num-envs", 2, "--num-test-envs", 1, "--
 
 VARIANTS = {
     "relu": SMALL,
-    "tanh_hr": SMALL + ["--activation", "tanh", "--hr"],
+    # snapshots (scripts/probe.py reproduces them: test_probe_recomputes_the_inline_metrics) at both probes; with
+    # ReDo every 128 steps: the first before the probe batch exists (probed on it all the same), two between probes
+    "tanh_hr": SMALL + ["--activation", "tanh", "--hr", "--snapshot-every", 256],
     "hadamax": HADAMAX,
     "crelu": SMALL + ["--activation", "crelu"],
-    "redo": SMALL + ["--redo", "--redo-interval", 2],
+    "redo": SMALL + ["--redo", "--redo-interval", 2, "--snapshot-every", 128],
     "compiled": SMALL + ["--compile", "on"],  # the torch.compile fast path in the real loop, on CPU
 }
 LAYERS = ["conv1", "conv2", "conv3", "latent"]
 METRICS = ["dormant_kde", "dormant_score", "srank", "max_score", "saturated", "zombie"]
 
 
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """smoke_run(variant) -> (process, its cwd): each VARIANTS run once per module, when a test first asks for it."""
+    done = {}
+
+    def get(variant):
+        if variant not in done:
+            cwd = tmp_path_factory.mktemp(variant)
+            done[variant] = run_script(SCRIPT, VARIANTS[variant] + ["--run-name", variant, "--seed", 3], cwd=cwd,
+                                       timeout=300, env={"OMP_NUM_THREADS": "1"}), cwd
+        return done[variant]
+
+    return get
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_smoke_run_logs_every_tag(variant, tmp_path, run_script, read_scalars):
+def test_smoke_run_logs_every_tag(variant, smoke_run, read_scalars):
     args = VARIANTS[variant]
-    proc = run_script(SCRIPT, args + ["--run-name", variant, "--seed", 3], cwd=tmp_path, timeout=300,
-                      env={"OMP_NUM_THREADS": "1"})
+    proc, tmp_path = smoke_run(variant)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "SPS=" in proc.stdout and "parameters:" in proc.stdout
     compiled = variant == "compiled"
@@ -422,6 +438,28 @@ def test_smoke_run_logs_every_tag(variant, tmp_path, run_script, read_scalars):
         assert all(v >= 1 for _, v in s[f"representation/{layer}/srank"])
     if variant == "redo":
         assert all(0.0 <= v <= 1.0 for _, v in s["redo/recycled_fraction"])
+
+
+def test_probe_recomputes_the_inline_metrics(smoke_run, tmp_path, capsys):
+    """scripts/probe.py on the smoke runs' snapshots: the inline metrics at the run's own thresholds, the known answers
+    at others (conftest.probe_reproduces); the ReDo run's snapshot taken before the probe batch existed, and those
+    between probes, are probed on it too."""
+    proc, cwd = smoke_run("tanh_hr")
+    assert "snapshots: every 256 steps, about 2 x" in proc.stdout
+    assert sorted(os.listdir(cwd / "runs" / "tanh_hr" / "snapshots")) == [
+        "probe.pt", "step_000000000256.pt", "step_000000000512.pt"]
+    probe_reproduces(cwd / "runs" / "tanh_hr", tmp_path, steps=[256, 512])
+    proc, cwd = smoke_run("redo")
+    got = probe_reproduces(cwd / "runs" / "redo", tmp_path, steps=[256, 512])
+    assert [s for s, _ in got["own"]["representation/latent/srank"]] == [128, 256, 384, 512]
+    # PQN's probe has no --kde-threshold (fixed at common.probe_scalars' default): one line, exit 1
+    import probe  # scripts/ (probe_reproduces put it on the path)
+
+    capsys.readouterr()
+    assert probe.main([str(tmp_path / "redo"), "--kde-threshold", "10"]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"error: {tmp_path / 'redo'} was made by pqn_atari_hr.py, whose probe has no --kde-threshold "
+                   f"(fixed at the default)\n"), err
 
 
 @pytest.mark.parametrize("bad, flag", [
