@@ -538,11 +538,11 @@ def test_resume_of_finished_run_exits_0(tmp_path, run_script):
 # checkpoint, SIGKILL, resume
 
 # batch 32, 20 updates, a checkpoint every 4 updates; ReDo every 2 updates and metric probes every 2 updates so
-# their tags cross the resume point too
+# their tags cross the resume point too; a snapshot at every checkpoint (the resume purges it and saves it again)
 RESUMABLE = ["--env-id", "Breakout-v5", "--num-envs", 4, "--num-test-envs", 1, "--num-steps", 8,
              "--total-timesteps", 640, "--num-minibatches", 4, "--metrics-every", 64, "--metrics-batch", 16,
              "--max-episode-steps", 30, "--torch-threads", 1, "--checkpoint-every", 128, "--redo",
-             "--redo-interval", 2, "--seed", 5, "--run-name", "kr"]
+             "--redo-interval", 2, "--seed", 5, "--run-name", "kr", "--snapshot-every", 128]
 
 
 def checksum(state_dict):
@@ -550,6 +550,7 @@ def checksum(state_dict):
 
 
 def test_kill_and_resume_continues_without_gap(tmp_path):
+    snapshots = tmp_path / "runs" / "kr" / "snapshots"
     # killed once it has logged an update past its first checkpoint (128): those events must go on resume
     _, ckpt, killed = kill_after_checkpoint(SCRIPT, RESUMABLE, tmp_path, "kr", 160)
     k, state = ckpt["global_step"], ckpt["state"]
@@ -558,6 +559,8 @@ def test_kill_and_resume_continues_without_gap(tmp_path):
     assert state["optimizer"]["state"] and state["rng"]["generators"] == []
     assert state["logs"]["charts/epsilon"] == pytest.approx(0.001) and "losses/td_loss" in state["logs"]
     assert max(st for st, _ in killed["charts/SPS"]) >= k
+
+    assert harness.snapshot_name(k) in os.listdir(snapshots)  # taken before the checkpoint
 
     proc, resumed_checksum, s = resume_after_kill(SCRIPT, RESUMABLE, tmp_path, "kr", ckpt)
     assert resumed_checksum == pytest.approx(checksum(state["network"]), rel=1e-12, abs=1e-9)
@@ -580,6 +583,10 @@ def test_kill_and_resume_continues_without_gap(tmp_path):
         assert lr == pytest.approx(2.5e-4 * (1 - (st // 32 * 8 - 1) / 160), rel=1e-5), st
     saved = json.loads((run_dir / "args.json").read_text())
     assert saved["resume"] is False and saved["total_timesteps"] == 640  # args.json was not rewritten
+    # the snapshots: each step once, the checkpoint's saved again by the resumed run from the checkpointed network
+    # (the network its probe saw: the metrics the checkpoint carried reproduce)
+    assert sorted(os.listdir(snapshots)) == ["probe.pt"] + [harness.snapshot_name(st) for st in range(128, 641, 128)]
+    probe_reproduces(run_dir, tmp_path / "probed", steps=list(range(128, 641, 128)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
