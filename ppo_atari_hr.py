@@ -137,6 +137,11 @@ class Args:
     """KDE dormancy test: a neuron is dormant when its peak activation density exceeds this"""
     kde_noise_std: float = 1e-3
     """std of the Gaussian jitter added before the KDE test (not given in the papers)"""
+    srank_delta: float = 0.01
+    """effective rank: the fewest singular values holding 1 - delta of their sum (Kumar et al. 2021; HR papers)"""
+    snapshot_every: int = 0
+    """agent steps between network snapshots in runs/NAME/snapshots/ (0 = off; taken with the network of the rollout
+    that crosses each multiple, as the probe): weights only, for scripts/probe.py"""
 
     # Checkpointing
     checkpoint_every: int = 1_000_000
@@ -498,7 +503,15 @@ def probe_metrics(agent: Agent, probe_obs: torch.Tensor, args: Args, chunk: int 
         agent.latent(obs, parts[-1])
     layers = {name: tuple(torch.cat([part[name][i] for part in parts]) for i in (0, 1)) for name in parts[0]}
     return common.probe_scalars(layers, agent.head_weight(), tau=args.redo_tau, kde_threshold=args.kde_threshold,
-                                kde_noise_std=args.kde_noise_std, seed=args.seed)
+                                kde_noise_std=args.kde_noise_std, seed=args.seed, delta=args.srank_delta)
+
+
+def probe_snapshot(args: Args, snapshot: dict, probe: dict, device) -> dict:
+    """scripts/probe.py: probe_metrics of one snapshot (harness.Snapshots) in an Agent built as the run built it."""
+    build = snapshot["build"]
+    agent = Agent(args, build["n_actions"], tuple(build["obs_shape"])).to(device)
+    agent.load_state_dict(snapshot["networks"]["agent"])
+    return probe_metrics(agent, probe["obs"].to(device), args)
 
 
 @torch.no_grad()
@@ -614,6 +627,9 @@ if __name__ == "__main__":
     agent = Agent(args, envs.action_space.n, obs_shape).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
     run.describe(agent)
+    snapshots = harness.Snapshots(run, {"agent": agent}, build={"n_actions": int(envs.action_space.n),
+                                                                "obs_shape": list(obs_shape)},
+                                  probe_bytes=args.metrics_batch * math.prod(obs_shape))
     probe_obs = None  # the fixed probe batch, drawn from the first probed rollout
 
     def training_state() -> dict:
@@ -681,6 +697,8 @@ if __name__ == "__main__":
                     idx = torch.randperm(args.batch_size, generator=torch.Generator().manual_seed(args.seed))
                     probe_obs = batch.obs[idx[:args.metrics_batch].to(device)].clone()
                 run.log(global_step, probe_metrics(agent, probe_obs, args))
+        if snapshots.due(global_step, global_step - args.batch_size):  # the network the probe above saw
+            snapshots.save(global_step, None if probe_obs is None else {"obs": probe_obs})
 
         # ALGO LOGIC: advantages, then update_epochs passes over shuffled minibatches
         with torch.no_grad():

@@ -129,6 +129,11 @@ class Args:
     """samples in the fixed probe batch (taken from the rollout at the first probe)"""
     kde_noise_std: float = 1e-3
     """std of the jitter of the KDE dormancy test (not given in the papers)"""
+    srank_delta: float = 0.01
+    """effective rank: the fewest singular values holding 1 - delta of their sum (Kumar et al. 2021; HR papers)"""
+    snapshot_every: int = 0
+    """agent steps between network snapshots in runs/NAME/snapshots/ (0 = off; taken after the update that crosses
+    each multiple, as the probe): weights only, for scripts/probe.py"""
 
     # Checkpointing
     checkpoint_every: int = 2_000_000
@@ -448,7 +453,15 @@ def probe_metrics(net: QNetwork, probe_obs: torch.Tensor, args: Args) -> dict:
     """Every representation/* scalar on the fixed probe batch: one extra forward. The KDE jitter comes from fresh
     generators seeded with --seed (common.probe_scalars): a probe depends only on the network and the batch."""
     return common.probe_scalars(probe_acts(net, probe_obs), net.head.weight, tau=args.redo_tau,
-                                kde_noise_std=args.kde_noise_std, seed=args.seed)
+                                kde_noise_std=args.kde_noise_std, seed=args.seed, delta=args.srank_delta)
+
+
+def probe_snapshot(args: Args, snapshot: dict, probe: dict, device) -> dict:
+    """scripts/probe.py: probe_metrics of one snapshot (harness.Snapshots) in a QNetwork built as the run built it."""
+    build = snapshot["build"]
+    net = QNetwork(args, build["n_actions"], tuple(build["obs_shape"])).to(device)
+    net.load_state_dict(snapshot["networks"]["network"])
+    return probe_metrics(net, probe["obs"].to(device), args)
 
 
 @torch.no_grad()
@@ -547,6 +560,9 @@ if __name__ == "__main__":
     n_actions, obs_shape = envs.action_space.n, envs.observation_space.shape
     net = QNetwork(args, n_actions, obs_shape).to(device)
     run.describe(net)
+    snapshots = harness.Snapshots(run, {"network": net}, build={"n_actions": int(n_actions),
+                                                              "obs_shape": list(obs_shape)},
+                                  probe_bytes=args.metrics_batch * math.prod(obs_shape))
     optimizer = torch.optim.RAdam(net.parameters(), lr=args.learning_rate)
 
     batch_size, n_mb = args.num_envs * args.num_steps, args.update_epochs * args.num_minibatches  # n_mb per update
@@ -567,6 +583,8 @@ if __name__ == "__main__":
         probe_obs = None if state["probe_obs"] is None else state["probe_obs"].to(device, copy=True)
         harness.set_rng_state(state["rng"])
         run.log(run.start_step, state["logs"])  # the checkpointed update's scalars: their step is the purge step
+        if snapshots.due(run.start_step, run.start_step - batch_size):  # and its snapshot, purged with them
+            snapshots.save(run.start_step, None if probe_obs is None else {"obs": probe_obs})
         run.resumed(net)
         del state
     use_compile, use_graphs = run.fast_paths()
@@ -640,6 +658,8 @@ if __name__ == "__main__":
                                           generator=torch.Generator(device).manual_seed(args.seed))
                     probe_obs = data.obs[pick[: args.metrics_batch]].clone()
                 logs.update(probe_metrics(net, probe_obs, args))
+        if snapshots.due(global_step, prev_step):  # the network the probe above saw
+            snapshots.save(global_step, None if probe_obs is None else {"obs": probe_obs})
         logs["charts/SPS"] = run.sps(global_step)
         for prefix, eps in (("charts", train_eps), ("eval", eval_eps)):
             if eps:  # the mean of the full games that ended in this rollout

@@ -27,8 +27,8 @@ the CPU) the KDE jitter comes from another generator and matmuls round different
 neuron or so. --device auto uses the run's device when it is available.
 
 Bad input: a directory without snapshots, a run of a script this tool does not know, args.json that is not the
-script's, an unknown option: one line each, exit 1 (the other runs are still probed). A corrupt or truncated snapshot
-is skipped and named.
+script's, an unknown option, a threshold the script's probe does not have (PQN's --kde-threshold): one line each,
+exit 1 (the other runs are still probed). A corrupt or truncated snapshot is skipped and named.
 """
 from __future__ import annotations
 
@@ -150,6 +150,11 @@ def probe_run(run_dir: str, a) -> int:
     import harness
 
     module, args, probe, steps = open_run(run_dir)
+    plan = settings(a)
+    absent = sorted({k for _, overrides in plan for k in overrides} - {f.name for f in dataclasses.fields(args)})
+    if absent:  # e.g. PQN's probe has no --kde-threshold (common.probe_scalars' default)
+        raise ProbeError(f"{run_dir} was made by {probe['script']}, whose probe has no "
+                         f"{', '.join('--' + k.replace('_', '-') for k in absent)} (fixed at the default)")
     want = a.device
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() and load(steps[0][1]).get("device") == "cuda" else "cpu"
@@ -158,7 +163,6 @@ def probe_run(run_dir: str, a) -> int:
     device = torch.device(want)
     torch.set_grad_enabled(False)
     out_dir = os.path.join(run_dir, "probe")
-    plan = settings(a)
     writers = {}
     for name, _ in plan:
         shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)  # nothing logged twice on a second call

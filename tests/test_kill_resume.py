@@ -30,7 +30,7 @@ def dqn(r):  # agent steps; LOG_EVERY is 100 (a constant); updates every train_f
 def ppo(r):  # 64 steps per iteration (2 envs x 32 steps): every cadence is crossed, never hit
     c = r.randint(100, 200)
     return ["--num-envs", 2, "--num-steps", 32, "--update-epochs", 1, "--total-timesteps", 512, "--metrics-batch", 32,
-            "--checkpoint-every", c, "--metrics-every", r.randint(70, 200)], c
+            "--checkpoint-every", c, "--metrics-every", r.randint(70, 200), "--snapshot-every", r.randint(60, 200)], c
 
 
 def pqn(r):  # 32 steps per update (4 envs x 8 steps)
@@ -38,7 +38,7 @@ def pqn(r):  # 32 steps per update (4 envs x 8 steps)
     return ["--env-id", "Breakout-v5", "--num-envs", 4, "--num-test-envs", 1, "--num-steps", 8, "--total-timesteps",
             320, "--num-minibatches", 4, "--metrics-batch", 16, "--max-episode-steps", 30, "--torch-threads", 1,
             "--checkpoint-every", c, "--metrics-every", r.randint(40, 130), "--redo", "--redo-interval",
-            r.randint(2, 5), "--seed", 5], c
+            r.randint(2, 5), "--seed", 5, "--snapshot-every", r.randint(30, 130)], c
 
 
 def drq(r):  # 8 frames per agent step (cartpole); learning starts and the mitigations count agent steps; an evaluation

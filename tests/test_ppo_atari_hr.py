@@ -4,6 +4,7 @@ kill / resume, the non-finite stop, bad input (docs/bad-input.md's table is run 
 lifecycle itself by tests/test_harness.py)."""
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ import torch
 import common
 import harness
 import ppo_atari_hr as ppo
-from conftest import check_documented_tags, kill_after_checkpoint, resume_after_kill, run_script, steps_of
+from conftest import (check_documented_tags, kill_after_checkpoint, probe_reproduces, resume_after_kill, run_script,
+                      steps_of)
 
 SCRIPT = "ppo_atari_hr.py"
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -342,10 +344,14 @@ def test_compiled_paths_match_eager(monkeypatch):
 
 SMOKE = {
     # name: (extra args, expect full games during training)
+    # snapshots every 200 steps: at 256, 512 and 1024 with a probe, at 640 and 896 without one (scripts/probe.py
+    # reproduces them: test_probe_recomputes_the_inline_metrics)
     "relu": (["--num-envs", "4", "--num-steps", "32", "--total-timesteps", "1024", "--metrics-every", "256",
-              "--metrics-batch", "64", "--save-model", "--eval-episodes", "2"], True),
+              "--metrics-batch", "64", "--save-model", "--eval-episodes", "2", "--snapshot-every", "200"], True),
+    # and at every probe, the first (the one that draws the probe batch) included
     "tanh_hr": (["--num-envs", "4", "--num-steps", "32", "--total-timesteps", "512", "--metrics-every", "128",
-                 "--metrics-batch", "64", "--activation", "tanh", "--hr", "--hidden-layers", "2"], False),
+                 "--metrics-batch", "64", "--activation", "tanh", "--hr", "--hidden-layers", "2", "--snapshot-every",
+                 "128"], False),
     "hadamax": (["--num-envs", "2", "--num-steps", "8", "--total-timesteps", "32", "--metrics-every", "16",
                  "--metrics-batch", "16", "--num-minibatches", "2", "--update-epochs", "1", "--encoder", "hadamax",
                  "--activation", "gelu", "--layernorm"], False),
@@ -423,6 +429,20 @@ def test_smoke_run_logs_every_tag(name, smoke_runs, read_scalars):
         assert len(scalars["eval/episodic_return"]) == 2
         agent = ppo.Agent(ppo.Args(**{k: v for k, v in args.items() if k in ppo.Args.__dataclass_fields__}), 4)
         agent.load_state_dict(torch.load(run_dir / "ppo_atari_hr.pt"))
+
+
+def test_probe_recomputes_the_inline_metrics(smoke_runs, tmp_path):
+    """scripts/probe.py on the smoke runs' snapshots: the inline metrics at the run's own thresholds, the known answers
+    at others (conftest.probe_reproduces); snapshots between probes are probed too, on the same fixed batch."""
+    proc, run_dir = smoke_runs["tanh_hr"]
+    assert "snapshots: every 128 steps, about 4 x" in proc.stdout
+    assert sorted(os.listdir(run_dir / "snapshots")) == ["probe.pt"] + [f"step_{s:012d}.pt" for s in (128, 256, 384,
+                                                                                                       512)]
+    probe_reproduces(run_dir, tmp_path, steps=[128, 256, 384, 512])
+    proc, run_dir = smoke_runs["relu"]
+    assert "snapshots: every 200 steps, about 5 x" in proc.stdout
+    got = probe_reproduces(run_dir, tmp_path / "relu", steps=[256, 512, 1024])
+    assert [s for s, _ in got["own"]["representation/latent/srank"]] == [256, 512, 640, 896, 1024]
 
 
 # ---------------------------------------------------------------------------------------------------------------

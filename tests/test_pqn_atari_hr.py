@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 import harness
 import pqn_atari_hr as pqn
-from conftest import check_documented_tags, kill_after_checkpoint, resume_after_kill, steps_of
+from conftest import (check_documented_tags, kill_after_checkpoint, probe_reproduces, resume_after_kill, run_script,
+                      steps_of)
 
 SCRIPT = "pqn_atari_hr.py"
 
@@ -374,21 +375,37 @@ HADAMAX = ["--env-id", "Breakout-v5", "--num-envs", 2, "--num-test-envs", 1, "--
 
 VARIANTS = {
     "relu": SMALL,
-    "tanh_hr": SMALL + ["--activation", "tanh", "--hr"],
+    # snapshots (scripts/probe.py reproduces them: test_probe_recomputes_the_inline_metrics) at both probes; with
+    # ReDo every 128 steps: the first before the probe batch exists (probed on it all the same), two between probes
+    "tanh_hr": SMALL + ["--activation", "tanh", "--hr", "--snapshot-every", 256],
     "hadamax": HADAMAX,
     "crelu": SMALL + ["--activation", "crelu"],
-    "redo": SMALL + ["--redo", "--redo-interval", 2],
+    "redo": SMALL + ["--redo", "--redo-interval", 2, "--snapshot-every", 128],
     "compiled": SMALL + ["--compile", "on"],  # the torch.compile fast path in the real loop, on CPU
 }
 LAYERS = ["conv1", "conv2", "conv3", "latent"]
 METRICS = ["dormant_kde", "dormant_score", "srank", "max_score", "saturated", "zombie"]
 
 
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """smoke_run(variant) -> (process, its cwd): each VARIANTS run once per module, when a test first asks for it."""
+    done = {}
+
+    def get(variant):
+        if variant not in done:
+            cwd = tmp_path_factory.mktemp(variant)
+            done[variant] = run_script(SCRIPT, VARIANTS[variant] + ["--run-name", variant, "--seed", 3], cwd=cwd,
+                                       timeout=300, env={"OMP_NUM_THREADS": "1"}), cwd
+        return done[variant]
+
+    return get
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_smoke_run_logs_every_tag(variant, tmp_path, run_script, read_scalars):
+def test_smoke_run_logs_every_tag(variant, smoke_run, read_scalars):
     args = VARIANTS[variant]
-    proc = run_script(SCRIPT, args + ["--run-name", variant, "--seed", 3], cwd=tmp_path, timeout=300,
-                      env={"OMP_NUM_THREADS": "1"})
+    proc, tmp_path = smoke_run(variant)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "SPS=" in proc.stdout and "parameters:" in proc.stdout
     compiled = variant == "compiled"
@@ -423,6 +440,28 @@ def test_smoke_run_logs_every_tag(variant, tmp_path, run_script, read_scalars):
         assert all(v >= 1 for _, v in s[f"representation/{layer}/srank"])
     if variant == "redo":
         assert all(0.0 <= v <= 1.0 for _, v in s["redo/recycled_fraction"])
+
+
+def test_probe_recomputes_the_inline_metrics(smoke_run, tmp_path, capsys):
+    """scripts/probe.py on the smoke runs' snapshots: the inline metrics at the run's own thresholds, the known answers
+    at others (conftest.probe_reproduces); the ReDo run's snapshot taken before the probe batch existed, and those
+    between probes, are probed on it too."""
+    proc, cwd = smoke_run("tanh_hr")
+    assert "snapshots: every 256 steps, about 2 x" in proc.stdout
+    assert sorted(os.listdir(cwd / "runs" / "tanh_hr" / "snapshots")) == [
+        "probe.pt", "step_000000000256.pt", "step_000000000512.pt"]
+    probe_reproduces(cwd / "runs" / "tanh_hr", tmp_path, steps=[256, 512])
+    proc, cwd = smoke_run("redo")
+    got = probe_reproduces(cwd / "runs" / "redo", tmp_path, steps=[256, 512])
+    assert [s for s, _ in got["own"]["representation/latent/srank"]] == [128, 256, 384, 512]
+    # PQN's probe has no --kde-threshold (fixed at common.probe_scalars' default): one line, exit 1
+    import probe  # scripts/ (probe_reproduces put it on the path)
+
+    capsys.readouterr()
+    assert probe.main([str(tmp_path / "redo"), "--kde-threshold", "10"]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"error: {tmp_path / 'redo'} was made by pqn_atari_hr.py, whose probe has no --kde-threshold "
+                   f"(fixed at the default)\n"), err
 
 
 @pytest.mark.parametrize("bad, flag", [
@@ -501,11 +540,11 @@ def test_resume_of_finished_run_exits_0(tmp_path, run_script):
 # checkpoint, SIGKILL, resume
 
 # batch 32, 20 updates, a checkpoint every 4 updates; ReDo every 2 updates and metric probes every 2 updates so
-# their tags cross the resume point too
+# their tags cross the resume point too; a snapshot at every checkpoint (the resume purges it and saves it again)
 RESUMABLE = ["--env-id", "Breakout-v5", "--num-envs", 4, "--num-test-envs", 1, "--num-steps", 8,
              "--total-timesteps", 640, "--num-minibatches", 4, "--metrics-every", 64, "--metrics-batch", 16,
              "--max-episode-steps", 30, "--torch-threads", 1, "--checkpoint-every", 128, "--redo",
-             "--redo-interval", 2, "--seed", 5, "--run-name", "kr"]
+             "--redo-interval", 2, "--seed", 5, "--run-name", "kr", "--snapshot-every", 128]
 
 
 def checksum(state_dict):
@@ -513,6 +552,7 @@ def checksum(state_dict):
 
 
 def test_kill_and_resume_continues_without_gap(tmp_path):
+    snapshots = tmp_path / "runs" / "kr" / "snapshots"
     # killed once it has logged an update past its first checkpoint (128): those events must go on resume
     _, ckpt, killed = kill_after_checkpoint(SCRIPT, RESUMABLE, tmp_path, "kr", 160)
     k, state = ckpt["global_step"], ckpt["state"]
@@ -521,6 +561,8 @@ def test_kill_and_resume_continues_without_gap(tmp_path):
     assert state["optimizer"]["state"] and state["rng"]["generators"] == []
     assert state["logs"]["charts/epsilon"] == pytest.approx(0.001) and "losses/td_loss" in state["logs"]
     assert max(st for st, _ in killed["charts/SPS"]) >= k
+
+    assert harness.snapshot_name(k) in os.listdir(snapshots)  # taken before the checkpoint
 
     proc, resumed_checksum, s = resume_after_kill(SCRIPT, RESUMABLE, tmp_path, "kr", ckpt)
     assert resumed_checksum == pytest.approx(checksum(state["network"]), rel=1e-12, abs=1e-9)
@@ -543,6 +585,10 @@ def test_kill_and_resume_continues_without_gap(tmp_path):
         assert lr == pytest.approx(2.5e-4 * (1 - (st // 32 * 8 - 1) / 160), rel=1e-5), st
     saved = json.loads((run_dir / "args.json").read_text())
     assert saved["resume"] is False and saved["total_timesteps"] == 640  # args.json was not rewritten
+    # the snapshots: each step once, the checkpoint's saved again by the resumed run from the checkpointed network
+    # (the network its probe saw: the metrics the checkpoint carried reproduce)
+    assert sorted(os.listdir(snapshots)) == ["probe.pt"] + [harness.snapshot_name(st) for st in range(128, 641, 128)]
+    probe_reproduces(run_dir, tmp_path / "probed", steps=list(range(128, 641, 128)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
