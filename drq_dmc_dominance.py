@@ -256,6 +256,11 @@ class Args:
     """KDE-peak density above which a neuron counts as dormant (dormant_kde)"""
     kde_noise_std: float = 1e-3
     """std of the Gaussian noise added before the KDE dormancy test"""
+    srank_delta: float = 0.01
+    """effective rank: the fewest singular values holding 1 - delta of their sum (Kumar et al. 2021; HR papers)"""
+    snapshot_every: int = 0
+    """frames between critic snapshots in runs/NAME/snapshots/ (0 = off): weights and LayerNorm switch, for
+    scripts/probe.py"""
 
     # Checkpointing
     checkpoint_every: int = 50_000
@@ -1029,17 +1034,34 @@ def redo_critic_(critic: Critic, actor: Actor, obs, actions, tau, critic_opt, ac
 
 
 @torch.no_grad()
-def probe_metrics(critic: Critic, obs: torch.Tensor, actions: torch.Tensor, grads: torch.Tensor, args: Args) -> dict:
+def probe_metrics(critic: Critic, obs: torch.Tensor, actions: torch.Tensor, grads: Optional[torch.Tensor],
+                  args: Args) -> dict:
     """Every representation/* and grad/* scalar of one probe: common.probe_scalars on Q1's latent, fc1 and fc2 (no
     hidden_bias: the latent reaches the head only through fc1, beside the action), each layer's `dominant` (paper
-    Def. 1: some neuron's ReDo score > N/2) and their maximum, and the critic-loss gradients of this step's update."""
+    Def. 1: some neuron's ReDo score > N/2) and their maximum, and the critic-loss gradients of this step's update
+    (none with grads None: a snapshot has no update)."""
     layers = critic.probe(critic.encoder(obs), actions)
     out = common.probe_scalars(layers, tau=args.redo_tau, kde_threshold=args.kde_threshold,
-                               kde_noise_std=args.kde_noise_std, seed=args.seed)
+                               kde_noise_std=args.kde_noise_std, seed=args.seed, delta=args.srank_delta)
     for name, (acts, _) in layers.items():
         out[f"representation/{name}/dominant"] = float(out[f"representation/{name}/max_score"] > acts.shape[1] / 2)
     out["representation/dominant"] = max(out[f"representation/{name}/dominant"] for name in layers)
+    if grads is None:
+        return out
     return {**out, **{f"grad/{name}": g for name, g in zip(GRAD_LAYERS, grads.tolist())}}
+
+
+def probe_snapshot(args: Args, snapshot: dict, probe: dict, device) -> dict:
+    """scripts/probe.py: the representation/* scalars of one snapshot (harness.Snapshots) in a critic built as the run
+    built it, its LayerNorm switch as it was (--ln-from-step; the gate is no part of the state_dict). Pruning masks
+    need no restoring: the pruned weights are zero in the weights themselves. No grad/*: those are the gradients of
+    the update at the probe step."""
+    build = snapshot["build"]
+    critic = Critic(tuple(build["obs_shape"]), build["action_dim"], args).to(device)
+    critic.load_state_dict(snapshot["networks"]["critic"])
+    if critic_layernorm(args):
+        critic.set_layernorm_(snapshot["extra"]["ln_on"])
+    return probe_metrics(critic, probe["obs"].to(device), probe["actions"].to(device), None, args)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1183,6 +1205,9 @@ if __name__ == "__main__":
                                      args.prune_target) if pruner is not None else None
     rb = FrameReplay(args.buffer_size, (3, args.image_size, args.image_size), action_dim, args.frame_stack)
     run.describe(critic, actor)
+    snapshots = harness.Snapshots(run, {"critic": critic}, build={"obs_shape": list(obs_shape),
+                                                                  "action_dim": action_dim},
+                                  probe_bytes=args.metrics_batch * (math.prod(obs_shape) + 4 * action_dim))
     print(f"{args.env_id}: action repeat {env.action_repeat}, camera {env.camera_id}, encoder {args.encoder}; actor on "
           f"the critic's encoder (gradients stopped); target entropy {target_entropy:g}; replay "
           f"{FrameReplay.bytes_needed(rb.capacity, args.image_size) / 1e9:.2f} GB")
@@ -1346,6 +1371,9 @@ if __name__ == "__main__":
                         p = rb.sample(args.metrics_batch, probe_rng)
                         probe_batch = (torch.as_tensor(p.obs, device=device), torch.as_tensor(p.actions, device=device))
                     run.log(global_step, probe_metrics(critic, *probe_batch, grads_t, args))
+        if snapshots.due(global_step, prev_step):  # the critic (and LayerNorm switch) the probe above saw
+            snapshots.save(global_step, None if probe_batch is None else dict(zip(("obs", "actions"), probe_batch)),
+                           extra={"ln_on": ln_on})
 
         if stats is not None and log_now:  # SPS as a float, not CleanRL's int: DrQ on a CPU runs below 1 frame/s
             sps = (global_step - run.start_step) / max(time.time() - run.start_time, 1e-9)

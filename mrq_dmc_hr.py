@@ -239,6 +239,11 @@ class Args:
     """KDE-peak density above which a neuron counts as dormant (dormant_kde)"""
     kde_noise_std: float = 1e-3
     """std of the Gaussian noise added before the KDE dormancy test"""
+    srank_delta: float = 0.01
+    """effective rank: the fewest singular values holding 1 - delta of their sum (Kumar et al. 2021; HR papers)"""
+    snapshot_every: int = 0
+    """frames between encoder and value snapshots in runs/NAME/snapshots/ (0 = off): weights only, for
+    scripts/probe.py"""
 
     # Checkpointing
     checkpoint_every: int = 100_000
@@ -838,7 +843,20 @@ def probe_metrics(encoder: Encoder, value: Value, obs: torch.Tensor, actions: to
     zsa, zsa_layers = encoder.zsa(zs, actions, probe=True)
     _, q_layers = value.q1(zsa, probe=True)
     return common.probe_scalars({**layers, **zsa_layers, **q_layers}, value.q1.head.weight, tau=args.redo_tau,
-                                kde_threshold=args.kde_threshold, kde_noise_std=args.kde_noise_std, seed=args.seed)
+                                kde_threshold=args.kde_threshold, kde_noise_std=args.kde_noise_std, seed=args.seed,
+                                delta=args.srank_delta)
+
+
+def probe_snapshot(args: Args, snapshot: dict, probe: dict, device) -> dict:
+    """scripts/probe.py: probe_metrics of one snapshot (harness.Snapshots) in an encoder and value network built as the
+    run built them (the widths and HR sites it used)."""
+    build = snapshot["build"]
+    encoder, value, _ = build_networks(args, tuple(build["obs_shape"]), build["action_dim"], Widths(*build["widths"]),
+                                       tuple(build["hr"]))
+    encoder, value = encoder.to(device), value.to(device)
+    encoder.load_state_dict(snapshot["networks"]["encoder"])
+    value.load_state_dict(snapshot["networks"]["value"])
+    return probe_metrics(encoder, value, probe["obs"].to(device), probe["actions"].to(device), args)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -988,6 +1006,9 @@ if __name__ == "__main__":
     rb = FrameReplay(capacity, (3, args.image_size, args.image_size), action_dim, args.frame_stack, horizon, device,
                      min_priority=args.min_priority)
     run.describe(encoder, value, policy)
+    snapshots = harness.Snapshots(run, {"encoder": encoder, "value": value}, build={
+        "obs_shape": list(obs_shape), "action_dim": action_dim, "widths": list(widths),
+        "hr": list(sites if args.hr else ())}, probe_bytes=args.metrics_batch * (math.prod(obs_shape) + 4 * action_dim))
     n_base = parameter_count(args, obs_shape, action_dim, base)
     n_hr = parameter_count(args, obs_shape, action_dim, base, sites)
     n_widen = parameter_count(args, obs_shape, action_dim, wide)
@@ -1122,6 +1143,8 @@ if __name__ == "__main__":
                     b = rb.batch(slots, 1, all_stacks=False)
                     probe_batch = (b.obs[:, 0].clone(), b.actions[:, 0].clone())
                 run.log(global_step, probe_metrics(encoder, value, *probe_batch, args))
+        if snapshots.due(global_step, prev_step):  # the networks the probe above saw
+            snapshots.save(global_step, None if probe_batch is None else dict(zip(("obs", "actions"), probe_batch)))
         if stats is not None and log_now:  # SPS as a float: MR.Q on a CPU runs near 1 frame/s
             sps = (global_step - run.start_step) / max(time.time() - run.start_time, 1e-9)
             run.log(global_step, {**stats, "charts/SPS": sps, "charts/training_steps": training_steps})

@@ -188,6 +188,11 @@ class Args:
     kde_scale: Literal["rms", "raw"] = "rms"
     """what the KDE dormancy test sees: each layer's activations divided by their RMS over the probe batch (SimbaV2's
     unit vectors have coordinates of order 1/sqrt(h), which the absolute test would call dormant), or raw"""
+    srank_delta: float = 0.01
+    """effective rank: the fewest singular values holding 1 - delta of their sum (Kumar et al. 2021; HR papers)"""
+    snapshot_every: int = 0
+    """frames between actor and critic snapshots in runs/NAME/snapshots/ (0 = off): weights and the observation
+    statistics of the moment, for scripts/probe.py"""
 
     # Checkpointing
     checkpoint_every: int = 100_000
@@ -734,7 +739,21 @@ def probe_metrics(actor: Actor, critic: Critic, obs: torch.Tensor, actions: torc
         layers = {k: (post / rms[k], pre) for k, (post, pre) in layers.items()}
         head_weight = head_weight * rms["latent"]
     return common.probe_scalars(layers, head_weight, tau=args.redo_tau, kde_threshold=args.kde_threshold,
-                                kde_noise_std=args.kde_noise_std, seed=args.seed)
+                                kde_noise_std=args.kde_noise_std, seed=args.seed, delta=args.srank_delta)
+
+
+def probe_snapshot(args: Args, snapshot: dict, probe: dict, device) -> dict:
+    """scripts/probe.py: probe_metrics of one snapshot (harness.Snapshots) in an actor and critic built as the run
+    built them; the probe batch's raw states normalised as the loop normalises them, with the statistics (mean and
+    1/std, float32) of the snapshot's moment."""
+    build = snapshot["build"]
+    actor = Actor(build["obs_dim"], build["action_dim"], args).to(device)
+    critic = Critic(build["obs_dim"], build["action_dim"], args).to(device)
+    actor.load_state_dict(snapshot["networks"]["actor"])
+    critic.load_state_dict(snapshot["networks"]["critic"])
+    obs_affine = snapshot["extra"]["obs_affine"].to(device)
+    obs = (probe["obs"].to(device) - obs_affine[0]) * obs_affine[1]
+    return probe_metrics(actor, critic, obs, probe["actions"].to(device), args)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -872,6 +891,9 @@ if __name__ == "__main__":
     obs_norm, reward_scaler = ObsNormalizer(obs_dim), RewardScaler(args.gamma, args.g_max)
     rb = Replay(args.buffer_size, obs_dim, action_dim)
     run.describe(actor, critic)
+    snapshots = harness.Snapshots(run, {"actor": actor, "critic": critic},
+                                  build={"obs_dim": obs_dim, "action_dim": action_dim},
+                                  probe_bytes=args.metrics_batch * 4 * (obs_dim + action_dim))
     counts = parameter_counts(obs_dim, action_dim, args)
     base = counts["baseline"]
     print("parameter matching (actor + critic; HyperDense weights / all parameters): " + ", ".join(
@@ -1004,6 +1026,10 @@ if __name__ == "__main__":
                         probe_batch = (torch.as_tensor(p.obs, device=device), torch.as_tensor(p.actions, device=device))
                     probe_obs = (probe_batch[0] - obs_affine[0]) * obs_affine[1]
                     run.log(global_step, probe_metrics(actor, critic, probe_obs, probe_batch[1], args))
+        if snapshots.due(global_step, prev_step):  # the networks and the statistics (mean, 1/std) the probe above
+            # saw: the device tensor the updates read (the identity until learning starts)
+            snapshots.save(global_step, None if probe_batch is None else dict(zip(("obs", "actions"), probe_batch)),
+                           extra={"obs_affine": obs_affine.cpu().clone()})
 
         if stats is not None and log_now:
             run.log(global_step, {**stats, "charts/SPS": run.sps(global_step)})

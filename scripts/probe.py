@@ -161,7 +161,6 @@ def probe_run(run_dir: str, a) -> int:
     elif want == "cuda" and not torch.cuda.is_available():
         raise ProbeError("--device cuda: no CUDA GPU is available")
     device = torch.device(want)
-    torch.set_grad_enabled(False)
     out_dir = os.path.join(run_dir, "probe")
     writers = {}
     for name, _ in plan:
@@ -198,11 +197,14 @@ def probe_run(run_dir: str, a) -> int:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    import torch
+
     failed = 0
     for run_dir in a.runs:
         run_dir = run_dir.rstrip("/")
         try:
-            probe_run(run_dir, a)
+            with torch.no_grad():  # not set_grad_enabled(False), which a caller in this process (the tests) would keep
+                probe_run(run_dir, a)
         except ProbeError as e:
             print(f"error: {e}", file=sys.stderr)
             failed += 1

@@ -193,11 +193,14 @@ def probe_reproduces(run_dir, copy_to, steps, others=("--redo-tau", "1e9", "--sr
     import math
     import shutil
 
+    import torch
+
     sys.path.insert(0, os.path.join(REPO, "scripts"))
     import probe
 
     run_dir = shutil.copytree(run_dir, copy_to / run_dir.name)
     assert probe.main([str(run_dir), *others]) == 0
+    assert torch.is_grad_enabled()  # the caller's autograd mode is left as it was
     inline = read_inline(run_dir)
     got = {d.name: read_scalars(str(d)) for d in (run_dir / "probe").iterdir() if d.is_dir()}
     own = got["own"]

@@ -18,7 +18,8 @@ from scipy.stats import norm
 
 import drq_dmc_dominance as drq
 import harness
-from conftest import check_documented_tags, kill_after_checkpoint, resume_after_kill, steps_of
+from conftest import (check_documented_tags, kill_after_checkpoint, probe_reproduces, resume_after_kill,
+                      steps_of)
 
 SCRIPT = "drq_dmc_dominance.py"
 
@@ -846,12 +847,14 @@ SMOKE = {
     "hlgauss": (["--mitigation", "hlgauss"], [160, 240]),
     "reset": (["--mitigation", "reset", "--reset-every", "10"], [160, 240]),  # agent steps 20, 30: frames 160, 240
     "redo": (["--mitigation", "redo", "--redo-every", "25", "--redo-tau", "0.5"], [160, 240]),  # 25: frame 200
-    "prune": (["--mitigation", "prune", "--prune-every", "5"], [160, 240]),  # ERK (the default)
+    # ERK (the default); snapshots at 80 (before learning starts), 160, 240 (test_probe_recomputes_the_inline_metrics)
+    "prune": (["--mitigation", "prune", "--prune-every", "5", "--snapshot-every", "80"], [160, 240]),
     # reacher (repeat 4): 120 frames = 30 agent steps; updates = gradient steps 1..11 at agent steps 20..30; the
     # reward is masked in gradient steps 1..5 (agent steps 20..24, frames 80..96) and LayerNorm is on from agent step 25
+    # (frame 100): snapshots at 40 and 80 with it off, at 120 with it on
     "masked_ln_from": (["--mitigation", "none", "--env-id", "reacher-easy_masked", "--total-timesteps", "120",
                         "--reward-mask-steps", "5", "--ln-from-step", "25", "--metrics-every", "40", "--log-every",
-                        "4"], [80, 120]),
+                        "4", "--snapshot-every", "40"], [80, 120]),
     "resnet18": (["--mitigation", "none", "--encoder", "resnet18"], [160, 240]),
 }
 
@@ -927,6 +930,31 @@ def test_smoke_run_logs_training_and_dominance_metrics(smoke_runs, read_scalars,
         assert args["ln_from_step"] == 25 and args["encoder"] == "drq"
     if name == "resnet18":
         assert args["encoder"] == "resnet18" and "encoder resnet18" in proc.stdout
+
+
+def test_probe_recomputes_the_inline_metrics(smoke_runs, tmp_path):
+    """scripts/probe.py on the smoke runs' snapshots (conftest.probe_reproduces): every representation/* tag (the
+    dominance tags included; grad/* is not recomputable and not recomputed) equals the inline value at the run's own
+    thresholds, and the known answers at others. The LayerNorm switched on part-way travels in the snapshot (its gate
+    is no part of the state_dict): probed with the other switch, the critic gives other values; the pruned critic's
+    masks are zeros in its weights. A snapshot from before learning started is probed on the batch drawn later."""
+    proc, run_dir = smoke_runs["masked_ln_from"]
+    assert "snapshots: every 40 steps, about 3 x" in proc.stdout
+    assert sorted(os.listdir(run_dir / "snapshots")) == ["probe.pt"] + [harness.snapshot_name(s) for s in (40, 80, 120)]
+    snaps = {s: torch.load(run_dir / "snapshots" / harness.snapshot_name(s), weights_only=False) for s in (40, 80, 120)}
+    assert {s: snap["extra"]["ln_on"] for s, snap in snaps.items()} == {40: False, 80: False, 120: True}
+    assert set(snaps[120]["networks"]) == {"critic"} and snaps[120]["build"]["action_dim"] == 2
+    got = probe_reproduces(run_dir, tmp_path / "ln", steps=[80, 120])
+    assert [s for s, _ in got["own"]["representation/fc1/max_score"]] == [40, 80, 120]
+    assert not any(t.startswith("grad/") for t in got["own"])
+    args = drq.Args(**json.loads((run_dir / "args.json").read_text()))
+    probe = torch.load(run_dir / "snapshots" / "probe.pt", weights_only=False)["probe"]
+    off = {**snaps[120], "extra": {"ln_on": False}}
+    assert drq.probe_snapshot(args, off, probe, "cpu") != drq.probe_snapshot(args, snaps[120], probe, "cpu")
+    proc, run_dir = smoke_runs["prune"]
+    assert "snapshots: every 80 steps, about 3 x" in proc.stdout
+    got = probe_reproduces(run_dir, tmp_path / "prune", steps=[160, 240])
+    assert [s for s, _ in got["own"]["representation/dominant"]] == [80, 160, 240]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -50,7 +50,8 @@ def drq(r):  # 8 frames per agent step (cartpole); learning starts and the mitig
             "--image-size", 48, "--total-timesteps", 400, "--seed", 3, "--learning-starts",
             r.randint(5, 20), "--log-every", r.randint(50, 130), "--checkpoint-every", c, "--metrics-every",
             r.randint(60, 170), "--eval-every", r.choice((0, 0, r.randint(150, 300))), "--eval-episodes", 1,
-            "--mitigation", mitigation, every, r.randint(3, 9), "--ln-from-step", r.randint(20, 60)], c
+            "--mitigation", mitigation, every, r.randint(3, 9), "--ln-from-step", r.randint(20, 60),
+            "--snapshot-every", r.randint(60, 170)], c
 
 
 def simbav2(r):  # 2 frames per agent step (cartpole); state-based, so evaluation is cheap
@@ -59,7 +60,7 @@ def simbav2(r):  # 2 frames per agent step (cartpole); state-based, so evaluatio
             "--max-episode-steps", 100, "--metrics-batch", 32, "--seed", 3, "--total-timesteps", 500, "--buffer-size",
             250, "--hr", "--learning-starts", r.randint(50, 150), "--log-every", r.randint(60, 140),
             "--checkpoint-every", c, "--metrics-every", r.randint(70, 200), "--eval-every", r.randint(150, 350),
-            "--eval-episodes", 1], c
+            "--eval-episodes", 1, "--snapshot-every", r.randint(60, 200)], c
 
 
 def mrq(r):  # 2 frames per agent step; encoder and targets every --target-update-freq value updates (up to most of
@@ -70,7 +71,7 @@ def mrq(r):  # 2 frames per agent step; encoder and targets every --target-updat
             "--image-size", 36, "--buffer-size", 60, "--metrics-batch", 8, "--total-timesteps", 200,
             "--target-update-freq", r.randint(10, 60), "--learning-starts", r.randint(30, 70), "--log-every",
             r.randint(25, 60), "--checkpoint-every", c, "--metrics-every", r.randint(40, 90), "--eval-every",
-            r.choice((0, r.randint(70, 130))), "--eval-episodes", 1], c
+            r.choice((0, r.randint(70, 130))), "--eval-episodes", 1, "--snapshot-every", r.randint(30, 90)], c
 
 
 SCRIPTS = {  # script -> (draw of flags and --checkpoint-every, tags that depend on where episodes end)

@@ -10,6 +10,7 @@ import copy
 import functools
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -18,7 +19,8 @@ import torch.nn.functional as F
 
 import harness
 import mrq_dmc_hr as mrq
-from conftest import check_documented_tags, kill_after_checkpoint, resume_after_kill, steps_of
+from conftest import (check_documented_tags, kill_after_checkpoint, probe_reproduces, resume_after_kill,
+                      steps_of)
 
 SCRIPT = "mrq_dmc_hr.py"
 
@@ -473,11 +475,12 @@ TINY = ["--env-id", "cartpole-swingup", "--batch-size", "8", "--episode-frames",
         "--zs-dim", "32", "--za-dim", "16", "--zsa-dim", "32", "--enc-hdim", "32", "--value-hdim", "32",
         "--policy-hdim", "32", "--log-every", "40", "--seed", "3"]
 LAYERS = ["conv1", "conv2", "conv3", "conv4", "zs", "zsa_fc1", "zsa_fc2", "fc1", "fc2", "latent"]
-SMOKE = {  # name -> extra flags
+SMOKE = {  # name -> extra flags; snapshots: test_probe_recomputes_the_inline_metrics
     "hr": ["--hr", "--buffer-size", "200", "--learning-starts", "80", "--total-timesteps", "120", "--metrics-every",
-           "40", "--metrics-batch", "8", "--eval-every", "120", "--eval-episodes", "1"],
+           "40", "--metrics-batch", "8", "--eval-every", "120", "--eval-episodes", "1", "--snapshot-every", "40"],
     "widen": ["--widen", "--hr-layers", "zsa,convs", "--image-size", "36", "--buffer-size", "30", "--learning-starts",
-              "60", "--total-timesteps", "120", "--metrics-every", "40", "--metrics-batch", "8", "--eval-every", "0"],
+              "60", "--total-timesteps", "120", "--metrics-every", "40", "--metrics-batch", "8", "--eval-every", "0",
+              "--snapshot-every", "60"],
 }
 
 
@@ -525,6 +528,23 @@ def test_smoke_run_logs_every_tag(smoke_runs, read_scalars, name):
         assert [st for st, _ in s["representation/zs/srank"]] == [80, 120]
         assert "eval/episodic_return" not in s
         assert "Widths(conv=" in out and "--widen" in out
+
+
+def test_probe_recomputes_the_inline_metrics(smoke_runs, tmp_path):
+    """scripts/probe.py on the smoke runs' snapshots (conftest.probe_reproduces): encoder and value network built with
+    the run's HR sites or widened widths give the inline values at the run's own thresholds, and the known answers at
+    others; a snapshot from before learning started (no probe batch yet) is probed on the batch drawn later."""
+    proc, run_dir = smoke_runs["hr"]
+    assert "snapshots: every 40 steps, about 3 x" in proc.stdout
+    assert sorted(os.listdir(run_dir / "snapshots")) == ["probe.pt"] + [harness.snapshot_name(s) for s in (40, 80, 120)]
+    got = probe_reproduces(run_dir, tmp_path / "hr", steps=[80, 120])
+    assert [s for s, _ in got["own"]["representation/zs/srank"]] == [40, 80, 120]
+    proc, run_dir = smoke_runs["widen"]
+    snap = torch.load(run_dir / "snapshots" / harness.snapshot_name(120), weights_only=False)
+    assert set(snap["networks"]) == {"encoder", "value"} and snap["build"]["hr"] == []
+    assert tuple(snap["build"]["widths"]) != (32, 32, 32)  # conv channels and zsa width grown: --widen
+    got = probe_reproduces(run_dir, tmp_path / "widen", steps=[120])
+    assert [s for s, _ in got["own"]["representation/zs/srank"]] == [60, 120]
 
 
 RENDERER_RUN = TINY + ["--image-size", "36", "--buffer-size", "40", "--learning-starts", "20", "--total-timesteps",

@@ -25,8 +25,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import harness
-from conftest import (REPO, check_documented_tags, kill_after_checkpoint, read_scalars, resume_after_kill, run_script,
-                      steps_of)
+from conftest import (REPO, check_documented_tags, kill_after_checkpoint, probe_reproduces, read_scalars,
+                      resume_after_kill, run_script, steps_of)
 
 import simbav2_dmc_hr as sv2  # noqa: E402 - imports dm_control with no renderer (state tasks)
 
@@ -525,8 +525,10 @@ def test_no_renderer_needed_help_and_gymnasium_mujoco_with_a_broken_egl(tmp_path
 TINY = ["--env-id", "cartpole-swingup", "--critic-hidden-dim", "16", "--actor-hidden-dim", "8", "--batch-size", "16",
         "--max-episode-steps", "200", "--metrics-batch", "32", "--seed", "3"]
 SMOKE = {  # name -> extra flags; 400 frames = 200 agent steps, updates from frame 200 (2 per agent step)
-    "hr": ["--hr"],
-    "widen_cdq": ["--widen", "--cdq", "on", "--hr-networks", "critic"],
+    # snapshots at 100 (before learning starts) and at every probe: test_probe_recomputes_the_inline_metrics
+    "hr": ["--hr", "--snapshot-every", "100"],
+    # the KDE test on the raw activations; snapshots at 200 and 400
+    "widen_cdq": ["--widen", "--cdq", "on", "--hr-networks", "critic", "--kde-scale", "raw", "--snapshot-every", "200"],
 }
 SMOKE_COMMON = ["--total-timesteps", "400", "--learning-starts", "200", "--buffer-size", "1000", "--metrics-every",
                 "100", "--log-every", "100", "--eval-every", "400", "--eval-episodes", "1", "--checkpoint-every", "0"]
@@ -580,6 +582,24 @@ def test_smoke_run_logs_every_tag(smoke_runs, name):
         assert "(linears): ModuleList(\n" in out and "2 x HyperDense(in_features=16, out_features=64" in out
     else:
         assert args["cdq"] == "on" and "HyperDense(in_features=16, out_features=96" in out
+
+
+def test_probe_recomputes_the_inline_metrics(smoke_runs, tmp_path):
+    """scripts/probe.py on the smoke runs' snapshots (conftest.probe_reproduces): the inline values at the run's own
+    thresholds (the probe batch saved raw, normalised with the statistics the snapshot holds: those of its moment,
+    which change between probes), with --kde-scale rms and raw; the known answers at other thresholds."""
+    proc, run_dir = smoke_runs["hr"]
+    assert "snapshots: every 100 steps, about 4 x" in proc.stdout
+    assert sorted(os.listdir(run_dir / "snapshots")) == ["probe.pt"] + [harness.snapshot_name(s)
+                                                                        for s in (100, 200, 300, 400)]
+    affine = {s: torch.load(run_dir / "snapshots" / harness.snapshot_name(s), weights_only=False)["extra"]["obs_affine"]
+              for s in (100, 200, 300)}
+    assert torch.equal(affine[100], torch.stack([torch.zeros(5), torch.ones(5)]))  # the identity until learning starts
+    assert not torch.equal(affine[200], affine[300])
+    got = probe_reproduces(run_dir, tmp_path / "hr", steps=[200, 300, 400])
+    assert [s for s, _ in got["own"]["representation/latent/srank"]] == [100, 200, 300, 400]
+    proc, run_dir = smoke_runs["widen_cdq"]
+    probe_reproduces(run_dir, tmp_path / "widen", steps=[200, 400])
 
 
 def _checksum(state):
