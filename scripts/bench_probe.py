@@ -3,7 +3,7 @@
 scripts/probe.py takes to recompute one snapshot's metrics (one setting: the network built, the weights loaded, the
 script's own probe on its default --metrics-batch).
 
-    python scripts/bench_probe.py [--scripts dqn ppo ...] [--repeats 3] [--device cpu]
+    python scripts/bench_probe.py [--scripts dqn ppo ...] [--repeats 3] [--device cpu] [--metrics-batch N]
 
 No training and no environment: the networks are built at the default flags with the sizes the recipe's environment
 gives (below), with their initial weights, and the probe batch is random (uint8 frames, or states and actions), so
@@ -74,10 +74,12 @@ def nbytes(obj) -> int:
     return buffer.tell()
 
 
-def measure(name: str, repeats: int, device: torch.device) -> dict:
+def measure(name: str, repeats: int, device: torch.device, metrics_batch: int | None = None) -> dict:
     module, env_id, build = RECIPES[name]
     m = importlib.import_module(module)
     args = m.Args(env_id=env_id)
+    if metrics_batch:
+        args.metrics_batch = metrics_batch
     if hasattr(m, "resolve_defaults"):
         args = m.resolve_defaults(args)
     build = dict(build)
@@ -94,7 +96,9 @@ def measure(name: str, repeats: int, device: torch.device) -> dict:
             m.probe_snapshot(dataclasses.replace(args), snapshot, probe, device)
             times.append(time.perf_counter() - t0)
     every = args.metrics_every
-    return {"script": module + ".py", "env": env_id, "batch": args.metrics_batch, "snapshot_mb": nbytes(snapshot) / 1e6,
+    weights = sum(t.numel() * t.element_size() for n in nets.values() for t in n.state_dict().values())
+    return {"script": module + ".py", "env": env_id, "batch": args.metrics_batch, "weights_mb": weights / 1e6,
+            "snapshot_mb": nbytes(snapshot) / 1e6,
             "probe_mb": nbytes({"probe": probe}) / 1e6, "count": args.total_timesteps // every, "every": every,
             "seconds": min(times[1:]) if repeats else times[0]}
 
@@ -104,6 +108,7 @@ def main(argv=None) -> int:
     p.add_argument("--scripts", nargs="+", choices=list(RECIPES), default=list(RECIPES))
     p.add_argument("--repeats", type=int, default=3, help="timed probes per script after one warm-up (the best is kept)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--metrics-batch", type=int, default=None, help="another probe batch size (default: each script's)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
@@ -111,7 +116,7 @@ def main(argv=None) -> int:
           "the run's snapshots | probe.py per snapshot and setting |")
     print("|---|---|---|---|---|---|")
     for name in a.scripts:
-        r = measure(name, a.repeats, device)
+        r = measure(name, a.repeats, device, a.metrics_batch)
         total = r["count"] * r["snapshot_mb"] + r["probe_mb"]
         print(f"| `{r['script']}` | {r['env']} | {r['snapshot_mb']:.2f} MB | {r['probe_mb']:.2f} MB ({r['batch']}) | "
               f"{r['count']} x every {r['every']:,}: {total / 1e3:.2f} GB | {r['seconds']:.2f} s |", flush=True)

@@ -259,3 +259,16 @@ def test_tiny_real_run_of_dqn(tmp_path):
     assert named["probe share"].endswith("%") and named["s / probe"] != "—"  # from runs/NAME/finished
     assert named["fast paths"] == "eager"
     assert named["peak host RSS"].endswith("iB") and named["peak GPU mem"] == "n/a"
+
+
+def test_bench_probe_builds_every_scripts_snapshot_and_probes_it():
+    """scripts/bench_probe.py makes the snapshot each script's run makes (its networks, `build`, `extra`) and probes
+    it with the script's probe_snapshot: a script whose snapshot changes and a bench that does not follow fails here.
+    A snapshot's size is its weights' bytes, within torch.save's overhead."""
+    import bench_probe
+    import torch
+
+    for name in bench_probe.RECIPES:
+        r = bench_probe.measure(name, 0, torch.device("cpu"), metrics_batch=4)
+        assert r["weights_mb"] <= r["snapshot_mb"] < r["weights_mb"] * 1.05 + 0.1, (name, r)
+        assert r["batch"] == 4 and r["seconds"] > 0
