@@ -30,18 +30,19 @@ import contextlib
 import dataclasses
 import importlib
 import io
-import json
 import os
 import re
 import runpy
-import subprocess
 import sys
 import time
 import typing
 
 import pytest
 
-from conftest import REPO, run_script
+from conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+from forks import Forks  # noqa: E402  (scripts/forks.py: the fork server, shared with README's rows and gpu_check)
 
 EDGES = ["0", "-1", str(2**62), "1e308", "-1e308", "nan", "inf", "5e-324"]
 TINY = {  # a tiny run with learning in it, per script
@@ -207,88 +208,6 @@ def groups(script, accepted, tmp_path, warns=()):
     return out
 
 
-SERVER = r"""
-import atexit, json, os, runpy, select, sys, time
-script, workers = sys.argv[1], int(sys.argv[2])
-sys.path.insert(0, os.path.dirname(script))
-__import__(os.path.basename(script)[:-3])  # the script's imports (torch, the environments), paid once
-
-
-def child(argv, out, err):
-    sys.stdout.flush(); sys.stderr.flush()
-    os.dup2(os.open(out, os.O_WRONLY | os.O_CREAT), 1); os.dup2(os.open(err, os.O_WRONLY | os.O_CREAT), 2)
-    sys.argv, code = [script, *argv], 0
-    try:  # what `python script argv` does with the script's end
-        runpy.run_path(script, run_name="__main__")
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 0 if e.code is None else (print(e.code, file=sys.stderr), 1)[1]
-    except BaseException:
-        sys.excepthook(*sys.exc_info()); code = 1
-    atexit._run_exitfuncs()
-    sys.stdout.flush(); sys.stderr.flush()
-    os._exit(code)
-
-
-pending, running, buf, eof = [], {}, b"", False
-while not (eof and not pending and not running):
-    if not eof and select.select([0], [], [], 0.02)[0]:
-        data = os.read(0, 1 << 16)
-        eof, buf = not data, buf + data
-        *lines, buf = buf.split(b"\n")
-        pending += [json.loads(line) for line in lines if line.strip()]
-    while pending and len(running) < workers:
-        job = pending.pop(0)
-        paths = (f"run{job['id']}.out", f"run{job['id']}.err")
-        pid = os.fork()
-        if pid == 0:
-            child(job["argv"], *paths)
-        running[pid] = (job["id"], time.time(), paths)
-    for pid, (i, t0, _) in running.items():
-        if time.time() - t0 > 120:
-            os.kill(pid, 9)
-    pid, status = os.waitpid(-1, os.WNOHANG) if running else (0, 0)
-    if pid == 0:
-        if eof:
-            time.sleep(0.02)
-        continue
-    i, t0, paths = running.pop(pid)
-    texts = []
-    for path in paths:
-        with open(path) as f:
-            texts.append(f.read())
-        os.remove(path)
-    rc = os.waitstatus_to_exitcode(status) if time.time() - t0 <= 120 else "timeout"
-    print("@@" + json.dumps([i, rc, *texts, round(time.time() - t0, 1)]), flush=True)
-"""
-
-
-class Forks:
-    """Tiny runs as processes without paying the imports (torch, the environments: seconds) for each: a server
-    process imports the script's modules once, then forks one child process per run, which runs the script as
-    `__main__` with the run's argv, exactly what `python script argv` runs; a child's exit status, stdout and stderr
-    are its own. WORKERS children at once; a run submitted while others run starts as soon as a worker is free."""
-
-    def __init__(self, script, cwd):
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVER, os.path.join(REPO, script), str(WORKERS)],
-                                     cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-    def submit(self, i, argv):
-        self.proc.stdin.write(json.dumps({"id": i, "argv": argv}) + "\n")
-        self.proc.stdin.flush()
-
-    def result(self):
-        """The next run to end: (id, exit status or "timeout", stdout, stderr, seconds)."""
-        for line in self.proc.stdout:
-            if line.startswith("@@"):
-                return json.loads(line[2:])
-        raise AssertionError(f"the fork server ended (exit {self.proc.wait()})")
-
-    def close(self):
-        self.proc.stdin.close()
-        self.proc.wait(timeout=150)
-
-
 def verdict(rc, out, err):
     """"ok" (exit 0, no traceback), "stop" (the non-finite one-liner, exit 1) or "fail"."""
     last = (err.strip().splitlines() or [""])[-1]
@@ -302,7 +221,7 @@ def test_every_numeric_flag_at_its_edges(script, tmp_path, one_torch_thread):
     """A run that stops at the non-finite one-liner stopped early for the value that blew it up: it is split in halves
     and each half runs again, down to the one value whose stop it is, so no other value in it goes unexercised."""
     t0 = time.time()
-    forks = Forks(script, tmp_path)  # its imports overlap the in-process checks
+    forks = Forks(script, tmp_path, dict(os.environ, OMP_NUM_THREADS="1"), WORKERS)  # imports beside the checks
     verdicts = refusals(script, tmp_path)
     accepted = [t for t in edge_tries(script) if verdicts[t[0], t[1]].startswith("accepted") and t[0] not in NOT_RUN]
     warns = [t for t in accepted if verdicts[t[0], t[1]] == "accepted (warns)"]
@@ -314,10 +233,10 @@ def test_every_numeric_flag_at_its_edges(script, tmp_path, one_torch_thread):
 
     try:
         for name, group in runs.items():
-            forks.submit(name, [*TINY[script], *argv_of(group), "--run-name", name])
+            forks.submit(name, [*TINY[script], *argv_of(group), "--run-name", name], timeout=120)
         waiting = len(runs)
         while waiting:
-            name, rc, out, err, secs = forks.result()
+            name, rc, out, err, secs, _ = forks.result()
             waiting -= 1
             group, argv = runs[name], argv_of(runs[name])
             print(f"  {name}: {' '.join(argv)}: exit {rc} in {secs}s")
@@ -325,7 +244,8 @@ def test_every_numeric_flag_at_its_edges(script, tmp_path, one_torch_thread):
             if v == "stop" and len(group) > 1:
                 for half, part in (("a", group[:len(group) // 2]), ("b", group[len(group) // 2:])):
                     runs[name + half] = part
-                    forks.submit(name + half, [*TINY[script], *argv_of(part), "--run-name", name + half])
+                    forks.submit(name + half, [*TINY[script], *argv_of(part), "--run-name", name + half],
+                                 timeout=120)
                 waiting, n_runs = waiting + 2, n_runs + 2
             elif v == "fail":
                 failures.append(f"{' '.join(argv)}: exit {rc}, {(out + err)[-1500:]}")
