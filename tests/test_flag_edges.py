@@ -16,8 +16,9 @@ hlgauss), and the run's flags together stay accepted in-process (values that int
 are refused together and the pair goes to another run). Values that switch a part of the tiny run off would hide what the others do there, so they are kept apart:
 a pair whose run warns alone (no update will run, no probe: harness.never_warnings) runs alone, and int flags at 2**62
 (periods and starts past the tiny budget) are packed among themselves. Float flags at 2**62 (rates, coefficients,
-scales: the values that may blow a run up) are packed apart from the rest, and optimizer step sizes and weight decays
-at 2**62 (STEP_SIZE: they do blow it up) run alone. A run that ends with the non-finite one-liner stopped early for one of its values, so
+scales: the values that may blow a run up) are packed apart from the rest, and optimizer step sizes, weight decays and
+exponents at 2**62 (BLOWS_UP: they do blow it up) run alone. The two bounds of one range (--bin-lower/--bin-upper,
+--hl-min/--hl-max) never share a run: accepted apart, together they can make an empty range (0 and 5e-324). A run that ends with the non-finite one-liner stopped early for one of its values, so
 the others were not exercised to the end: it is split in halves, each half runs again, down to the value whose stop it
 is (a stop is a pass for that value alone). A failure names its run's flags; FLAG_EDGES_ONE=1 runs each pair alone.
 The runs are processes forked from a server that imported the script's modules once (Forks): each runs the script as
@@ -62,11 +63,13 @@ TINY = {  # a tiny run with learning in it, per script
                           "--batch-size", "16", "--max-episode-steps", "200", "--metrics-batch", "32",
                           "--total-timesteps", "200", "--learning-starts", "100", "--buffer-size", "1000",
                           "--metrics-every", "100", "--log-every", "100", "--eval-every", "0", "--compile", "off"],
+    # 80 frames: 20 agent steps of updates (4 target updates with their encoder updates), losses logged at 40 and
+    # 80, a probe at 80: a third less per run than 120 frames, the part that learns unchanged in kind
     "mrq_dmc_hr.py": ["--env-id", "cartpole-swingup", "--batch-size", "8", "--episode-frames", "40",
                       "--target-update-freq", "5", "--zs-dim", "32", "--za-dim", "16", "--zsa-dim", "32",
                       "--enc-hdim", "32", "--value-hdim", "32", "--policy-hdim", "32", "--log-every", "40",
-                      "--total-timesteps", "120", "--learning-starts", "40", "--buffer-size", "200",
-                      "--metrics-every", "80", "--metrics-batch", "16", "--eval-every", "0", "--eval-episodes", "1",
+                      "--total-timesteps", "80", "--learning-starts", "40", "--buffer-size", "200",
+                      "--metrics-every", "40", "--metrics-batch", "16", "--eval-every", "0", "--eval-episodes", "1",
                       "--compile", "off"],  # one evaluation episode where a value turns evaluation on
 }
 ENABLERS = {
@@ -174,7 +177,15 @@ def huge(script, t):
     return t[1] == str(2**62) and dict(numeric_flags(script))[t[0]] is float
 
 
-STEP_SIZE = re.compile(r"(^|_)(lr|learning_rate|wd|weight_decay)(_|$)")  # at 2**62 these blow a run up
+# at 2**62 these blow a run up: optimizer step sizes, weight decays, exponents (MR.Q's LAP priority ** --lap-alpha)
+BLOWS_UP = re.compile(r"(^|_)(lr|learning_rate|wd|weight_decay|alpha)(_|$)")
+RANGE_ENDS = {"lower": "upper", "upper": "lower", "min": "max", "max": "min"}
+
+
+def other_end(name):
+    """--bin-lower -> "bin_upper", --hl-max -> "hl_min": the other bound of a range flag (None: not one)."""
+    head, _, end = name.rpartition("_")
+    return f"{head}_{RANGE_ENDS[end]}" if head and end in RANGE_ENDS else None
 
 
 def groups(script, accepted, tmp_path, warns=()):
@@ -184,7 +195,7 @@ def groups(script, accepted, tmp_path, warns=()):
     cwd, out = os.getcwd(), []
     os.chdir(tmp_path)
     try:
-        alone = [t for t in accepted if t in warns or huge(script, t) and STEP_SIZE.search(t[0])]
+        alone = [t for t in accepted if t in warns or huge(script, t) and BLOWS_UP.search(t[0])]
         out += [[t] for t in alone]
         off = [t for t in accepted if t not in alone and t[1] == str(2**62) and dict(numeric_flags(script))[t[0]] is int]
         for pool in ([t for t in accepted if t not in alone and t not in off and not huge(script, t)], off,
@@ -195,6 +206,8 @@ def groups(script, accepted, tmp_path, warns=()):
                 for run in runs:
                     theirs = as_flags([a for g in run for a in g[2]])
                     if any(theirs.get(k, v) != v for k, v in mine.items()):  # the same flag, or enablers that differ
+                        continue
+                    if other_end(t[0]) in {g[0] for g in run}:  # the range's other bound: apart
                         continue
                     argv = [a for k, v in {**theirs, **mine}.items() for a in (k, v)]
                     if preflight(script, [*TINY[script], *argv]) == ("accepted", ""):
