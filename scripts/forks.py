@@ -8,6 +8,9 @@ imports the script's modules once, then forks one child process per run. The chi
 the run and only the run), its own exit status (a SystemExit message on stderr and exit 1, a traceback and exit 1,
 -N when signal N ended it) and its own stdout and stderr (files the caller names, or returned as text).
 
+The server imports the script as a module (its run must sit under `if __name__ == "__main__":`, as the training
+scripts' does), so a source file edited while a server runs reaches its later runs only in part: the script is read
+again for each run, the modules it imports are the server's.
 What differs from a fresh process, and why it does not matter where this is used: modules are imported once, in the
 server, with the server's environment: variables read at import (OMP_NUM_THREADS by torch, MUJOCO_GL by dm_control) are
 the server's, so a caller starts a server with the environment its runs share; variables read at run time (the
