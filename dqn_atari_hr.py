@@ -794,7 +794,9 @@ def update_target(target_network: QNetwork, q_network: QNetwork, tau: float) -> 
 if __name__ == "__main__":
     args = harness.cli(Args)
     validate(args)
-    run = harness.Run(args, resolve=resolve_defaults,
+    run = harness.Run(args, resolve=resolve_defaults,  # the first update: the first --train-frequency step after warm-up
+                      learning_starts=(args.learning_starts // args.train_frequency + 1) * args.train_frequency,
+                      update_cadence=f"--train-frequency {args.train_frequency}",
                       memory={f"--buffer-size {args.buffer_size}": FrameReplayBuffer.bytes_needed(args.buffer_size)},
                       networks={f"--hidden-dim {args.hidden_dim} --hidden-layers {args.hidden_layers} --hr-branches "
                                 f"{args.hr_branches}": lambda: [QNetwork(args, 18)]})  # 18: the most actions

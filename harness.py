@@ -321,14 +321,20 @@ def network_memory(networks: dict, cuda: bool) -> dict:
     return {f"{what} (networks)": n for what, n in need.items()}
 
 
-def never_warnings(args, learning_starts: int, first_probe: int) -> None:
-    """A run that will never learn, or never probe, says so at its start; both compared in --total-timesteps' unit."""
+def never_warnings(args, learning_starts: int, first_probe: int, cadence: str = "") -> None:
+    """A run that will never learn, or never probe, says so at its start; both compared in --total-timesteps' unit.
+    learning_starts: the step of the first update; cadence: the flag that puts it past --learning-starts (DQN's
+    "--train-frequency 4": an update every 4th step after --learning-starts), named when it alone is the cause."""
     total = args.total_timesteps
     if learning_starts >= total:
-        same = learning_starts == getattr(args, "learning_starts", None)
-        unit = "" if same else f" (step {learning_starts:,} in --total-timesteps' unit)"
-        warn(f"--learning-starts {getattr(args, 'learning_starts', learning_starts)}{unit} is not before "
-             f"--total-timesteps {total}: no update will run" + ("" if not first_probe else ", and no probe"))
+        flag = getattr(args, "learning_starts", learning_starts)
+        probe = "" if not first_probe else ", and no probe"
+        if cadence and flag < total:  # --learning-starts is before the end: the cadence puts the first update past it
+            warn(f"{cadence}: no update will run (the first would be at step {learning_starts:,}, after "
+                 f"--learning-starts {flag}, past --total-timesteps {total}){probe}")
+            return
+        unit = "" if learning_starts == flag or cadence else f" (step {learning_starts:,} in --total-timesteps' unit)"
+        warn(f"--learning-starts {flag}{unit} is not before --total-timesteps {total}: no update will run{probe}")
         return
     every = getattr(args, "metrics_every", 0)
     first = -(-max(first_probe, 1) // every) * every if every > 0 else None  # the first multiple >= first_probe
@@ -741,17 +747,18 @@ class Run:
 
     def __init__(self, args, resolve: Callable = lambda a: a, memory: Optional[dict] = None,
                  progress_every: float = 10.0, log_at_steps_done: bool = False, networks: Optional[dict] = None,
-                 learning_starts: Optional[int] = None, probes_need_updates: bool = False):
+                 learning_starts: Optional[int] = None, probes_need_updates: bool = False, update_cadence: str = ""):
         """log_at_steps_done: the script logs a step's scalars at the count of steps done, so those at a checkpoint's
         own step belong to it (CleanRL's PPO logs an iteration at global_step after its rollout): resume purges from
         the step after the checkpoint's, not from it. networks: {flags to change: a callable that builds the run's
         networks}, built on the meta device and checked against free memory (network_memory) before anything
         exists. learning_starts: the step of the first update in --total-timesteps' unit (default --learning-starts,
-        where the two share a unit); probes_need_updates: the script probes only once it has updated."""
+        where the two share a unit, or where a cadence puts it later: update_cadence names that flag, as
+        never_warnings says); probes_need_updates: the script probes only once it has updated."""
         checks(args)
         resolve(args)  # defaults that depend on other flags: recorded in args.json, compared on --resume
         self.learning_starts = getattr(args, "learning_starts", 0) if learning_starts is None else learning_starts
-        never_warnings(args, self.learning_starts, self.learning_starts if probes_need_updates else 0)
+        never_warnings(args, self.learning_starts, self.learning_starts if probes_need_updates else 0, update_cadence)
         memory = {**(memory or {}), **network_memory(networks or {}, torch.cuda.is_available() and args.cuda)}
         if args.run_name is None:
             args.run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"

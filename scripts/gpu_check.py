@@ -20,6 +20,10 @@ there), then the speed runs go one at a time in priority order; one that would n
 Training scripts are found by name (`*_hr.py`, `drq_*.py` in the repository root) and configured in SCRIPTS below,
 one line each; a script without a line is reported as not checked (a failure), a line without its script as absent.
 
+The dry run's equivalence and item runs are processes forked from a server per script that imported its modules once
+(scripts/forks.py; --fresh-processes: not), the same runs without seconds of imports each; a GPU check always starts
+fresh processes (no fork after CUDA is initialised; its runs are timed).
+
     python scripts/gpu_check.py --dry-run                # the CPU: tiny budgets, same code paths (gpu_check_out/)
     python scripts/gpu_check.py --part atari --out-dir $OUT   # on the GPU machine (the device commands below)
     python scripts/gpu_check.py --plan --part all        # print every command the GPU check would run, run nothing
@@ -407,36 +411,53 @@ CHECKPOINT_LINE = re.compile(r"^checkpoint: step \d+", re.M)  # the harness prin
 
 
 def run_proc(cmd: list, cwd: str, log_path: str, timeout: float, env: Optional[dict] = None,
-             term_after: Optional[float] = None, kill_after_checkpoints: int = 0) -> dict:
+             term_after: Optional[float] = None, kill_after_checkpoints: int = 0, forks=None) -> dict:
     """Run cmd in its own session with stdout+stderr to log_path. term_after: SIGTERM then (the scripts stop with their
     events written); past `timeout` (or 60 s after the SIGTERM): SIGKILL. kill_after_checkpoints N: SIGKILL (a
-    pre-empted job: no clean-up) as soon as the run has printed N checkpoint lines."""
+    pre-empted job: no clean-up) as soon as the run has printed N checkpoint lines. forks: a fork server of cmd's
+    script (scripts/forks.py; cmd is [python, script, *argv]): the run is a process forked from it, with cmd's argv,
+    cwd and env, in its own session like a fresh one, so the signals above hit the run (and only the run) the same way;
+    it starts without paying the imports."""
     start = time.monotonic()
     terminated_at, timed_out, killed = None, False, False
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        while proc.poll() is None:
+        if forks is None:
+            proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            pid, poll, wait = proc.pid, proc.poll, proc.wait
+        else:
+            forks.submit(log_path, cmd[2:], cwd=cwd, env=env, log=log_path)
+            pid = forks.pid(log_path)
+            lost = [-1, 0.0]  # the server ended without a word of this run: a failed run
+
+            def poll():
+                end = forks.poll(log_path) or (lost if forks.ended else None)
+                return None if end is None else end[0]
+
+            def wait():
+                return (forks.wait(log_path) or lost)[0]
+        while poll() is None:
             elapsed = time.monotonic() - start
             if kill_after_checkpoints:
                 with open(log_path, errors="replace") as f:
                     if len(CHECKPOINT_LINE.findall(f.read())) >= kill_after_checkpoints:
-                        _signal_group(proc.pid, signal.SIGKILL)
-                        proc.wait()
+                        _signal_group(pid, signal.SIGKILL)
+                        wait()
                         killed = True
                         break
             if term_after is not None and terminated_at is None and elapsed > term_after:
-                _signal_group(proc.pid, signal.SIGTERM)
+                _signal_group(pid, signal.SIGTERM)
                 terminated_at = elapsed
             if elapsed > timeout or (terminated_at is not None and elapsed > terminated_at + 60):
-                _signal_group(proc.pid, signal.SIGKILL)
-                proc.wait()
+                _signal_group(pid, signal.SIGKILL)
+                wait()
                 timed_out = True
                 break
             time.sleep(0.2)
     with open(log_path, errors="replace") as f:
         text = f.read()
-    return {"cmd": cmd, "rc": proc.returncode, "text": text, "wall": time.monotonic() - start, "timed_out": timed_out,
-            "terminated": terminated_at is not None, "killed": killed, "log": log_path}
+    return {"cmd": cmd, "rc": poll(), "text": text, "wall": time.monotonic() - start, "timed_out": timed_out,
+            "terminated": terminated_at is not None, "killed": killed, "log": log_path, "forked": forks is not None}
 
 
 def _signal_group(pid: int, sig) -> None:
@@ -857,6 +878,11 @@ class GpuCheck:
                               "targets": [], "probe": None, "warnings": [], "other_warnings": [], "compile_notes": {},
                               "runs": [], "skipped": [], "notes": [], "items": {}}
         self.lock = threading.Lock()
+        # --dry-run: phase A's runs are forked from a server per script that imported its modules once (seconds of
+        # each run's time on the CPU). Never on a GPU: forking after CUDA is initialised is unsafe, and the check
+        # times real runs there.
+        self.use_forks = self.dry and not args.fresh_processes
+        self.forks: dict = {}
 
     # -- bookkeeping ---------------------------------------------------------------------------------------------
     def left(self) -> float:
@@ -1013,15 +1039,33 @@ class GpuCheck:
     def probe_argv(self) -> list:
         return self.flags_for(PROBE_SCRIPT, PROBE_DRY if self.dry else PROBE, "--seed 1 --run-name probe_pqn")
 
+    def fork_server(self, file: str, env_extra: dict):
+        """The fork server of `file` (started at its first run, with the environment phase A's runs share), or None:
+        fresh processes."""
+        if not self.use_forks:
+            return None
+        import forks  # scripts/forks.py
+
+        with self.lock:
+            if file not in self.forks:
+                self.forks[file] = forks.Forks(file, cwd=self.workdir, env=self.env(env_extra), workers=64)
+            return self.forks[file]
+
+    def close_fork_servers(self) -> None:
+        for server in self.forks.values():
+            server.close()
+        self.forks = {}
+
     def run_job(self, job: Job, cap: float, env_extra: dict) -> list:
         """The job's stages one after the other (a stage that fails ends the job); [run_proc result] per stage."""
         out = []
         for i, (argv, kills) in enumerate(job.stages):
             cmd = [sys.executable, os.path.join(REPO, job.file), *argv, "--run-name", job.name]
             label = job.name + (f"_{i + 1}" if len(job.stages) > 1 else "")
-            self.log(f"  start {label}: {shlex.join(cmd[1:])}")
+            forks = self.fork_server(job.file, env_extra)
+            self.log(f"  start {label}{' (forked)' if forks else ''}: {shlex.join(cmd[1:])}")
             res = run_proc(cmd, self.workdir, os.path.join(self.workdir, f"{label}.log"), cap,
-                           self.env({**env_extra, **job.env}), kill_after_checkpoints=kills)
+                           self.env({**env_extra, **job.env}), kill_after_checkpoints=kills, forks=forks)
             self.log(f"  done  {label}: exit {res['rc']}{' (killed after a checkpoint)' if res['killed'] else ''}"
                      f"{' TIMEOUT' if res['timed_out'] else ''} in {res['wall']:.0f}s")
             out.append(self.record(label, res))
@@ -1070,11 +1114,14 @@ class GpuCheck:
                      f"{res['wall']:.0f}s")
             return self.record("probe_pqn", res)
 
-        with ThreadPoolExecutor(max_workers=par + int(probe)) as pool:
-            probe_future = pool.submit(the_probe) if probe else None
-            with ThreadPoolExecutor(max_workers=par) as eq_pool:
-                done = list(eq_pool.map(one, jobs))
-            probe_res = probe_future.result() if probe_future else None
+        try:
+            with ThreadPoolExecutor(max_workers=par + int(probe)) as pool:
+                probe_future = pool.submit(the_probe) if probe else None
+                with ThreadPoolExecutor(max_workers=par) as eq_pool:
+                    done = list(eq_pool.map(one, jobs))
+                probe_res = probe_future.result() if probe_future else None
+        finally:
+            self.close_fork_servers()
         by: dict = {}
         for job, res in done:
             by.setdefault(job.item, {}).setdefault(job.file, {})[job.tag] = res
@@ -1674,6 +1721,10 @@ def parse_args(argv=None):
     p.add_argument("--fast", default=None, metavar="FLAGS",
                    help=f"flags of the fast run (default '{FAST}'); e.g. '--compile on' to calibrate on a CPU")
     p.add_argument("--plan", action="store_true", help="print the commands the check would run and exit")
+    p.add_argument("--fresh-processes", action="store_true",
+                   help="--dry-run: start every run as a fresh process (default: the runs of phase A are forked from "
+                   "a server per script that imported its modules once, scripts/forks.py; a GPU check always starts "
+                   "fresh processes)")
     args = p.parse_args(argv)
     if args.scripts:
         known = {key_of(f) for f in list(SCRIPTS) + discover()}

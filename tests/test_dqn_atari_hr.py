@@ -731,3 +731,45 @@ def test_nonfinite_loss_stops_with_last_good_state(case, tmp_path, run_script):
         assert not (run_dir / "checkpoint.pt").exists()
     else:  # the resume point is untouched by the stop
         assert torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["global_step"] == ckpt_step
+
+
+def warnings_before_the_run(argv, tmp_path, monkeypatch):
+    """The script's __main__ run in-process up to where harness.Run would create runs/NAME: its `warning:` lines."""
+    import contextlib
+    import io
+    import runpy
+    import sys
+
+    class Stop(Exception):
+        pass
+
+    def stop(self):
+        raise Stop
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [SCRIPT, *map(str, argv)])
+    monkeypatch.setattr(harness.Run, "_own_directory", stop)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), pytest.raises(Stop):
+        runpy.run_path(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), SCRIPT),
+                       run_name="__main__")
+    return [line for line in err.getvalue().splitlines() if line.startswith("warning: ")]
+
+
+@pytest.mark.parametrize("flags,warning", [
+    # the first update is the first step after --learning-starts that --train-frequency divides: 2**62, never
+    (["--train-frequency", 2**62, "--total-timesteps", 300], "warning: --train-frequency 4611686018427387904: no update "
+     "will run (the first would be at step 4,611,686,018,427,387,904, after --learning-starts 100, past "
+     "--total-timesteps 300)"),
+    # step 200 is the first update (> 100, a multiple of 100); steps run 0..199 under --total-timesteps 200
+    (["--train-frequency", 100, "--total-timesteps", 200], "warning: --train-frequency 100: no update will run (the "
+     "first would be at step 200, after --learning-starts 100, past --total-timesteps 200)"),
+    (["--train-frequency", 100, "--total-timesteps", 201], None),  # step 200 runs: one update
+    # --learning-starts itself past the end: named as before
+    (["--learning-starts", 300, "--total-timesteps", 300], "warning: --learning-starts 300 is not before "
+     "--total-timesteps 300: no update will run"),
+])
+def test_a_train_frequency_past_the_budget_warns_no_update(flags, warning, tmp_path, monkeypatch):
+    warns = warnings_before_the_run(["--learning-starts", 100, "--buffer-size", 200, "--batch-size", 8,
+                                     "--metrics-every", 0, "--compile", "off", *flags], tmp_path, monkeypatch)
+    assert warns == ([warning] if warning else []), warns

@@ -16,8 +16,9 @@ hlgauss), and the run's flags together stay accepted in-process (values that int
 are refused together and the pair goes to another run). Values that switch a part of the tiny run off would hide what the others do there, so they are kept apart:
 a pair whose run warns alone (no update will run, no probe: harness.never_warnings) runs alone, and int flags at 2**62
 (periods and starts past the tiny budget) are packed among themselves. Float flags at 2**62 (rates, coefficients,
-scales: the values that may blow a run up) are packed apart from the rest, and optimizer step sizes and weight decays
-at 2**62 (STEP_SIZE: they do blow it up) run alone. A run that ends with the non-finite one-liner stopped early for one of its values, so
+scales: the values that may blow a run up) are packed apart from the rest, and optimizer step sizes, weight decays and
+exponents at 2**62 (BLOWS_UP: they do blow it up) run alone. The two bounds of one range (--bin-lower/--bin-upper,
+--hl-min/--hl-max) never share a run: accepted apart, together they can make an empty range (0 and 5e-324). A run that ends with the non-finite one-liner stopped early for one of its values, so
 the others were not exercised to the end: it is split in halves, each half runs again, down to the value whose stop it
 is (a stop is a pass for that value alone). A failure names its run's flags; FLAG_EDGES_ONE=1 runs each pair alone.
 The runs are processes forked from a server that imported the script's modules once (Forks): each runs the script as
@@ -30,18 +31,19 @@ import contextlib
 import dataclasses
 import importlib
 import io
-import json
 import os
 import re
 import runpy
-import subprocess
 import sys
 import time
 import typing
 
 import pytest
 
-from conftest import REPO, run_script
+from conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+from forks import Forks  # noqa: E402  (scripts/forks.py: the fork server, shared with README's rows and gpu_check)
 
 EDGES = ["0", "-1", str(2**62), "1e308", "-1e308", "nan", "inf", "5e-324"]
 TINY = {  # a tiny run with learning in it, per script
@@ -61,11 +63,13 @@ TINY = {  # a tiny run with learning in it, per script
                           "--batch-size", "16", "--max-episode-steps", "200", "--metrics-batch", "32",
                           "--total-timesteps", "200", "--learning-starts", "100", "--buffer-size", "1000",
                           "--metrics-every", "100", "--log-every", "100", "--eval-every", "0", "--compile", "off"],
+    # 80 frames: 20 agent steps of updates (4 target updates with their encoder updates), losses logged at 40 and
+    # 80, a probe at 80: a third less per run than 120 frames, the part that learns unchanged in kind
     "mrq_dmc_hr.py": ["--env-id", "cartpole-swingup", "--batch-size", "8", "--episode-frames", "40",
                       "--target-update-freq", "5", "--zs-dim", "32", "--za-dim", "16", "--zsa-dim", "32",
                       "--enc-hdim", "32", "--value-hdim", "32", "--policy-hdim", "32", "--log-every", "40",
-                      "--total-timesteps", "120", "--learning-starts", "40", "--buffer-size", "200",
-                      "--metrics-every", "80", "--metrics-batch", "16", "--eval-every", "0", "--eval-episodes", "1",
+                      "--total-timesteps", "80", "--learning-starts", "40", "--buffer-size", "200",
+                      "--metrics-every", "40", "--metrics-batch", "16", "--eval-every", "0", "--eval-episodes", "1",
                       "--compile", "off"],  # one evaluation episode where a value turns evaluation on
 }
 ENABLERS = {
@@ -173,7 +177,15 @@ def huge(script, t):
     return t[1] == str(2**62) and dict(numeric_flags(script))[t[0]] is float
 
 
-STEP_SIZE = re.compile(r"(^|_)(lr|learning_rate|wd|weight_decay)(_|$)")  # at 2**62 these blow a run up
+# at 2**62 these blow a run up: optimizer step sizes, weight decays, exponents (MR.Q's LAP priority ** --lap-alpha)
+BLOWS_UP = re.compile(r"(^|_)(lr|learning_rate|wd|weight_decay|alpha)(_|$)")
+RANGE_ENDS = {"lower": "upper", "upper": "lower", "min": "max", "max": "min"}
+
+
+def other_end(name):
+    """--bin-lower -> "bin_upper", --hl-max -> "hl_min": the other bound of a range flag (None: not one)."""
+    head, _, end = name.rpartition("_")
+    return f"{head}_{RANGE_ENDS[end]}" if head and end in RANGE_ENDS else None
 
 
 def groups(script, accepted, tmp_path, warns=()):
@@ -183,7 +195,7 @@ def groups(script, accepted, tmp_path, warns=()):
     cwd, out = os.getcwd(), []
     os.chdir(tmp_path)
     try:
-        alone = [t for t in accepted if t in warns or huge(script, t) and STEP_SIZE.search(t[0])]
+        alone = [t for t in accepted if t in warns or huge(script, t) and BLOWS_UP.search(t[0])]
         out += [[t] for t in alone]
         off = [t for t in accepted if t not in alone and t[1] == str(2**62) and dict(numeric_flags(script))[t[0]] is int]
         for pool in ([t for t in accepted if t not in alone and t not in off and not huge(script, t)], off,
@@ -195,6 +207,8 @@ def groups(script, accepted, tmp_path, warns=()):
                     theirs = as_flags([a for g in run for a in g[2]])
                     if any(theirs.get(k, v) != v for k, v in mine.items()):  # the same flag, or enablers that differ
                         continue
+                    if other_end(t[0]) in {g[0] for g in run}:  # the range's other bound: apart
+                        continue
                     argv = [a for k, v in {**theirs, **mine}.items() for a in (k, v)]
                     if preflight(script, [*TINY[script], *argv]) == ("accepted", ""):
                         run.append(t)
@@ -205,88 +219,6 @@ def groups(script, accepted, tmp_path, warns=()):
     finally:
         os.chdir(cwd)
     return out
-
-
-SERVER = r"""
-import atexit, json, os, runpy, select, sys, time
-script, workers = sys.argv[1], int(sys.argv[2])
-sys.path.insert(0, os.path.dirname(script))
-__import__(os.path.basename(script)[:-3])  # the script's imports (torch, the environments), paid once
-
-
-def child(argv, out, err):
-    sys.stdout.flush(); sys.stderr.flush()
-    os.dup2(os.open(out, os.O_WRONLY | os.O_CREAT), 1); os.dup2(os.open(err, os.O_WRONLY | os.O_CREAT), 2)
-    sys.argv, code = [script, *argv], 0
-    try:  # what `python script argv` does with the script's end
-        runpy.run_path(script, run_name="__main__")
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 0 if e.code is None else (print(e.code, file=sys.stderr), 1)[1]
-    except BaseException:
-        sys.excepthook(*sys.exc_info()); code = 1
-    atexit._run_exitfuncs()
-    sys.stdout.flush(); sys.stderr.flush()
-    os._exit(code)
-
-
-pending, running, buf, eof = [], {}, b"", False
-while not (eof and not pending and not running):
-    if not eof and select.select([0], [], [], 0.02)[0]:
-        data = os.read(0, 1 << 16)
-        eof, buf = not data, buf + data
-        *lines, buf = buf.split(b"\n")
-        pending += [json.loads(line) for line in lines if line.strip()]
-    while pending and len(running) < workers:
-        job = pending.pop(0)
-        paths = (f"run{job['id']}.out", f"run{job['id']}.err")
-        pid = os.fork()
-        if pid == 0:
-            child(job["argv"], *paths)
-        running[pid] = (job["id"], time.time(), paths)
-    for pid, (i, t0, _) in running.items():
-        if time.time() - t0 > 120:
-            os.kill(pid, 9)
-    pid, status = os.waitpid(-1, os.WNOHANG) if running else (0, 0)
-    if pid == 0:
-        if eof:
-            time.sleep(0.02)
-        continue
-    i, t0, paths = running.pop(pid)
-    texts = []
-    for path in paths:
-        with open(path) as f:
-            texts.append(f.read())
-        os.remove(path)
-    rc = os.waitstatus_to_exitcode(status) if time.time() - t0 <= 120 else "timeout"
-    print("@@" + json.dumps([i, rc, *texts, round(time.time() - t0, 1)]), flush=True)
-"""
-
-
-class Forks:
-    """Tiny runs as processes without paying the imports (torch, the environments: seconds) for each: a server
-    process imports the script's modules once, then forks one child process per run, which runs the script as
-    `__main__` with the run's argv, exactly what `python script argv` runs; a child's exit status, stdout and stderr
-    are its own. WORKERS children at once; a run submitted while others run starts as soon as a worker is free."""
-
-    def __init__(self, script, cwd):
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVER, os.path.join(REPO, script), str(WORKERS)],
-                                     cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-    def submit(self, i, argv):
-        self.proc.stdin.write(json.dumps({"id": i, "argv": argv}) + "\n")
-        self.proc.stdin.flush()
-
-    def result(self):
-        """The next run to end: (id, exit status or "timeout", stdout, stderr, seconds)."""
-        for line in self.proc.stdout:
-            if line.startswith("@@"):
-                return json.loads(line[2:])
-        raise AssertionError(f"the fork server ended (exit {self.proc.wait()})")
-
-    def close(self):
-        self.proc.stdin.close()
-        self.proc.wait(timeout=150)
 
 
 def verdict(rc, out, err):
@@ -302,7 +234,7 @@ def test_every_numeric_flag_at_its_edges(script, tmp_path, one_torch_thread):
     """A run that stops at the non-finite one-liner stopped early for the value that blew it up: it is split in halves
     and each half runs again, down to the one value whose stop it is, so no other value in it goes unexercised."""
     t0 = time.time()
-    forks = Forks(script, tmp_path)  # its imports overlap the in-process checks
+    forks = Forks(script, tmp_path, dict(os.environ, OMP_NUM_THREADS="1"), WORKERS)  # imports beside the checks
     verdicts = refusals(script, tmp_path)
     accepted = [t for t in edge_tries(script) if verdicts[t[0], t[1]].startswith("accepted") and t[0] not in NOT_RUN]
     warns = [t for t in accepted if verdicts[t[0], t[1]] == "accepted (warns)"]
@@ -314,10 +246,10 @@ def test_every_numeric_flag_at_its_edges(script, tmp_path, one_torch_thread):
 
     try:
         for name, group in runs.items():
-            forks.submit(name, [*TINY[script], *argv_of(group), "--run-name", name])
+            forks.submit(name, [*TINY[script], *argv_of(group), "--run-name", name], timeout=120)
         waiting = len(runs)
         while waiting:
-            name, rc, out, err, secs = forks.result()
+            name, rc, out, err, secs, _ = forks.result()
             waiting -= 1
             group, argv = runs[name], argv_of(runs[name])
             print(f"  {name}: {' '.join(argv)}: exit {rc} in {secs}s")
@@ -325,7 +257,8 @@ def test_every_numeric_flag_at_its_edges(script, tmp_path, one_torch_thread):
             if v == "stop" and len(group) > 1:
                 for half, part in (("a", group[:len(group) // 2]), ("b", group[len(group) // 2:])):
                     runs[name + half] = part
-                    forks.submit(name + half, [*TINY[script], *argv_of(part), "--run-name", name + half])
+                    forks.submit(name + half, [*TINY[script], *argv_of(part), "--run-name", name + half],
+                                 timeout=120)
                 waiting, n_runs = waiting + 2, n_runs + 2
             elif v == "fail":
                 failures.append(f"{' '.join(argv)}: exit {rc}, {(out + err)[-1500:]}")

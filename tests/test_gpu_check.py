@@ -214,6 +214,41 @@ def test_kill_after_checkpoints(tmp_path):
                       kill_after_checkpoints=3)
     assert res["killed"] and res["rc"] == -9 and 3 <= len(gc.CHECKPOINT_LINE.findall(res["text"])) < 49
 
+
+def test_forked_runs_keep_kill_timeout_env_and_cwd(tmp_path):
+    """--dry-run's runs forked from a server (scripts/forks.py): the SIGKILL after N checkpoints and the timeout hit the
+    run, a child of the server, not the server (the next run still starts from it); the run's argv, environment
+    variables, working directory, exit status and output are its own."""
+    import forks
+
+    script = tmp_path / "toy.py"
+    script.write_text("import os, sys, time\n"  # the server imports it as a module: the run is under __main__
+                      "if __name__ == '__main__':\n"
+                      "    print('pid', os.getpid(), 'cwd', os.getcwd(), 'env', os.environ.get('HARNESS_COUNT_SYNCS'),"
+                      " 'argv', sys.argv[1:], flush=True)\n"
+                      "    for i in range(1, 1000 if sys.argv[1] != 'quick' else 1):\n"
+                      "        print(f'checkpoint: step {i}', flush=True)\n        time.sleep(0.05)\n"
+                      "    print('stderr line', file=sys.stderr)\n    sys.exit(3)\n")
+    run_dir = tmp_path / "runs_here"
+    run_dir.mkdir()
+    server = forks.Forks(str(script), cwd=str(tmp_path), env=dict(os.environ), workers=4, preload=())
+    try:
+        cmd = [sys.executable, str(script)]
+        env = dict(os.environ, HARNESS_COUNT_SYNCS="1")
+        killed = gc.run_proc([*cmd, "long"], str(run_dir), str(tmp_path / "k.log"), 60, env,
+                             kill_after_checkpoints=3, forks=server)
+        assert killed["killed"] and killed["rc"] == -9 and killed["forked"], killed["text"]
+        assert 3 <= len(gc.CHECKPOINT_LINE.findall(killed["text"])) < 999
+        pid = int(killed["text"].split()[1])
+        assert pid != server.proc.pid and server.proc.poll() is None  # the run was killed, the server lives on
+        timed = gc.run_proc([*cmd, "long"], str(run_dir), str(tmp_path / "t.log"), 1.0, env, forks=server)
+        assert timed["timed_out"] and timed["rc"] == -9 and server.proc.poll() is None
+        quick = gc.run_proc([*cmd, "quick"], str(run_dir), str(tmp_path / "q.log"), 60, env, forks=server)
+        assert quick["rc"] == 3 and not quick["killed"] and not quick["timed_out"]
+        assert f"cwd {run_dir} env 1 argv ['quick']" in quick["text"] and "stderr line" in quick["text"]
+    finally:
+        server.close()
+
 # ---------------------------------------------------------------------------------------------------------------
 # item 1: the comparisons
 

@@ -5,11 +5,15 @@ import importlib
 import json
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
+import subprocess
+import sys
 
 import pytest
 
-from conftest import REPO, run_script
+from conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+from forks import Forks  # noqa: E402
 
 ATARI = ("dqn_atari_hr.py", "ppo_atari_hr.py", "pqn_atari_hr.py")
 SCRIPTS = (*ATARI, "drq_dmc_dominance.py", "simbav2_dmc_hr.py", "mrq_dmc_hr.py")
@@ -74,16 +78,26 @@ def prepare(script, flags, cwd):
 
 @pytest.fixture(scope="module")
 def bad_runs(tmp_path_factory):
-    """Every row, two processes at a time (the CI box has 2 cores): {(script, flags): (proc, cwd, tree before)}."""
-    def go(row):
-        script, flags, _ = row
-        cwd = tmp_path_factory.mktemp("bad")
-        before = prepare(script, flags, cwd)
-        proc = run_script(script, flags.split(), cwd=cwd, timeout=180, env={"OMP_NUM_THREADS": "1", "COLUMNS": "60"})
-        return (script, flags), (proc, cwd, before)
-
-    with ThreadPoolExecutor(2) as pool:
-        return dict(pool.map(go, ROWS))
+    """Every row as a process of its own, run as a user would type it (in a directory of its own, COLUMNS=60), each
+    forked from a server per script that imported the script's modules once (scripts/forks.py): a refused row spends
+    nearly all of a fresh process's time importing. {(script, flags): (proc, cwd, tree before)}."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    servers = {s: Forks(s, cwd=tmp_path_factory.mktemp("forks"), env=env, workers=1)
+               for s in dict.fromkeys(s for s, _, _ in ROWS)}
+    rows = {}
+    try:
+        for i, (script, flags, _) in enumerate(ROWS):
+            cwd = tmp_path_factory.mktemp("bad")
+            rows[i] = (script, flags, cwd, prepare(script, flags, cwd))
+            servers[script].submit(i, flags.split(), cwd=cwd, env=dict(env, COLUMNS="60"), timeout=180)
+    finally:
+        for forks in servers.values():
+            forks.close()
+    out = {}
+    for i, (script, flags, cwd, before) in rows.items():
+        rc, stdout, stderr, *_ = servers[script].ends.get(i) or ("never ran (the fork server ended)", "", "")
+        out[script, flags] = (subprocess.CompletedProcess(flags, rc, stdout, stderr), cwd, before)
+    return out
 
 
 @pytest.mark.parametrize("script,flags,message", ROWS, ids=[f"{s[:3]}:{f}" for s, f, _ in ROWS])
