@@ -1,18 +1,16 @@
 """One prepared GPU check: the fast paths (torch.compile, CUDA graphs, pinned uploads) proven and timed on one GPU.
 
-What it does, per part (one device command each; docs/running.md "Checking a GPU"):
-  1. equivalence: every training script runs a few hundred updates from the same seed twice, with the fast paths
-     (--compile auto --cudagraphs auto: on with CUDA) and without (--compile off --cudagraphs off); the losses
-     (TensorBoard events) and the parameters after them (the --save-model file) must agree within tolerances justified
-     below, the fast run must say it used the fast paths, and any `warning:` fallback line fails the check;
-  2. speed: steady-state SPS with metrics on and off for the default recipes (scripts/bench.py's full mode with short
-     budgets), the envpool ceiling on the machine's cores, peak GPU memory (runs/NAME/finished), and the ratios
-     against the GPU targets (PQN >= 80% of the envpool ceiling, Hadamax <= 2x PQN's time, PPO >= 5,000 SPS,
-     DQN >= 1,000 SPS with metrics on);
-  3. learning probe: PQN on Breakout for a fixed wall-clock time, its return curve printed (a broken update is a
-     flat line);
-  4. one markdown report (bench/GPU_RESULTS.md's format) in --out-dir, with pass/fail per item, plus the results as
-     JSON and the runs' logs.
+What it checks, per part (one device command each; docs/running.md "Checking a GPU"): the items of ITEMS below, in
+that order. 1. equivalence: every training script runs a few hundred updates from the same seed twice, with the fast
+paths (--compile auto --cudagraphs auto: on with CUDA) and without; the losses (TensorBoard events) and the
+parameters after them (the --save-model file) must agree within tolerances justified below, the fast run must say it
+used the fast paths, and any `warning:` fallback line fails the check. 2-8, on tiny budgets beside it:
+equivalence+, cpu, resume, variants, snapshots, syncs, determinism. 9. speed: steady-state SPS with metrics on and
+off for the default recipes (scripts/bench.py's full mode with short budgets), the envpool ceiling on the machine's
+cores, peak GPU memory, and the ratios against the GPU targets (PQN >= 80% of the envpool ceiling, Hadamax <= 2x
+PQN's time, PPO >= 5,000 SPS, DQN >= 1,000 SPS with metrics on). 10. probe: PQN on Breakout for a fixed wall-clock
+time, its return curve printed (a broken update is a flat line). Then one markdown report (bench/GPU_RESULTS.md's
+format) in --out-dir, with pass/fail per item, plus the results as JSON and the runs' logs.
 
 Parts: `atari` (dqn, ppo, pqn; the probe), `dmc` (drq and the other dm_control scripts), `all` (both). Each part keeps
 to its --deadline (seconds from start): the equivalence runs and the probe share the machine first (nothing is timed
@@ -31,9 +29,11 @@ fresh processes (no fork after CUDA is initialised; its runs are timed).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import glob
+import io
 import json
 import math
 import os
@@ -171,14 +171,15 @@ SCRIPTS = {  # noqa: E501
 # fmt: on
 SCRIPT_GLOBS = ("*_hr.py", "drq_*.py")
 
-# item 3: the learning probe (part atari), stopped with SIGTERM after --probe-seconds; its events survive (the harness
+# item 10: the learning probe (part atari), stopped with SIGTERM after --probe-seconds; its events survive (the harness
 # closes TensorBoard on SIGTERM). 2M steps: epsilon decays over the first 200k, so the curve rises within the probe.
 PROBE_SCRIPT = "pqn_atari_hr.py"
 PROBE = "--env-id Breakout-v5 --total-timesteps 2000000 --metrics-every 0 --checkpoint-every 0"
+# --dry-run: a budget no CPU finishes within the probe's seconds, so the SIGTERM stop is what ends it, as on a GPU
 PROBE_DRY = ("--env-id Breakout-v5 --num-envs 8 --num-test-envs 2 --num-steps 16 --num-minibatches 4 --update-epochs 1 "
-             "--total-timesteps 1024 --metrics-every 0 --checkpoint-every 0 --torch-threads 1")
+             "--total-timesteps 1048576 --metrics-every 0 --checkpoint-every 0 --torch-threads 1")
 
-# item 2: the GPU targets, as (name, script key, value(rows) -> float, target, higher is better)
+# item 9: the GPU targets, as (name, script key, value(rows) -> float, target, higher is better)
 def _at_default(row: Optional[dict]) -> Optional[float]:
     """SPS with metrics on at the script's default probe cadence: measured, or projected when the window was too
     short for it (bench.py's `on / off at default cadence`)."""
@@ -681,6 +682,46 @@ def run_failures(runs: dict) -> list:
     return bad
 
 
+SNAPSHOT_TOL = (1e-4, 1e-6)  # probe.py's own values against the inline ones: rel / abs (tests/conftest.py's)
+
+
+def snapshot_flags(variant: str) -> str:
+    """--snapshot-every at the variant's own probe cadence (its first variant probes: a snapshot at every probe)."""
+    m = re.search(r"--metrics-every (\d+)", variant)
+    return f"--snapshot-every {m.group(1)}" if m and int(m.group(1)) else ""
+
+
+def judge_snapshots(inline: dict, own: dict, high_tau: dict, cpu_own: Optional[dict] = None) -> dict:
+    """Snapshots taken on the device, recomputed by scripts/probe.py ({tag: [(wall, step, value)]} each): at the run's
+    own thresholds every representation/* tag equals the inline one at each step both have (SNAPSHOT_TOL), at least
+    one such step; --redo-tau 1e9 makes every dormant_score 1 (known answer). cpu_own: the same recomputed on the
+    CPU (a CUDA run: another KDE jitter generator, other rounding): its largest gap is reported, not judged."""
+    def by_step(scalars):
+        return {t: {step: v for _, step, v in pts} for t, pts in scalars.items() if t.startswith("representation/")}
+
+    want, got, bad, steps, worst = by_step(inline), by_step(own), [], set(), 0.0
+    if set(got) != set(want):
+        bad.append(f"tags differ: recomputed {len(got)}, inline {len(want)} "
+                   f"(e.g. {sorted(set(got) ^ set(want))[:2]})")
+    for tag in set(got) & set(want):
+        for step in set(got[tag]) & set(want[tag]):
+            steps.add(step)
+            a, b = want[tag][step], got[tag][step]
+            worst = max(worst, abs(a - b))
+            if not math.isclose(a, b, rel_tol=SNAPSHOT_TOL[0], abs_tol=SNAPSHOT_TOL[1]):
+                bad.append(f"{tag} at step {step}: inline {a:.6g}, recomputed {b:.6g}")
+    if not steps:
+        bad.append("no step with both an inline probe and a snapshot")
+    if any(v != 1.0 for t, pts in by_step(high_tau).items() if t.endswith("/dormant_score") for v in pts.values()):
+        bad.append("--redo-tau 1e9: a dormant_score below 1")
+    out = {"reasons": bad[:5], "steps": sorted(steps), "max_abs": worst}
+    if cpu_own is not None:
+        cpu = by_step(cpu_own)
+        out["cpu_max_abs"] = max((abs(v - got[t][s]) for t in cpu if t in got for s, v in cpu[t].items()
+                                  if s in got[t]), default=None)
+    return out
+
+
 def judge_cpu(cfg: Check, dev: dict, cpu: dict) -> dict:
     """CPU vs CUDA: the plain device run's first logged losses against the CPU's, same flags and seed."""
     res = compare_losses(dev, cpu, cfg.losses.split() or None)
@@ -844,6 +885,7 @@ ITEMS = {
     "cpu": "the plain CUDA path's first losses agree with the CPU's on the same flags and seed (pinned uploads)",
     "resume": "killed after a checkpoint, resumed on CUDA, killed, resumed on the CPU: the same steps, to the end",
     "variants": "every variant flag of every script runs on CUDA (a few updates each, metrics and evaluation on once)",
+    "snapshots": "snapshots taken on CUDA (the first variant run) give back its inline metrics in scripts/probe.py",
     "syncs": "host syncs per loop iteration in the steady state (the action reads only)",
     "determinism": "two identical runs give identical losses (--torch-deterministic), and what it costs",
     "speed": "steady-state SPS against the GPU targets",
@@ -1030,7 +1072,8 @@ class GpuCheck:
                 resume.append(Job("resume", f, "full", [(ckpt, 0)]))
             resume.append(Job("resume", f, "killed", [(ckpt, 1), (ckpt + ["--resume"], 1),
                                                       (ckpt + ["--resume", "--no-cuda"], 0)]))
-            variants += [Job("variants", f, f"v{i}", [(small(f, v), 0)]) for i, v in enumerate(cfg.variants, 1)]
+            variants += [Job("variants", f, f"v{i}", [(small(f, v, snapshot_flags(v) if i == 1 else ""), 0)])
+                         for i, v in enumerate(cfg.variants, 1)]
             det += [Job("det", f, t, [(plain, 0)]) for t in (("b",) if self.dry else ("a", "b"))]
             if not self.dry:  # the cost of --torch-deterministic: the same run without it
                 det.append(Job("det", f, "off", [(plain + ["--no-torch-deterministic"], 0)]))
@@ -1194,6 +1237,8 @@ class GpuCheck:
 
             items.setdefault("variants", {})[file] = entry({t: r[-1] if r else None for t, r in var.items()},
                                                            judge_variants)
+            items.setdefault("snapshots", {})[file] = entry({"v1": (var.get("v1") or [None])[-1]},
+                                                            lambda: self.judge_snapshots_of(f"variants_{key}_v1"))
             counted = "plain" if self.one_side else "fast"
             fast = (got("eq").get(counted) or [None])[0]
             syncs = judge_syncs(bench.read_finished(self.run_dir(f"eq_{key}_{counted}")), expected_reads(
@@ -1223,9 +1268,39 @@ class GpuCheck:
                         cfg, self.scalars_of(f"eqx_{key}_{label}_{fs}"), self.scalars_of(f"eqx_{key}_{label}_plain")))
         if "equivalence+" in items:  # reported right after item 1
             items = self.results["items"] = {"equivalence+": items.pop("equivalence+"), **items}
-        for item in ("equivalence+", "cpu", "resume", "variants", "syncs", "determinism"):
+        for item in ("equivalence+", "cpu", "resume", "variants", "snapshots", "syncs", "determinism"):
             for file, e in items.get(item, {}).items():
                 self.log(f"{item} {file}: {e['status']}" + (f" ({'; '.join(e['reasons'])})" if e["reasons"] else ""))
+
+    def judge_snapshots_of(self, job_name: str) -> dict:
+        """Item snapshots: scripts/probe.py (in this process) on a run's snapshots, on the device, then (CUDA) on the
+        CPU; its probe/<setting>/ folders are read apart from the run's own events."""
+        import probe as probe_tool  # scripts/probe.py
+
+        run_dir = self.run_dir(job_name)
+        inline = self._inline_scalars(run_dir)
+        read = (lambda setting: self._inline_scalars(os.path.join(run_dir, "probe", setting)))
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                probe_tool.probe_run(run_dir, probe_tool.parse_args([run_dir, "--redo-tau", "1e9", "--device",
+                                                                     self.device]))
+                own, high = read("own"), read("redo_tau=1e+09")
+                cpu = None
+                if self.device == "cuda":
+                    probe_tool.probe_run(run_dir, probe_tool.parse_args([run_dir, "--device", "cpu"]))
+                    cpu = read("own")
+        except probe_tool.ProbeError as e:
+            return {"reasons": [f"scripts/probe.py: {e}"]}
+        return judge_snapshots(inline, own, high, cpu)
+
+    @staticmethod
+    def _inline_scalars(directory: str) -> dict:
+        """bench.read_scalars' format, of the event files directly in `directory` only."""
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(directory, size_guidance={"scalars": 0})
+        acc.Reload()
+        return {t: [(e.wall_time, e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
 
     def evaluate_equivalence(self, file: str, runs: dict) -> dict:
         cfg = SCRIPTS[file]
@@ -1285,7 +1360,7 @@ class GpuCheck:
             out["mid_ratio"] = mid["diff"] / out["movement"]  # the same difference halfway, same yardstick
         return out
 
-    # -- item 3: the learning probe ------------------------------------------------------------------------------
+    # -- item 10: the learning probe -----------------------------------------------------------------------------
     def evaluate_probe(self, res: dict) -> dict:
         run_dir = os.path.join(self.workdir, "runs", "probe_pqn")
         scalars = bench.read_scalars(run_dir) if os.path.isdir(run_dir) else {}
@@ -1580,6 +1655,10 @@ def item_detail(item: str, e: dict) -> str:
                 f"from the uninterrupted run; same steps to the end")
     if item == "variants":
         return f"{len(e.get('runs', {}))} runs: " + " / ".join(f"`{r}`" for r in e.get("runs", {}).values())[:300]
+    if item == "snapshots":
+        cpu = f"; on the CPU: largest gap {_fmt(e.get('cpu_max_abs'), '.1e')}" if "cpu_max_abs" in e else ""
+        return (f"inline = recomputed at steps {e.get('steps')} (largest gap {_fmt(e.get('max_abs'), '.1e')}, "
+                f"tol rel {SNAPSHOT_TOL[0]:g} / abs {SNAPSHOT_TOL[1]:g}){cpu}")
     if item == "syncs":
         return (f"{_fmt(e.get('per_iteration'), '.2f')} per loop iteration (action reads {e.get('expected', 0):g}, "
                 f"limit {e.get('limit', 0):g}), {_fmt(e.get('per_step'), '.3f')} per step")

@@ -449,6 +449,34 @@ def test_docs_section_matches_the_device_commands():
 # end to end, on the CPU
 
 
+def test_judge_snapshots_known_answers():
+    """probe.py's values against the inline ones: equal within SNAPSHOT_TOL at the common steps, a gap named; the
+    known answer at --redo-tau 1e9; a run with no common step fails; the CPU's gap is reported, not judged."""
+    inline = {"representation/latent/srank": [(0, 100, 5.0), (0, 200, 6.0)], "losses/td_loss": [(0, 100, 1.0)],
+              "representation/latent/dormant_score": [(0, 100, 0.25), (0, 200, 0.5)]}
+    own = {"representation/latent/srank": [(0, 100, 5.0), (0, 200, 6.0000001)],
+           "representation/latent/dormant_score": [(0, 100, 0.25), (0, 200, 0.5)]}
+    high = {"representation/latent/dormant_score": [(0, 100, 1.0), (0, 200, 1.0)]}
+    ok = gc.judge_snapshots(inline, own, high)
+    assert ok["reasons"] == [] and ok["steps"] == [100, 200] and ok["max_abs"] == pytest.approx(1e-7)
+    off = {**own, "representation/latent/srank": [(0, 100, 5.0), (0, 200, 6.01)]}
+    assert gc.judge_snapshots(inline, off, high)["reasons"] == [
+        "representation/latent/srank at step 200: inline 6, recomputed 6.01"]
+    low = {"representation/latent/dormant_score": [(0, 100, 1.0), (0, 200, 0.5)]}
+    assert gc.judge_snapshots(inline, own, low)["reasons"] == ["--redo-tau 1e9: a dormant_score below 1"]
+    later = {t: [(0, 300, v) for _, _, v in pts[:1]] for t, pts in own.items()}
+    assert "no step with both an inline probe and a snapshot" in gc.judge_snapshots(inline, later, high)["reasons"]
+    assert gc.judge_snapshots(inline, {"representation/latent/srank": own["representation/latent/srank"]},
+                              high)["reasons"][0].startswith("tags differ: recomputed 1, inline 2")
+    cpu = {**own, "representation/latent/dormant_score": [(0, 100, 0.5), (0, 200, 0.5)]}
+    assert gc.judge_snapshots(inline, own, high, cpu)["cpu_max_abs"] == 0.25
+
+
+def test_every_scripts_first_variant_probes_and_keeps_snapshots():
+    for file, cfg in gc.SCRIPTS.items():
+        assert gc.snapshot_flags(cfg.variants[0]).startswith("--snapshot-every "), file
+
+
 def test_dry_run_end_to_end(tmp_path):
     """The CPU rehearsal of the whole check, every script and every item, as CI runs it: equivalence (fast vs plain,
     eager both on the CPU: bit for bit), cpu, resume (two SIGKILLs and two resumes per script), the variant runs, the
@@ -468,7 +496,7 @@ def test_dry_run_end_to_end(tmp_path):
         assert eq["status"] == "PASS" and eq["params"]["ratio"] == 0.0 and eq["params"]["movement"] > 0, file
         assert eq["losses"]["points"] >= 2 and eq["losses"]["max"] == 0.0, file  # eager both: bit for bit
     items = res["items"]
-    assert list(items) == ["equivalence+", "cpu", "resume", "variants", "syncs", "determinism"]
+    assert list(items) == ["equivalence+", "cpu", "resume", "variants", "snapshots", "syncs", "determinism"]
     pairs = [f"{f} {label}" for f in files for label, _, _ in gc.more_pairs(gc.SCRIPTS[f], gc.FAST)]
     assert sorted(items["equivalence+"]) == sorted(pairs) and len(pairs) == 13
     assert all(e["status"] == "PASS" and e["first"] == 0.0 for e in items["equivalence+"].values())
@@ -483,12 +511,13 @@ def test_dry_run_end_to_end(tmp_path):
         assert len(items["variants"][file]["runs"]) == len(gc.SCRIPTS[file].variants)
         assert items["determinism"][file]["points"] >= 2 and items["determinism"][file]["max_rel"] == 0.0
         assert items["syncs"][file]["per_iteration"] == 0.0  # counted, and the CPU has none
+        assert items["snapshots"][file]["steps"] and "cpu_max_abs" not in items["snapshots"][file]
     rows = res["speed"]["rows"]
     assert {"dqn", "ppo", "pqn", "pqn/hadamax", "drq"} <= set(rows) and rows["pqn"]["sps_on"]
     assert res["speed"]["ceilings"]["pqn"]["sps"] and all(t["status"] == "n/a" for t in res["targets"])
     assert res["probe"]["status"] == "n/a" and res["probe"]["stopped"]
-    for heading in ("**Overall: PASS**", "| 4. resume `mrq_dmc_hr.py` | PASS |", "### 1. Equivalence", "### 8. Speed",
-                    "### 9. Learning probe", "| 2. equivalence+ `dqn_atari_hr.py greedy` | PASS |"):
+    for heading in ("**Overall: PASS**", "| 4. resume `mrq_dmc_hr.py` | PASS |", "### 1. Equivalence", "### 9. Speed",
+                    "### 10. Learning probe", "| 5. snapshots `drq_dmc_dominance.py` | PASS |", "| 2. equivalence+ `dqn_atari_hr.py greedy` | PASS |"):
         assert heading in report
     assert report in proc.stdout and "gpu_check part all: PASS" in proc.stdout
     with tarfile.open(out / "logs_all_dry.tar.gz") as tar:
