@@ -517,7 +517,8 @@ def test_dry_run_end_to_end(tmp_path):
     assert res["speed"]["ceilings"]["pqn"]["sps"] and all(t["status"] == "n/a" for t in res["targets"])
     assert res["probe"]["status"] == "n/a" and res["probe"]["stopped"]
     for heading in ("**Overall: PASS**", "| 4. resume `mrq_dmc_hr.py` | PASS |", "### 1. Equivalence", "### 9. Speed",
-                    "### 10. Learning probe", "| 6. snapshots `drq_dmc_dominance.py` | PASS |", "| 2. equivalence+ `dqn_atari_hr.py greedy` | PASS |"):
+                    "### 10. Learning probe", "| 6. snapshots `drq_dmc_dominance.py` | PASS |",
+                    "| 2. equivalence+ `dqn_atari_hr.py greedy` | PASS |"):
         assert heading in report
     assert report in proc.stdout and "gpu_check part all: PASS" in proc.stdout
     with tarfile.open(out / "logs_all_dry.tar.gz") as tar:
