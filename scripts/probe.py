@@ -174,7 +174,9 @@ def probe_run(run_dir: str, a) -> int:
             if snap["script"] != probe["script"]:
                 raise ProbeError(f"{path} was made by {snap['script']}, the probe batch by {probe['script']}")
             for name, overrides in plan:
-                scalars = module.probe_snapshot(dataclasses.replace(args, **overrides), snap, probe["probe"], device)
+                with torch.no_grad():  # not set_grad_enabled(False), which a caller in this process would keep
+                    scalars = module.probe_snapshot(dataclasses.replace(args, **overrides), snap, probe["probe"],
+                                                    device)
                 for tag, value in scalars.items():
                     writers[name].add_scalar(tag, value, step)
                     rows.append({"setting": name, "step": step, "tag": tag, "value": repr(float(value))})
@@ -197,14 +199,11 @@ def probe_run(run_dir: str, a) -> int:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    import torch
-
     failed = 0
     for run_dir in a.runs:
         run_dir = run_dir.rstrip("/")
         try:
-            with torch.no_grad():  # not set_grad_enabled(False), which a caller in this process (the tests) would keep
-                probe_run(run_dir, a)
+            probe_run(run_dir, a)
         except ProbeError as e:
             print(f"error: {e}", file=sys.stderr)
             failed += 1
