@@ -307,13 +307,15 @@ def run_child(cmd: list, cwd: str, timeout: float, log_path: str, poll_gpu: bool
             "gpu_src": gpu_src}
 
 
-def read_scalars(run_dir: str) -> dict:
-    """{tag: [(wall_time, step, value), ...]} of every TensorBoard event file under run_dir."""
+def read_scalars(run_dir: str, below: bool = True) -> dict:
+    """{tag: [(wall_time, step, value), ...]} of every TensorBoard event file under run_dir (below=False: only those
+    directly in it, not e.g. scripts/probe.py's runs/NAME/probe/<setting>/)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = {}
-    for directory in sorted({os.path.dirname(f) for f in
-                             glob.glob(os.path.join(run_dir, "**", "events.out.tfevents.*"), recursive=True)}):
+    pattern = os.path.join(run_dir, "**", "events.out.tfevents.*") if below else \
+        os.path.join(run_dir, "events.out.tfevents.*")
+    for directory in sorted({os.path.dirname(f) for f in glob.glob(pattern, recursive=True)}):
         acc = EventAccumulator(directory, size_guidance={"scalars": 0})
         acc.Reload()
         for tag in acc.Tags()["scalars"]:

@@ -1278,8 +1278,8 @@ class GpuCheck:
         import probe as probe_tool  # scripts/probe.py
 
         run_dir = self.run_dir(job_name)
-        inline = self._inline_scalars(run_dir)
-        read = (lambda setting: self._inline_scalars(os.path.join(run_dir, "probe", setting)))
+        inline = bench.read_scalars(run_dir, below=False)
+        read = (lambda setting: bench.read_scalars(os.path.join(run_dir, "probe", setting)))
         try:
             with contextlib.redirect_stdout(io.StringIO()):
                 probe_tool.probe_run(run_dir, probe_tool.parse_args([run_dir, "--redo-tau", "1e9", "--device",
@@ -1292,15 +1292,6 @@ class GpuCheck:
         except probe_tool.ProbeError as e:
             return {"reasons": [f"scripts/probe.py: {e}"]}
         return judge_snapshots(inline, own, high, cpu)
-
-    @staticmethod
-    def _inline_scalars(directory: str) -> dict:
-        """bench.read_scalars' format, of the event files directly in `directory` only."""
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-        acc = EventAccumulator(directory, size_guidance={"scalars": 0})
-        acc.Reload()
-        return {t: [(e.wall_time, e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
 
     def evaluate_equivalence(self, file: str, runs: dict) -> dict:
         cfg = SCRIPTS[file]
