@@ -12,13 +12,15 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 
-def read_scalars(run_dir):
+def read_scalars(run_dir, below=True):
     """All scalars of a run: {tag: [(step, value), ...]} sorted by step. Each directory holding event files is read
     by one accumulator, in file order, as TensorBoard does, so a resumed run's purge_step drops the events that the
-    killed process logged after its checkpoint."""
+    killed process logged after its checkpoint. below=False: only the event files directly in run_dir (not, e.g.,
+    scripts/probe.py's runs/NAME/probe/<setting>/)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    files = glob.glob(os.path.join(run_dir, "**", "events.out.tfevents.*"), recursive=True)
+    pattern = ("**", "events.out.tfevents.*") if below else ("events.out.tfevents.*",)
+    files = glob.glob(os.path.join(str(run_dir), *pattern), recursive=True)
     if not files:
         raise AssertionError(f"no TensorBoard event file under {run_dir}")
     out = {}
@@ -201,7 +203,7 @@ def probe_reproduces(run_dir, copy_to, steps, others=("--redo-tau", "1e9", "--sr
     run_dir = shutil.copytree(run_dir, copy_to / run_dir.name)
     assert probe.main([str(run_dir), *others]) == 0
     assert torch.is_grad_enabled()  # the caller's autograd mode is left as it was
-    inline = read_inline(run_dir)
+    inline = read_scalars(run_dir, below=False)
     got = {d.name: read_scalars(str(d)) for d in (run_dir / "probe").iterdir() if d.is_dir()}
     own = got["own"]
     assert set(own) == {t for t in inline if t.startswith("representation/")}, (sorted(own), sorted(inline))
@@ -218,15 +220,6 @@ def probe_reproduces(run_dir, copy_to, steps, others=("--redo-tau", "1e9", "--sr
         if tag.endswith("/srank"):
             assert all(v <= dict(own[tag])[s] for s, v in series), (tag, series)
     return got
-
-
-def read_inline(run_dir):
-    """The scalars of the event files directly in run_dir (not its probe/ settings)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: sorted((e.step, e.value) for e in acc.Scalars(tag)) for tag in acc.Tags()["scalars"]}
 
 
 def compare_snapshots(ref_dir, run_dir) -> list:

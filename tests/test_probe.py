@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, read_inline, run_script
+from conftest import REPO, read_scalars, run_script
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import analyze  # noqa: E402
@@ -55,7 +55,7 @@ def test_the_layout_puts_every_layer_of_a_metric_in_one_chart(run_dir):
     chart named by its last part; the network-wide tags match the network-wide chart."""
     (layout,) = layouts(run_dir)
     charts = {c.title: c.multiline.tag[0] for cat in layout.category for c in cat.chart}
-    tags = [t for t in read_inline(run_dir) if t.startswith("representation/")]
+    tags = [t for t in read_scalars(run_dir, below=False) if t.startswith("representation/")]
     assert len(tags) == 4 * 6 + 2  # conv1-3 and latent x 6 metrics, hidden_bias and live_contribution
     for tag in tags:
         matched = [title for title, regex in charts.items() if re.search(regex, tag)]
@@ -74,7 +74,7 @@ def test_a_second_call_rewrites_its_settings_and_keeps_the_others(run_dir, capsy
     keys = [(r["setting"], int(r["step"]), r["tag"]) for r in rows]
     assert len(keys) == len(set(keys)) == 3 * 2 * 26  # 3 settings x 2 snapshots x 26 tags, none twice
     for setting in ("own", "redo_tau=0.5", "kde_threshold=5"):
-        events = read_inline(run_dir / "probe" / setting)  # the CSV and the events hold the same numbers
+        events = read_scalars(run_dir / "probe" / setting)  # the CSV and the events hold the same numbers
         assert len(os.listdir(run_dir / "probe" / setting)) == 1  # the first call's own/ events were replaced
         for r in rows:
             if r["setting"] == setting:
@@ -147,7 +147,7 @@ def test_a_truncated_snapshot_is_skipped_and_named(run_dir, capsys):
     (line,) = [ln for ln in err.splitlines() if ln.strip()]
     assert line.startswith(f"warning: skipped {path}: cannot read {path} (")
     assert "1 of 2 snapshots x 1 settings" in out
-    assert [s for s, _ in read_inline(run_dir / "probe" / "own")["representation/latent/srank"]] == [200]
+    assert [s for s, _ in read_scalars(run_dir / "probe" / "own")["representation/latent/srank"]] == [200]
     path.write_bytes(b"")
     (run_dir / "snapshots" / "step_000000000200.pt").write_bytes(b"garbage")
     err = one_line_error(capsys, [str(run_dir)])
