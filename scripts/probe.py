@@ -94,8 +94,10 @@ def load(path: str) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - a truncated or corrupt file: one answer for all
         raise ProbeError(f"cannot read {path} ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]})")
-    if not isinstance(obj, dict) or "script" not in obj or "step" not in obj:
-        raise ProbeError(f"cannot read {path} (not a snapshot of this toolkit)")
+    import harness
+
+    if not isinstance(obj, dict) or obj.get("format") != harness.SNAPSHOT_FORMAT or "script" not in obj:
+        raise ProbeError(f"cannot read {path} (not a snapshot of this toolkit, format {harness.SNAPSHOT_FORMAT})")
     return obj
 
 
